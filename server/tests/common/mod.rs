@@ -1,0 +1,159 @@
+//! Shared helpers for the model tests: fixture discovery and comparisons.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+/// Root of the Janus fixture directories: `$JANUS_FIXTURES` or the repo copy.
+pub fn janus_fixture_root() -> PathBuf {
+    std::env::var_os("JANUS_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/janus"))
+}
+
+/// Every fixture directory (a directory with a `config.json`) under the root.
+pub fn janus_fixture_dirs() -> Vec<PathBuf> {
+    let root = janus_fixture_root();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("cannot read fixture root {}: {e}", root.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("config.json").exists())
+        .collect();
+    dirs.sort();
+    assert!(
+        !dirs.is_empty(),
+        "no fixture directories under {}",
+        root.display()
+    );
+    dirs
+}
+
+pub struct Case {
+    pub json: serde_json::Value,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl Case {
+    /// `None` when the fixture directory has no such case.
+    pub fn load(dir: &Path, name: &str) -> Option<Case> {
+        let json_path = dir.join("cases").join(format!("{name}.json"));
+        let text = std::fs::read_to_string(&json_path).ok()?;
+        let json = serde_json::from_str(&text).expect("case json");
+        let tensors = candle_core::safetensors::load(
+            dir.join("cases").join(format!("{name}.safetensors")),
+            &Device::Cpu,
+        )
+        .expect("case safetensors");
+        Some(Case { json, tensors })
+    }
+
+    pub fn t(&self, name: &str) -> &Tensor {
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("case has no tensor {name}"))
+    }
+
+    pub fn u32s(&self, name: &str) -> Vec<u32> {
+        self.t(name)
+            .flatten_all()
+            .and_then(|t| t.to_dtype(DType::U32))
+            .and_then(|t| t.to_vec1())
+            .expect("integer tensor")
+    }
+
+    pub fn ids(&self, key: &str) -> Vec<u32> {
+        self.json[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("json has no list {key}"))
+            .iter()
+            .map(|v| v.as_u64().expect("id") as u32)
+            .collect()
+    }
+
+    pub fn str(&self, key: &str) -> &str {
+        self.json[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("json has no string {key}"))
+    }
+
+    pub fn f64(&self, key: &str) -> f64 {
+        self.json[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("json has no number {key}"))
+    }
+}
+
+/// Largest absolute difference; panics on a shape mismatch.
+pub fn max_abs_diff(actual: &Tensor, expected: &Tensor) -> f32 {
+    let a = actual.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let e = expected
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    assert_eq!(
+        a.dims(),
+        e.dims(),
+        "element counts differ: {:?} vs {:?}",
+        actual.shape(),
+        expected.shape()
+    );
+    (a - e)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Collects named comparisons and fails once with all of them.
+#[derive(Default)]
+pub struct Report {
+    pub lines: Vec<String>,
+    pub failures: Vec<String>,
+}
+
+impl Report {
+    pub fn close(&mut self, what: &str, actual: &Tensor, expected: &Tensor, tol: f32) {
+        let diff = max_abs_diff(actual, expected);
+        let line = format!("{what}: max abs diff {diff:.3e} (tol {tol:.0e})");
+        if !(diff <= tol) {
+            self.failures.push(line.clone());
+        }
+        self.lines.push(line);
+    }
+
+    pub fn equal<T: PartialEq + std::fmt::Debug>(&mut self, what: &str, actual: T, expected: T) {
+        if actual == expected {
+            self.lines.push(format!("{what}: equal"));
+        } else {
+            self.failures
+                .push(format!("{what}: {actual:?} != {expected:?}"));
+        }
+    }
+
+    pub fn check(&mut self, what: &str, ok: bool, detail: String) {
+        let line = format!("{what}: {detail}");
+        if !ok {
+            self.failures.push(line.clone());
+        }
+        self.lines.push(line);
+    }
+
+    pub fn finish(self, title: &str) {
+        println!("== {title}");
+        for l in &self.lines {
+            println!("   {l}");
+        }
+        assert!(
+            self.failures.is_empty(),
+            "{title}: {} mismatches:\n{}",
+            self.failures.len(),
+            self.failures.join("\n")
+        );
+    }
+}
