@@ -2,3 +2,4 @@
 //! improves it with CoRL-style GRPO.
 
 pub mod model;
+pub mod oneshot;

@@ -62,3 +62,57 @@ impl ModelBundle {
         matches!(self.source, ModelSource::Demo { .. })
     }
 }
+
+/// `cpu`, `cuda` or `cuda:N`. CUDA needs the `cuda` cargo feature.
+pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
+    let invalid = || ModelError::InvalidInput(format!("unknown device {spec:?} (cpu, cuda, cuda:N)"));
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let ordinal = match spec.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(invalid)?,
+                None => return Err(invalid()),
+            };
+            if !candle_core::utils::cuda_is_available() {
+                return Err(ModelError::InvalidInput(
+                    "CUDA is not available: build with `--features cuda` on a machine with an NVIDIA GPU".into(),
+                ));
+            }
+            Device::new_cuda(ordinal).map_err(ModelError::from)
+        }
+    }
+}
+
+/// `f32`, `bf16` or `f16`.
+pub fn parse_dtype(spec: &str) -> Result<DType, ModelError> {
+    match spec {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        _ => Err(ModelError::InvalidInput(format!("unknown dtype {spec:?} (f32, bf16, f16)"))),
+    }
+}
+
+impl ModelBundle {
+    /// A checkpoint when `dir` is given, else the demo model.
+    pub fn open(dir: Option<&Path>, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        match dir {
+            Some(dir) => Self::load(dir, dtype, device),
+            None => Self::demo(demo::DEFAULT_SEED, dtype, device),
+        }
+    }
+
+    /// A short human description for logs and `/v1/models`.
+    pub fn describe(&self) -> String {
+        match &self.source {
+            ModelSource::Demo { seed } => format!(
+                "built-in demo model (seed {seed}): random weights, its images are noise and its answers nonsense"
+            ),
+            ModelSource::Checkpoint(dir) => format!("checkpoint {}", dir.display()),
+        }
+    }
+}

@@ -154,7 +154,11 @@ impl<'a> Fields<'a> {
         Fields::new(&self.name(key), self.obj.get(key))
     }
     fn name(&self, key: &str) -> String {
-        format!("{}.{key}", self.path)
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
     }
     fn present(&self, key: &str) -> Option<&'a Value> {
         self.obj.get(key).filter(|v| !v.is_null())
@@ -272,7 +276,7 @@ impl JanusConfig {
     }
 
     pub fn from_value(raw: Value) -> Result<Self, ModelError> {
-        let root = Fields::new("config", Some(&raw))?;
+        let root = Fields::new("", Some(&raw))?;
         let language = parse_language(&root.child("language_config")?)?;
         let vision = parse_vision(&root.child("vision_config")?.child("params")?)?;
         let aligner = parse_projector(&root.child("aligner_config")?.child("params")?)?;

@@ -330,7 +330,17 @@ pub fn build_demo(
     dtype: DType,
     device: &Device,
 ) -> Result<(Janus, SeededBackend), ModelError> {
-    let cfg = JanusConfig::from_value(demo_config_json())?;
+    build_random(demo_config_json(), seed, dtype, device)
+}
+
+/// A model of any config with seeded random weights (demo, benchmarks, tests).
+pub fn build_random(
+    config: Value,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Janus, SeededBackend), ModelError> {
+    let cfg = JanusConfig::from_value(config)?;
     let backend = SeededBackend::new(seed);
     let vb = VarBuilder::from_backend(Box::new(SeededBackendRef(&backend)), dtype, device.clone());
     let model = Janus::new(&cfg, vb)?;

@@ -19,25 +19,44 @@ use super::ops::{rms_norm, rope, softmax_last, Pass};
 /// would leak into real rows through `0 * NaN` in the value product.
 const MASKED: f32 = -1e9;
 
-/// Keys and values of past positions, one entry per layer, `[B, Hkv, T, D]`.
-#[derive(Debug, Clone, Default)]
+/// Keys and values of one layer: buffers `[B, Hkv, capacity, D]` of which the
+/// first `len` positions are filled.
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+/// Keys and values of past positions, one entry per layer. Buffers grow
+/// geometrically and are written in place, so a decode step copies only the
+/// new position instead of the whole cache. Not `Clone`: clones would share
+/// the buffers that `append` writes to.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
+}
+
+/// Initial capacity beyond the prefill, in positions.
+const KV_HEADROOM: usize = 64;
+
+fn grow(buf: &Tensor, len: usize, capacity: usize) -> Result<Tensor> {
+    let (b, h, _, d) = buf.dims4()?;
+    let bigger = Tensor::zeros((b, h, capacity, d), buf.dtype(), buf.device())?;
+    bigger.slice_set(&buf.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+    Ok(bigger)
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
         }
     }
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |l| l.len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -45,24 +64,49 @@ impl KvCache {
     }
 
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
         let entry = match self.layers[layer].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => {
+                let (b, h, _, d) = k.dims4()?;
+                let capacity = t + KV_HEADROOM;
+                LayerKv {
+                    k: Tensor::zeros((b, h, capacity, d), k.dtype(), k.device())?,
+                    v: Tensor::zeros((b, h, capacity, d), v.dtype(), v.device())?,
+                    len: 0,
+                }
+            }
+            Some(mut e) => {
+                let capacity = e.k.dim(2)?;
+                if e.len + t > capacity {
+                    let capacity = (2 * capacity).max(e.len + t);
+                    e.k = grow(&e.k, e.len, capacity)?;
+                    e.v = grow(&e.v, e.len, capacity)?;
+                }
+                e
+            }
         };
-        self.layers[layer] = Some(entry.clone());
-        Ok(entry)
+        entry.k.slice_set(&k.contiguous()?, 2, entry.len)?;
+        entry.v.slice_set(&v.contiguous()?, 2, entry.len)?;
+        let len = entry.len + t;
+        let out = (entry.k.narrow(2, 0, len)?, entry.v.narrow(2, 0, len)?);
+        self.layers[layer] = Some(LayerKv { len, ..entry });
+        Ok(out)
     }
 
     /// A cache whose row `i` is row `rows[i]` of this one: used to share one
-    /// prompt prefill among several samples.
+    /// prompt prefill among several samples and to drop finished rows.
     pub fn select_rows(&self, rows: &[u32]) -> Result<Self> {
         let mut layers = Vec::with_capacity(self.layers.len());
         for entry in &self.layers {
             layers.push(match entry {
                 None => None,
-                Some((k, v)) => {
-                    let idx = Tensor::new(rows, k.device())?;
-                    Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))
+                Some(e) => {
+                    let idx = Tensor::new(rows, e.k.device())?;
+                    Some(LayerKv {
+                        k: e.k.index_select(&idx, 0)?,
+                        v: e.v.index_select(&idx, 0)?,
+                        len: e.len,
+                    })
                 }
             });
         }
@@ -370,6 +414,9 @@ impl Llama {
 
     /// LM logits `[..., V]` of hidden states `[..., H]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        if hidden.rank() == 1 {
+            return hidden.unsqueeze(0)?.matmul(&self.lm_head.t()?)?.squeeze(0);
+        }
         hidden.broadcast_matmul(&self.lm_head.t()?)
     }
 
