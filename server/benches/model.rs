@@ -43,7 +43,8 @@ fn medium_config() -> Value {
     g["downsample_factor"] = 16.into();
     g["image_size"] = 128.into();
     c["gen_aligner_config"]["params"]["n_embed"] = 1024.into();
-    c["gen_head_config"]["params"] = serde_json::json!({"n_embed": 1024, "image_token_embed": 1024, "image_token_size": 16384});
+    c["gen_head_config"]["params"] =
+        serde_json::json!({"n_embed": 1024, "image_token_embed": 1024, "image_token_size": 16384});
     c
 }
 
@@ -55,11 +56,18 @@ struct Row {
     ms_per_step: f64,
 }
 
-fn bench_understanding(model: &Janus, processor: &Processor, batch: usize, steps: usize) -> (f64, f64) {
+fn bench_understanding(
+    model: &Janus,
+    processor: &Processor,
+    batch: usize,
+    steps: usize,
+) -> (f64, f64) {
     let side = model.cfg.vision.image_size;
     let pixels = Tensor::zeros((1, 3, side, side), DType::F32, model.device()).unwrap();
     let prompt = TextPrompt {
-        prompt: processor.understanding_prompt("What is shown in this image? Answer briefly.").unwrap(),
+        prompt: processor
+            .understanding_prompt("What is shown in this image? Answer briefly.")
+            .unwrap(),
         pixels: Some(pixels),
         samples: batch,
     };
@@ -75,15 +83,26 @@ fn bench_understanding(model: &Janus, processor: &Processor, batch: usize, steps
     ((batch * steps) as f64 / secs, secs * 1000.0 / steps as f64)
 }
 
-fn bench_generation(model: &Janus, processor: &Processor, batch: usize, steps: usize) -> (f64, f64) {
-    let prompt = processor.generation_prompt("A red circle above a blue square on a white background.").unwrap();
+fn bench_generation(
+    model: &Janus,
+    processor: &Processor,
+    batch: usize,
+    steps: usize,
+) -> (f64, f64) {
+    let prompt = processor
+        .generation_prompt("A red circle above a blue square on a white background.")
+        .unwrap();
     let mut decoder = CfgDecoder::new(model, &[&prompt], &[batch], processor.special.pad).unwrap();
     let tokens = vec![3u32; batch];
     let weights = vec![5.0f32; batch];
     decoder.advance(&tokens).unwrap();
     let start = Instant::now();
     for _ in 0..steps {
-        decoder.cfg_logits(&weights).unwrap().to_vec2::<f32>().unwrap();
+        decoder
+            .cfg_logits(&weights)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         decoder.advance(&tokens).unwrap();
     }
     let secs = start.elapsed().as_secs_f64();
@@ -92,11 +111,20 @@ fn bench_generation(model: &Janus, processor: &Processor, batch: usize, steps: u
 
 fn bench_vq_decode(model: &Janus) -> f64 {
     let n = model.cfg.gen_vision.image_tokens();
-    let codes = Tensor::new((0..n as u32).collect::<Vec<_>>(), model.device()).unwrap().unsqueeze(0).unwrap();
+    let codes = Tensor::new((0..n as u32).collect::<Vec<_>>(), model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     model.gen_vision.decode_codes(&codes).unwrap();
     let start = Instant::now();
     let pixels = model.gen_vision.decode_codes(&codes).unwrap();
-    pixels.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    pixels
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     start.elapsed().as_secs_f64() * 1000.0
 }
 
@@ -112,11 +140,28 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let device: Device = parse_device(&arg("--device", "cpu")).unwrap();
     let dtype = parse_dtype(&arg("--dtype", "f32")).unwrap();
-    let processor_for = |model: &Janus| Processor::new(demo_tokenizer().unwrap(), true, model.cfg.vision.num_patches()).unwrap();
+    let processor_for = |model: &Janus| {
+        Processor::new(
+            demo_tokenizer().unwrap(),
+            true,
+            model.cfg.vision.num_patches(),
+        )
+        .unwrap()
+    };
     let mut rows = Vec::new();
     let configs: Vec<(&'static str, Value, Vec<usize>, usize)> = vec![
-        ("demo", demo_config_json(), vec![1, 4, 16, 64], if quick { 8 } else { 32 }),
-        ("medium", medium_config(), if quick { vec![1, 4] } else { vec![1, 4, 16] }, if quick { 4 } else { 16 }),
+        (
+            "demo",
+            demo_config_json(),
+            vec![1, 4, 16, 64],
+            if quick { 8 } else { 32 },
+        ),
+        (
+            "medium",
+            medium_config(),
+            if quick { vec![1, 4] } else { vec![1, 4, 16] },
+            if quick { 4 } else { 16 },
+        ),
     ];
     for (name, config, batches, steps) in configs {
         let (model, backend) = build_random(config, 1, dtype, &device).unwrap();
@@ -124,12 +169,27 @@ fn main() {
         let processor = processor_for(&model);
         for &batch in &batches {
             let (tps, ms) = bench_understanding(&model, &processor, batch, steps);
-            rows.push(Row { model: name, task: "understanding decode", batch, tokens_per_s: tps, ms_per_step: ms });
+            rows.push(Row {
+                model: name,
+                task: "understanding decode",
+                batch,
+                tokens_per_s: tps,
+                ms_per_step: ms,
+            });
             let (tps, ms) = bench_generation(&model, &processor, batch, steps);
-            rows.push(Row { model: name, task: "generation (CFG, 2 rows/image)", batch, tokens_per_s: tps, ms_per_step: ms });
+            rows.push(Row {
+                model: name,
+                task: "generation (CFG, 2 rows/image)",
+                batch,
+                tokens_per_s: tps,
+                ms_per_step: ms,
+            });
         }
         let ms = bench_vq_decode(&model);
-        println!("{name}: VQ decode of one {0}x{0} image: {ms:.1} ms", model.cfg.gen_vision.image_size);
+        println!(
+            "{name}: VQ decode of one {0}x{0} image: {ms:.1} ms",
+            model.cfg.gen_vision.image_size
+        );
     }
     println!("\ndevice {device:?}, dtype {dtype:?}\n");
     println!("| model | task | batch | tokens/s | ms/step | vs batch 1 |");
@@ -141,7 +201,12 @@ fn main() {
             .map_or(1.0, |b| b.tokens_per_s);
         println!(
             "| {} | {} | {} | {:.1} | {:.1} | {:.2}x |",
-            r.model, r.task, r.batch, r.tokens_per_s, r.ms_per_step, r.tokens_per_s / base
+            r.model,
+            r.task,
+            r.batch,
+            r.tokens_per_s,
+            r.ms_per_step,
+            r.tokens_per_s / base
         );
     }
 }

@@ -1,5 +1,14 @@
 //! ULM-R1 server: serves the Janus-Pro / ULM-R1 unified multimodal model and
 //! improves it with CoRL-style GRPO.
+//!
+//! Rooms and what they may use: `model` (candle; knows nothing of HTTP or
+//! storage), `engine` (owns the model on a worker thread; plain data in and
+//! out), `store` (sqlx; samples, feedback, images), `api` (axum; talks to the
+//! engine and the store, never to tensors), `serve` (wiring).
 
+pub mod api;
+pub mod engine;
 pub mod model;
 pub mod oneshot;
+pub mod serve;
+pub mod store;

@@ -6,6 +6,7 @@ use ulm_server::model::bundle::{parse_device, parse_dtype, ModelBundle};
 use ulm_server::model::demo::{save_demo_checkpoint, DEFAULT_SEED};
 use ulm_server::model::sampling::SamplingParams;
 use ulm_server::oneshot;
+use ulm_server::serve::{serve, ServeArgs};
 
 /// Serves and trains the ULM-R1 (Janus-Pro) unified multimodal model.
 #[derive(Parser)]
@@ -39,6 +40,10 @@ impl ModelArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the HTTP server.
+    Serve(ServeArgs),
+    /// Print the OpenAPI document.
+    Openapi,
     /// Answer a question about an image.
     Answer {
         #[command(flatten)]
@@ -94,10 +99,17 @@ enum Command {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Serve(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(serve(args))?;
+        }
+        Command::Openapi => println!("{}", ulm_server::api::openapi_json()),
         Command::Answer {
             model,
             image,
@@ -115,7 +127,11 @@ fn main() -> Result<()> {
                 question: &question,
                 n,
                 max_new_tokens,
-                sampling: SamplingParams { temperature, top_k, top_p },
+                sampling: SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                },
                 seed,
             };
             for (i, text) in oneshot::answer(&bundle, &args)?.iter().enumerate() {

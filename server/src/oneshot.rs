@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::model::bundle::ModelBundle;
-use crate::model::generate::{answer_batch, generate_images_batch, AnswerItem, ImageItem, TextPrompt};
+use crate::model::generate::{
+    answer_batch, generate_images_batch, AnswerItem, ImageItem, TextPrompt,
+};
 use crate::model::image_processor::decode_image;
 use crate::model::sampling::SamplingParams;
 
@@ -23,9 +25,13 @@ pub struct AnswerArgs<'a> {
 }
 
 pub fn answer(bundle: &ModelBundle, args: &AnswerArgs) -> Result<Vec<String>> {
-    let bytes = std::fs::read(args.image).with_context(|| format!("reading {}", args.image.display()))?;
+    let bytes =
+        std::fs::read(args.image).with_context(|| format!("reading {}", args.image.display()))?;
     let img = decode_image(&bytes, MAX_PIXELS)?;
-    let pixels = bundle.image_processor.preprocess(&img, bundle.model.device())?.unsqueeze(0)?;
+    let pixels = bundle
+        .image_processor
+        .preprocess(&img, bundle.model.device())?
+        .unsqueeze(0)?;
     let prompt = bundle.processor.understanding_prompt(args.question)?;
     let item = AnswerItem {
         prompt: TextPrompt {
@@ -35,10 +41,18 @@ pub fn answer(bundle: &ModelBundle, args: &AnswerArgs) -> Result<Vec<String>> {
         },
         max_new_tokens: args.max_new_tokens,
         sampling: args.sampling,
-        seeds: (0..args.n as u64).map(|i| args.seed.wrapping_add(i)).collect(),
+        seeds: (0..args.n as u64)
+            .map(|i| args.seed.wrapping_add(i))
+            .collect(),
     };
     let special = bundle.processor.special;
-    let samples = answer_batch(&bundle.model, &[item], special.eos, special.pad, &mut |_| true)?;
+    let samples = answer_batch(
+        &bundle.model,
+        &[item],
+        special.eos,
+        special.pad,
+        &mut |_| true,
+    )?;
     Ok(samples
         .into_iter()
         .flatten()
@@ -64,15 +78,26 @@ pub fn generate(bundle: &ModelBundle, args: &GenerateArgs) -> Result<Vec<PathBuf
         prompt: bundle.processor.generation_prompt(args.prompt)?,
         cfg_weight: args.cfg_weight,
         sampling: args.sampling,
-        seeds: (0..args.n as u64).map(|i| args.seed.wrapping_add(i)).collect(),
+        seeds: (0..args.n as u64)
+            .map(|i| args.seed.wrapping_add(i))
+            .collect(),
     };
-    let results = generate_images_batch(&bundle.model, &[item], bundle.processor.special.pad, &mut |_| true)?;
-    std::fs::create_dir_all(args.out_dir).with_context(|| format!("creating {}", args.out_dir.display()))?;
+    let results = generate_images_batch(
+        &bundle.model,
+        &[item],
+        bundle.processor.special.pad,
+        &mut |_| true,
+    )?;
+    std::fs::create_dir_all(args.out_dir)
+        .with_context(|| format!("creating {}", args.out_dir.display()))?;
     let mut paths = Vec::new();
     for (i, sample) in results.into_iter().flatten().enumerate() {
         let Some(sample) = sample else { continue };
         let path = args.out_dir.join(format!("image-{i}.png"));
-        sample.image.save(&path).with_context(|| format!("writing {}", path.display()))?;
+        sample
+            .image
+            .save(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
         paths.push(path);
     }
     Ok(paths)

@@ -11,7 +11,9 @@ use common::max_abs_diff;
 use ulm_server::model::bundle::ModelBundle;
 use ulm_server::model::config::JanusConfig;
 use ulm_server::model::demo::{demo_config_json, save_demo_checkpoint, DEFAULT_SEED};
-use ulm_server::model::generate::{answer_batch, generate_images_batch, AnswerItem, ImageItem, TextDecoder, TextPrompt};
+use ulm_server::model::generate::{
+    answer_batch, generate_images_batch, AnswerItem, ImageItem, TextDecoder, TextPrompt,
+};
 use ulm_server::model::image_processor::decode_image;
 use ulm_server::model::ops::Pass;
 use ulm_server::model::sampling::SamplingParams;
@@ -32,10 +34,22 @@ fn png_bytes(img: &image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
 }
 
 fn test_image(w: u32, h: u32) -> image::RgbImage {
-    image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7 % 256) as u8, (y * 13 % 256) as u8, ((x + y) % 256) as u8]))
+    image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([
+            (x * 7 % 256) as u8,
+            (y * 13 % 256) as u8,
+            ((x + y) % 256) as u8,
+        ])
+    })
 }
 
-fn answer_item(bundle: &ModelBundle, question: &str, n: usize, sampling: SamplingParams, seed: u64) -> AnswerItem {
+fn answer_item(
+    bundle: &ModelBundle,
+    question: &str,
+    n: usize,
+    sampling: SamplingParams,
+    seed: u64,
+) -> AnswerItem {
     let pixels = bundle
         .image_processor
         .preprocess(&test_image(90, 40), bundle.model.device())
@@ -75,14 +89,24 @@ fn sampled() -> SamplingParams {
 fn demo_model_saved_and_reloaded_gives_identical_outputs() {
     let dir = tempfile::tempdir().unwrap();
     save_demo_checkpoint(dir.path(), DEFAULT_SEED).unwrap();
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"] {
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+    ] {
         assert!(dir.path().join(file).exists(), "{file} missing");
     }
     let built = demo();
     let loaded = ModelBundle::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(built.model.cfg, loaded.model.cfg);
     let item = |b: &ModelBundle| answer_item(b, "What colour is it?", 3, sampled(), 11);
-    assert_eq!(answers(&built, &[item(&built)]), answers(&loaded, &[item(&loaded)]));
+    assert_eq!(
+        answers(&built, &[item(&built)]),
+        answers(&loaded, &[item(&loaded)])
+    );
     let gen = |b: &ModelBundle| {
         let item = ImageItem {
             prompt: b.processor.generation_prompt("a blue square").unwrap(),
@@ -99,7 +123,8 @@ fn demo_model_saved_and_reloaded_gives_identical_outputs() {
         assert_eq!(x.image.as_raw(), y.image.as_raw());
     }
     // The saved weights hold the unused tensors of the original layout too.
-    let tensors = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     assert!(tensors.contains_key("vision_model.vision_tower.attn_pool.latent"));
     assert!(tensors.contains_key("gen_vision_model.quantize.codebook_used"));
 }
@@ -119,21 +144,45 @@ fn demo_model_is_deterministic_across_builds() {
 fn cached_decoding_equals_full_recompute() {
     let bundle = demo();
     let model = &bundle.model;
-    let item = answer_item(&bundle, "Describe the picture.", 1, SamplingParams::greedy(), 0);
-    let mut decoder = TextDecoder::new(model, std::slice::from_ref(&item.prompt), bundle.processor.special.pad).unwrap();
+    let item = answer_item(
+        &bundle,
+        "Describe the picture.",
+        1,
+        SamplingParams::greedy(),
+        0,
+    );
+    let mut decoder = TextDecoder::new(
+        model,
+        std::slice::from_ref(&item.prompt),
+        bundle.processor.special.pad,
+    )
+    .unwrap();
     let mut ids = item.prompt.prompt.ids.clone();
     let mut mask = item.prompt.prompt.images_seq_mask.clone();
-    let image_embeds = model.image_embeds(item.prompt.pixels.as_ref().unwrap(), Pass::Inference).unwrap();
+    let image_embeds = model
+        .image_embeds(item.prompt.pixels.as_ref().unwrap(), Pass::Inference)
+        .unwrap();
     for step in 0..6u32 {
         let token = 40 + step * 7;
         let cached = decoder.logits().squeeze(0).unwrap();
         let t = ids.len();
-        let id_t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let embeds = model.merge_image_embeds(&id_t, std::slice::from_ref(&mask), Some(&image_embeds)).unwrap();
+        let id_t = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let embeds = model
+            .merge_image_embeds(&id_t, std::slice::from_ref(&mask), Some(&image_embeds))
+            .unwrap();
         let lm = &model.language_model;
-        let ctx = lm.context(&[(0..t as u32).collect()], &[vec![true; t]]).unwrap();
-        let hidden = lm.forward_hidden(&embeds, &ctx, None, Pass::Inference).unwrap();
-        let full = lm.logits(&hidden.get(0).unwrap().get(t - 1).unwrap()).unwrap();
+        let ctx = lm
+            .context(&[(0..t as u32).collect()], &[vec![true; t]])
+            .unwrap();
+        let hidden = lm
+            .forward_hidden(&embeds, &ctx, None, Pass::Inference)
+            .unwrap();
+        let full = lm
+            .logits(&hidden.get(0).unwrap().get(t - 1).unwrap())
+            .unwrap();
         assert!(max_abs_diff(&cached, &full) < 1e-4, "step {step}");
         decoder.advance(&[token]).unwrap();
         ids.push(token);
@@ -151,12 +200,20 @@ fn training_pass_equals_inference_pass() {
     let run = |pass: Pass| {
         let img = model.image_embeds(pixels, pass).unwrap();
         let p = &item.prompt.prompt;
-        let ids = Tensor::new(p.ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let embeds = model.merge_image_embeds(&ids, std::slice::from_ref(&p.images_seq_mask), Some(&img)).unwrap();
+        let ids = Tensor::new(p.ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let embeds = model
+            .merge_image_embeds(&ids, std::slice::from_ref(&p.images_seq_mask), Some(&img))
+            .unwrap();
         let t = p.ids.len();
         let lm = &model.language_model;
-        let ctx = lm.context(&[(0..t as u32).collect()], &[vec![true; t]]).unwrap();
-        lm.logits(&lm.forward_hidden(&embeds, &ctx, None, pass).unwrap()).unwrap()
+        let ctx = lm
+            .context(&[(0..t as u32).collect()], &[vec![true; t]])
+            .unwrap();
+        lm.logits(&lm.forward_hidden(&embeds, &ctx, None, pass).unwrap())
+            .unwrap()
     };
     assert!(max_abs_diff(&run(Pass::Inference), &run(Pass::Training)) < 1e-4);
 }
@@ -167,7 +224,13 @@ fn training_pass_equals_inference_pass() {
 fn batching_does_not_change_results() {
     let bundle = demo();
     let short = answer_item(&bundle, "Why?", 2, sampled(), 100);
-    let long = answer_item(&bundle, "What is in the lower right corner of this picture, and why?", 3, sampled(), 200);
+    let long = answer_item(
+        &bundle,
+        "What is in the lower right corner of this picture, and why?",
+        3,
+        sampled(),
+        200,
+    );
     let together = answers(&bundle, &[short.clone(), long.clone()]);
     assert_eq!(together[0], answers(&bundle, &[short.clone()])[0]);
     assert_eq!(together[1], answers(&bundle, &[long.clone()])[0]);
@@ -186,11 +249,16 @@ fn batching_does_not_change_results() {
                 seeds: vec![7, 8],
             })
             .collect();
-        generate_images_batch(&bundle.model, &items, bundle.processor.special.pad, &mut |_| true)
-            .unwrap()
-            .into_iter()
-            .map(|v| v.into_iter().map(|s| s.unwrap().tokens).collect::<Vec<_>>())
-            .collect::<Vec<_>>()
+        generate_images_batch(
+            &bundle.model,
+            &items,
+            bundle.processor.special.pad,
+            &mut |_| true,
+        )
+        .unwrap()
+        .into_iter()
+        .map(|v| v.into_iter().map(|s| s.unwrap().tokens).collect::<Vec<_>>())
+        .collect::<Vec<_>>()
     };
     let both = gen(&["a cat", "a large green house by a lake at night"]);
     assert_eq!(both[0], gen(&["a cat"])[0]);
@@ -200,9 +268,26 @@ fn batching_does_not_change_results() {
 #[test]
 fn behaviour_logprobs_are_those_of_the_sampling_distribution() {
     let bundle = demo();
-    let item = answer_item(&bundle, "What?", 1, SamplingParams { temperature: 0.7, top_k: None, top_p: None }, 5);
+    let item = answer_item(
+        &bundle,
+        "What?",
+        1,
+        SamplingParams {
+            temperature: 0.7,
+            top_k: None,
+            top_p: None,
+        },
+        5,
+    );
     let s = bundle.processor.special;
-    let out = answer_batch(&bundle.model, std::slice::from_ref(&item), s.eos, s.pad, &mut |_| true).unwrap();
+    let out = answer_batch(
+        &bundle.model,
+        std::slice::from_ref(&item),
+        s.eos,
+        s.pad,
+        &mut |_| true,
+    )
+    .unwrap();
     let sample = &out[0][0];
     assert_eq!(sample.token_ids.len(), sample.logprobs.len());
     // Recompute with one full forward over prompt + completion.
@@ -212,17 +297,42 @@ fn behaviour_logprobs_are_those_of_the_sampling_distribution() {
     ids.extend(&sample.token_ids);
     let mut mask = p.images_seq_mask.clone();
     mask.extend(vec![false; sample.token_ids.len()]);
-    let img = model.image_embeds(item.prompt.pixels.as_ref().unwrap(), Pass::Inference).unwrap();
+    let img = model
+        .image_embeds(item.prompt.pixels.as_ref().unwrap(), Pass::Inference)
+        .unwrap();
     let t = ids.len();
-    let id_t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let embeds = model.merge_image_embeds(&id_t, &[mask], Some(&img)).unwrap();
+    let id_t = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let embeds = model
+        .merge_image_embeds(&id_t, &[mask], Some(&img))
+        .unwrap();
     let lm = &model.language_model;
-    let ctx = lm.context(&[(0..t as u32).collect()], &[vec![true; t]]).unwrap();
-    let logits = lm.logits(&lm.forward_hidden(&embeds, &ctx, None, Pass::Inference).unwrap()).unwrap().squeeze(0).unwrap();
+    let ctx = lm
+        .context(&[(0..t as u32).collect()], &[vec![true; t]])
+        .unwrap();
+    let logits = lm
+        .logits(
+            &lm.forward_hidden(&embeds, &ctx, None, Pass::Inference)
+                .unwrap(),
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     let logp = candle_nn::ops::log_softmax(&(logits / 0.7).unwrap(), D::Minus1).unwrap();
     for (i, (&tok, &lp)) in sample.token_ids.iter().zip(&sample.logprobs).enumerate() {
-        let expected: f32 = logp.get(p.ids.len() - 1 + i).unwrap().get(tok as usize).unwrap().to_scalar().unwrap();
-        assert!((expected - lp).abs() < 1e-4, "token {i}: {lp} vs {expected}");
+        let expected: f32 = logp
+            .get(p.ids.len() - 1 + i)
+            .unwrap()
+            .get(tok as usize)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            (expected - lp).abs() < 1e-4,
+            "token {i}: {lp} vs {expected}"
+        );
     }
 }
 
@@ -238,8 +348,14 @@ fn answers_stop_at_eos_or_length_and_can_be_cancelled() {
     })
     .unwrap();
     for sample in &out[0] {
-        assert!(sample.token_ids.len() <= 2, "cancelled after the second event");
-        assert_eq!(sample.finish_reason, ulm_server::model::generate::FinishReason::Cancelled);
+        assert!(
+            sample.token_ids.len() <= 2,
+            "cancelled after the second event"
+        );
+        assert_eq!(
+            sample.finish_reason,
+            ulm_server::model::generate::FinishReason::Cancelled
+        );
     }
     let out = answer_batch(&bundle.model, &[item], s.eos, s.pad, &mut |_| true).unwrap();
     for sample in &out[0] {
@@ -286,21 +402,32 @@ fn bad_checkpoints_give_errors_naming_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     copy_fixture(dir.path());
     rewrite_weights(dir.path(), |t| {
-        t.insert(name.into(), Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            name.into(),
+            Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let e = load_err(dir.path());
     assert!(e.contains(name) && e.contains("shape"), "{e}");
 
     let dir = tempfile::tempdir().unwrap();
     copy_fixture(dir.path());
-    std::fs::write(dir.path().join("model.safetensors"), b"this is not a safetensors file").unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        b"this is not a safetensors file",
+    )
+    .unwrap();
     let e = load_err(dir.path());
     assert!(e.contains("model.safetensors"), "{e}");
 
     let dir = tempfile::tempdir().unwrap();
     copy_fixture(dir.path());
     let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
-    std::fs::write(dir.path().join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
     load_err(dir.path());
 
     let dir = tempfile::tempdir().unwrap();
@@ -320,19 +447,50 @@ fn bad_checkpoints_give_errors_naming_the_problem() {
 #[test]
 fn config_errors_name_the_field() {
     let cases: Vec<(Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
-        (Box::new(|c| c["language_config"]["num_key_value_heads"] = 3.into()), "language_config.num_key_value_heads"),
-        (Box::new(|c| c["vision_config"]["params"]["width"] = "wide".into()), "vision_config.params.width"),
-        (Box::new(|c| c["gen_head_config"]["params"]["image_token_size"] = 7.into()), "gen_head_config.params.image_token_size"),
-        (Box::new(|c| c["aligner_config"]["params"]["input_dim"] = 5.into()), "aligner_config.params.input_dim"),
-        (Box::new(|c| c["gen_vision_config"]["params"]["downsample_factor"] = 4.into()), "gen_vision_config.params.downsample_factor"),
-        (Box::new(|c| c["language_config"]["hidden_act"] = "relu".into()), "language_config.hidden_act"),
-        (Box::new(|c| c["language_config"]["rope_scaling"] = serde_json::json!({"type": "linear"})), "language_config.rope_scaling"),
-        (Box::new(|c| { c.as_object_mut().unwrap().remove("gen_head_config"); }), "gen_head_config"),
+        (
+            Box::new(|c| c["language_config"]["num_key_value_heads"] = 3.into()),
+            "language_config.num_key_value_heads",
+        ),
+        (
+            Box::new(|c| c["vision_config"]["params"]["width"] = "wide".into()),
+            "vision_config.params.width",
+        ),
+        (
+            Box::new(|c| c["gen_head_config"]["params"]["image_token_size"] = 7.into()),
+            "gen_head_config.params.image_token_size",
+        ),
+        (
+            Box::new(|c| c["aligner_config"]["params"]["input_dim"] = 5.into()),
+            "aligner_config.params.input_dim",
+        ),
+        (
+            Box::new(|c| c["gen_vision_config"]["params"]["downsample_factor"] = 4.into()),
+            "gen_vision_config.params.downsample_factor",
+        ),
+        (
+            Box::new(|c| c["language_config"]["hidden_act"] = "relu".into()),
+            "language_config.hidden_act",
+        ),
+        (
+            Box::new(|c| {
+                c["language_config"]["rope_scaling"] = serde_json::json!({"type": "linear"})
+            }),
+            "language_config.rope_scaling",
+        ),
+        (
+            Box::new(|c| {
+                c.as_object_mut().unwrap().remove("gen_head_config");
+            }),
+            "gen_head_config",
+        ),
         // An unknown ViT name gives no preset, so a missing size is an error.
         (
             Box::new(|c| {
                 c["vision_config"]["params"]["model_name"] = "siglip_unknown".into();
-                c["vision_config"]["params"].as_object_mut().unwrap().remove("width");
+                c["vision_config"]["params"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("width");
             }),
             "vision_config.params.width",
         ),
@@ -371,13 +529,37 @@ fn real_janus_pro_config_uses_the_presets() {
                        "select_feature": "same", "select_layer": -1}}
     });
     let cfg = JanusConfig::from_value(raw).unwrap();
-    assert_eq!((cfg.vision.width, cfg.vision.layers, cfg.vision.heads, cfg.vision.mlp_hidden_dim), (1024, 24, 16, 4096));
+    assert_eq!(
+        (
+            cfg.vision.width,
+            cfg.vision.layers,
+            cfg.vision.heads,
+            cfg.vision.mlp_hidden_dim
+        ),
+        (1024, 24, 16, 4096)
+    );
     assert_eq!(cfg.vision.num_patches(), 576);
     let vq = &cfg.gen_vision;
-    assert_eq!((vq.codebook_size, vq.codebook_embed_dim, vq.ch, vq.z_channels, vq.num_res_blocks), (16384, 8, 128, 256, 2));
+    assert_eq!(
+        (
+            vq.codebook_size,
+            vq.codebook_embed_dim,
+            vq.ch,
+            vq.z_channels,
+            vq.num_res_blocks
+        ),
+        (16384, 8, 128, 256, 2)
+    );
     assert_eq!(vq.encoder_ch_mult, vec![1, 1, 2, 2, 4]);
     assert_eq!((vq.grid_size(), vq.image_tokens()), (24, 576));
-    assert_eq!((cfg.language.head_dim, cfg.language.rms_norm_eps, cfg.language.rope_theta), (128, 1e-6, 10000.0));
+    assert_eq!(
+        (
+            cfg.language.head_dim,
+            cfg.language.rms_norm_eps,
+            cfg.language.rope_theta
+        ),
+        (128, 1e-6, 10000.0)
+    );
 }
 
 #[test]
@@ -385,26 +567,45 @@ fn sharded_and_half_precision_checkpoints_load() {
     let reference = ModelBundle::load(&tiny_a(), DType::F32, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     copy_fixture(dir.path());
-    let all = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let all =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
     let (mut a, mut b) = (HashMap::new(), HashMap::new());
     let mut map = serde_json::Map::new();
     for (i, (name, t)) in all.into_iter().enumerate() {
         // The second shard is stored in bf16, as real checkpoints are.
-        let (shard, file) = if i % 2 == 0 { (&mut a, "model-00001-of-00002.safetensors") } else { (&mut b, "model-00002-of-00002.safetensors") };
-        let t = if file.contains("00002") { t.to_dtype(DType::BF16).unwrap() } else { t };
+        let (shard, file) = if i % 2 == 0 {
+            (&mut a, "model-00001-of-00002.safetensors")
+        } else {
+            (&mut b, "model-00002-of-00002.safetensors")
+        };
+        let t = if file.contains("00002") {
+            t.to_dtype(DType::BF16).unwrap()
+        } else {
+            t
+        };
         shard.insert(name.clone(), t);
         map.insert(name, file.into());
     }
-    candle_core::safetensors::save(&a, dir.path().join("model-00001-of-00002.safetensors")).unwrap();
-    candle_core::safetensors::save(&b, dir.path().join("model-00002-of-00002.safetensors")).unwrap();
-    std::fs::write(dir.path().join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    candle_core::safetensors::save(&a, dir.path().join("model-00001-of-00002.safetensors"))
+        .unwrap();
+    candle_core::safetensors::save(&b, dir.path().join("model-00002-of-00002.safetensors"))
+        .unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
     let sharded = ModelBundle::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::new(&[[400u32, 410, 25, 220, 30]], &Device::Cpu).unwrap();
     let logits = |b: &ModelBundle| {
         let lm = &b.model.language_model;
         let ctx = lm.context(&[(0..5).collect()], &[vec![true; 5]]).unwrap();
-        lm.logits(&lm.forward_hidden(&lm.embed(&ids).unwrap(), &ctx, None, Pass::Inference).unwrap()).unwrap()
+        lm.logits(
+            &lm.forward_hidden(&lm.embed(&ids).unwrap(), &ctx, None, Pass::Inference)
+                .unwrap(),
+        )
+        .unwrap()
     };
     // bf16 storage of half the weights costs precision, not correctness.
     let diff = max_abs_diff(&logits(&sharded), &logits(&reference));
@@ -422,28 +623,56 @@ fn images_of_every_format_and_shape_are_accepted() {
         png_bytes(&rgb, image::ImageFormat::Png),
         png_bytes(&rgb, image::ImageFormat::Jpeg),
         png_bytes(&rgb, image::ImageFormat::WebP),
-        png_bytes(&image::DynamicImage::ImageRgba8(rgb.to_rgba8()), image::ImageFormat::Png),
-        png_bytes(&image::DynamicImage::ImageLuma8(rgb.to_luma8()), image::ImageFormat::Png),
-        png_bytes(&image::DynamicImage::ImageRgb8(test_image(1, 1)), image::ImageFormat::Png),
-        png_bytes(&image::DynamicImage::ImageRgb8(test_image(5, 900)), image::ImageFormat::Png),
+        png_bytes(
+            &image::DynamicImage::ImageRgba8(rgb.to_rgba8()),
+            image::ImageFormat::Png,
+        ),
+        png_bytes(
+            &image::DynamicImage::ImageLuma8(rgb.to_luma8()),
+            image::ImageFormat::Png,
+        ),
+        png_bytes(
+            &image::DynamicImage::ImageRgb8(test_image(1, 1)),
+            image::ImageFormat::Png,
+        ),
+        png_bytes(
+            &image::DynamicImage::ImageRgb8(test_image(5, 900)),
+            image::ImageFormat::Png,
+        ),
     ];
     let side = bundle.model.cfg.vision.image_size;
     for bytes in cases {
         let img = decode_image(&bytes, 1 << 20).unwrap();
-        let pixels = bundle.image_processor.preprocess(&img, &Device::Cpu).unwrap();
+        let pixels = bundle
+            .image_processor
+            .preprocess(&img, &Device::Cpu)
+            .unwrap();
         assert_eq!(pixels.dims(), &[3, side, side]);
     }
     // RGBA drops alpha like PIL's convert("RGB").
-    let rgba = image::DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(2, 2, image::Rgba([10, 20, 30, 0])));
+    let rgba = image::DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(
+        2,
+        2,
+        image::Rgba([10, 20, 30, 0]),
+    ));
     let img = decode_image(&png_bytes(&rgba, image::ImageFormat::Png), 100).unwrap();
     assert_eq!(img.get_pixel(0, 0).0, [10, 20, 30]);
 }
 
 #[test]
 fn bad_images_are_errors() {
-    assert!(matches!(decode_image(b"definitely not an image", 1 << 20), Err(ModelError::Image(_))));
-    assert!(matches!(decode_image(&[], 1 << 20), Err(ModelError::Image(_))));
-    let big = png_bytes(&image::DynamicImage::ImageRgb8(test_image(200, 200)), image::ImageFormat::Png);
+    assert!(matches!(
+        decode_image(b"definitely not an image", 1 << 20),
+        Err(ModelError::Image(_))
+    ));
+    assert!(matches!(
+        decode_image(&[], 1 << 20),
+        Err(ModelError::Image(_))
+    ));
+    let big = png_bytes(
+        &image::DynamicImage::ImageRgb8(test_image(200, 200)),
+        image::ImageFormat::Png,
+    );
     let e = decode_image(&big, 10_000).unwrap_err();
     assert!(e.to_string().contains("exceeds"), "{e}");
     let mut truncated = big.clone();
@@ -462,11 +691,20 @@ fn vq_round_trip_of_a_generated_image_keeps_its_codes_mostly() {
         sampling: sampled(),
         seeds: vec![3],
     };
-    let out = generate_images_batch(&bundle.model, &[item], bundle.processor.special.pad, &mut |_| true).unwrap();
+    let out = generate_images_batch(
+        &bundle.model,
+        &[item],
+        bundle.processor.special.pad,
+        &mut |_| true,
+    )
+    .unwrap();
     let sample = out[0][0].as_ref().unwrap();
     let side = bundle.model.cfg.gen_vision.image_size as u32;
     assert_eq!(sample.image.dimensions(), (side, side));
-    assert_eq!(sample.tokens.len(), bundle.model.cfg.gen_vision.image_tokens());
+    assert_eq!(
+        sample.tokens.len(),
+        bundle.model.cfg.gen_vision.image_tokens()
+    );
     assert!(sample.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0));
     let ip = ulm_server::model::image_processor::ImageProcessorConfig::janus_default(side as usize);
     let pixels = ip.preprocess(&sample.image, &Device::Cpu).unwrap();

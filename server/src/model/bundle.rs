@@ -65,7 +65,8 @@ impl ModelBundle {
 
 /// `cpu`, `cuda` or `cuda:N`. CUDA needs the `cuda` cargo feature.
 pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
-    let invalid = || ModelError::InvalidInput(format!("unknown device {spec:?} (cpu, cuda, cuda:N)"));
+    let invalid =
+        || ModelError::InvalidInput(format!("unknown device {spec:?} (cpu, cuda, cuda:N)"));
     match spec {
         "cpu" => Ok(Device::Cpu),
         _ => {
@@ -93,7 +94,9 @@ pub fn parse_dtype(spec: &str) -> Result<DType, ModelError> {
         "f32" => Ok(DType::F32),
         "bf16" => Ok(DType::BF16),
         "f16" => Ok(DType::F16),
-        _ => Err(ModelError::InvalidInput(format!("unknown dtype {spec:?} (f32, bf16, f16)"))),
+        _ => Err(ModelError::InvalidInput(format!(
+            "unknown dtype {spec:?} (f32, bf16, f16)"
+        ))),
     }
 }
 

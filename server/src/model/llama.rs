@@ -56,7 +56,10 @@ impl KvCache {
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |l| l.len)
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |l| l.len)
     }
 
     pub fn is_empty(&self) -> bool {

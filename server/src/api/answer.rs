@@ -1,0 +1,288 @@
+use std::convert::Infallible;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use futures::stream::Stream;
+use tokio::sync::mpsc;
+
+use super::error::{ApiError, ApiJson, ErrorBody};
+use super::types::{
+    AnswerRequest, AnswerResponse, AnswerSample, FinishReason, Timings, TokenEvent, Usage,
+};
+use super::AppState;
+use crate::engine::{self, AnswerOutput, StreamedToken};
+use crate::model::generate::FinishReason as ModelFinish;
+use crate::model::image_processor::decode_image;
+use crate::store::{now_ms, sha256_hex, SampleRecord, Task};
+
+/// Answer a question about an image.
+///
+/// With `"stream": true` the response is `text/event-stream`: `token` events
+/// (`TokenEvent`) as tokens are produced, then one `done` event carrying the
+/// `AnswerResponse` once the samples are stored, or an `error` event
+/// carrying an `ErrorBody`.
+#[utoipa::path(
+    post,
+    path = "/v1/answer",
+    tag = "inference",
+    request_body = AnswerRequest,
+    responses(
+        (status = 200, description = "Sampled answers (or an event stream when stream is true)",
+         content((AnswerResponse = "application/json"), (TokenEvent = "text/event-stream"))),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 413, description = "Body or image too large", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "Invalid field or undecodable image", body = ErrorBody),
+        (status = 429, description = "Queue full; retry after Retry-After seconds", body = ErrorBody),
+        (status = 503, description = "Model unavailable", body = ErrorBody),
+        (status = 504, description = "Deadline exceeded", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn answer(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<AnswerRequest>,
+) -> Result<Response, ApiError> {
+    let limits = &state.limits;
+    limits.text("question", &body.question)?;
+    limits.count("n", body.n, limits.max_answers_per_request)?;
+    limits.count("max_new_tokens", body.max_new_tokens, limits.max_new_tokens)?;
+    let sampling = limits.sampling(body.temperature, body.top_k, body.top_p)?;
+    let seeds = limits.seeds(body.seed, body.n)?;
+    let image_bytes = decode_base64_image(&body.image, limits.max_image_bytes)?;
+    let image_sha = sha256_hex(&image_bytes);
+    let max_pixels = limits.max_image_pixels;
+    let image = tokio::task::spawn_blocking(move || decode_image(&image_bytes, max_pixels))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| {
+            let message = e.to_string();
+            if message.contains("exceeds the limit") {
+                ApiError::ImageTooLarge(message)
+            } else {
+                ApiError::InvalidImage(message)
+            }
+        })?;
+    let request = engine::AnswerRequest {
+        image,
+        question: body.question.clone(),
+        max_new_tokens: body.max_new_tokens as usize,
+        sampling,
+        seeds: seeds.clone(),
+    };
+    let deadline = Instant::now() + limits.request_timeout;
+    let ctx = AnswerContext {
+        state: state.clone(),
+        body: body.clone(),
+        seeds,
+        image_sha,
+    };
+    if !body.stream {
+        let output = state.engine.answer(request, deadline, None).await?;
+        return Ok(Json(ctx.store(output).await?).into_response());
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let engine = state.engine.clone();
+    // The engine call runs in its own task so tokens flow while it works; if
+    // the client goes away the stream is dropped, the channel closes and the
+    // engine stops this request.
+    let work = tokio::spawn(async move {
+        let output = engine.answer(request, deadline, Some(tx)).await?;
+        ctx.store(output).await
+    });
+    Ok(Sse::new(event_stream(state, rx, work))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+struct AnswerContext {
+    state: AppState,
+    body: AnswerRequest,
+    seeds: Vec<u64>,
+    image_sha: String,
+}
+
+impl AnswerContext {
+    /// Stores every sample, then builds the response.
+    async fn store(self, output: AnswerOutput) -> Result<AnswerResponse, ApiError> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let b = &self.body;
+        let params = serde_json::json!({
+            "n": b.n, "max_new_tokens": b.max_new_tokens, "temperature": b.temperature,
+            "top_p": b.top_p, "top_k": b.top_k,
+        });
+        let created_at = now_ms();
+        let mut records = Vec::new();
+        let mut samples = Vec::new();
+        for (i, (s, seed)) in output.samples.iter().zip(&self.seeds).enumerate() {
+            let finish_reason = match s.finish_reason {
+                ModelFinish::Stop => FinishReason::Stop,
+                ModelFinish::Length => FinishReason::Length,
+                // The engine only cancels requests nobody waits for.
+                ModelFinish::Cancelled => return Err(ApiError::DeadlineExceeded),
+            };
+            let id = uuid::Uuid::new_v4().to_string();
+            samples.push(AnswerSample {
+                sample_id: id.clone(),
+                seed: *seed,
+                text: s.text.clone(),
+                finish_reason,
+                completion_tokens: s.token_ids.len(),
+            });
+            records.push(SampleRecord {
+                id,
+                request_id: request_id.clone(),
+                group_index: i as i64,
+                task: Task::Answer,
+                model_version: output.model_version.clone(),
+                prompt: b.question.clone(),
+                input_image_sha256: Some(self.image_sha.clone()),
+                params: params.clone(),
+                seed: *seed as i64,
+                output_text: Some(s.text.clone()),
+                output_image_sha256: None,
+                token_ids: s.token_ids.clone(),
+                logprobs: s.logprobs.clone(),
+                finish_reason: Some(
+                    serde_json::to_value(finish_reason)?
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                ),
+                queue_ms: output.timings.queue_ms as i64,
+                compute_ms: output.timings.compute_ms as i64,
+                created_at,
+            });
+        }
+        self.state.store.insert_samples(&records).await?;
+        let completion_tokens = samples.iter().map(|s| s.completion_tokens).sum();
+        Ok(AnswerResponse {
+            request_id,
+            model_version: output.model_version,
+            samples,
+            usage: Usage {
+                prompt_tokens: output.prompt_tokens,
+                completion_tokens,
+                total_tokens: output.prompt_tokens + completion_tokens,
+            },
+            timings: Timings {
+                queue_ms: output.timings.queue_ms,
+                compute_ms: output.timings.compute_ms,
+            },
+        })
+    }
+}
+
+impl From<serde_json::Error> for ApiError {
+    fn from(e: serde_json::Error) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+fn event_stream(
+    state: AppState,
+    mut rx: mpsc::UnboundedReceiver<StreamedToken>,
+    work: tokio::task::JoinHandle<Result<AnswerResponse, ApiError>>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    async_stream(move |yield_tx| async move {
+        let processor = state.engine.processor().clone();
+        let mut tokens: Vec<Vec<u32>> = Vec::new();
+        let mut sent_text: Vec<String> = Vec::new();
+        while let Some(t) = rx.recv().await {
+            if tokens.len() <= t.sample {
+                tokens.resize(t.sample + 1, Vec::new());
+                sent_text.resize(t.sample + 1, String::new());
+            }
+            tokens[t.sample].push(t.token);
+            // Emit only complete characters: decode the whole answer and send
+            // the new suffix.
+            let text = processor.decode(&tokens[t.sample]);
+            let delta = text
+                .strip_prefix(sent_text[t.sample].as_str())
+                .filter(|d| !d.contains('\u{FFFD}'))
+                .unwrap_or_default()
+                .to_string();
+            if !delta.is_empty() {
+                sent_text[t.sample] = text;
+            }
+            let event = TokenEvent {
+                index: t.sample,
+                token_id: t.token,
+                text: delta,
+            };
+            if yield_tx.send(json_event("token", &event)).is_err() {
+                return;
+            }
+        }
+        let last = match work.await {
+            Ok(Ok(response)) => json_event("done", &response),
+            Ok(Err(e)) => error_event(e),
+            Err(e) => error_event(ApiError::Internal(e.to_string())),
+        };
+        let _ = yield_tx.send(last);
+    })
+}
+
+fn json_event<T: serde::Serialize>(name: &str, value: &T) -> Event {
+    Event::default()
+        .event(name)
+        .json_data(value)
+        .unwrap_or_else(|_| Event::default().event(name))
+}
+
+fn error_event(e: ApiError) -> Event {
+    json_event(
+        "error",
+        &serde_json::json!({"error": {"code": e.code(), "message": e.to_string()}}),
+    )
+}
+
+/// A stream fed by a task: the task sends items, the stream yields them.
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(mpsc::UnboundedSender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(f(tx));
+    let guard = AbortOnDrop(task);
+    futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+        rx.recv().await.map(|e| (Ok(e), (rx, guard)))
+    })
+}
+
+/// Stops the feeding task when the client drops the stream.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Base64 (standard, optionally behind a data URL prefix) to bytes, bounded.
+fn decode_base64_image(text: &str, max_bytes: usize) -> Result<Vec<u8>, ApiError> {
+    let data = match text.strip_prefix("data:") {
+        Some(rest) => rest.split_once(";base64,").map(|(_, d)| d).ok_or_else(|| {
+            ApiError::InvalidImage("a data URL image must be base64 encoded".into())
+        })?,
+        None => text,
+    };
+    let data = data.trim();
+    if data.len() / 4 * 3 > max_bytes + 3 {
+        return Err(ApiError::ImageTooLarge(format!(
+            "the image is larger than {max_bytes} bytes"
+        )));
+    }
+    if data.is_empty() {
+        return Err(ApiError::InvalidImage("image is empty".into()));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .map_err(|e| ApiError::InvalidImage(format!("image is not valid base64: {e}")))
+}

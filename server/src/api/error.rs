@@ -1,0 +1,204 @@
+//! The one error type of the API. Every error leaves as
+//! `{"error": {"code": "...", "message": "..."}}` with a stable `code`.
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::engine::EngineError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not valid JSON.
+    #[error("{0}")]
+    InvalidJson(String),
+    /// The JSON does not have the expected shape (missing field, wrong type, unknown field).
+    #[error("{0}")]
+    InvalidBody(String),
+    /// A field is out of its documented range.
+    #[error("{0}")]
+    InvalidParameter(String),
+    /// The image could not be decoded, or is in an unsupported format.
+    #[error("{0}")]
+    InvalidImage(String),
+    #[error("{0}")]
+    ImageTooLarge(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    #[error("this API key may not use this endpoint")]
+    Forbidden,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the server is busy: the request queue is full")]
+    QueueFull,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("the request did not finish before its deadline")]
+    DeadlineExceeded,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Error body of every non-2xx response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code: invalid_json, invalid_body,
+    /// invalid_parameter, invalid_image, image_too_large, payload_too_large,
+    /// unsupported_media_type, unauthorized, forbidden, not_found,
+    /// method_not_allowed, conflict, queue_full, unavailable,
+    /// deadline_exceeded, internal.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::InvalidBody(_) => "invalid_body",
+            ApiError::InvalidParameter(_) => "invalid_parameter",
+            ApiError::InvalidImage(_) => "invalid_image",
+            ApiError::ImageTooLarge(_) => "image_too_large",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::QueueFull => "queue_full",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::DeadlineExceeded => "deadline_exceeded",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            ApiError::InvalidBody(_)
+            | ApiError::InvalidParameter(_)
+            | ApiError::InvalidImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::ImageTooLarge(_) | ApiError::PayloadTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(code = self.code(), error = %self, "request failed");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code().to_string(),
+                message: self.to_string(),
+            },
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        let retry_after = match self {
+            ApiError::QueueFull => Some("1"),
+            ApiError::Unavailable(_) => Some("5"),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
+        }
+        if matches!(self, ApiError::Unauthorized) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        match r {
+            JsonRejection::JsonSyntaxError(e) => ApiError::InvalidJson(e.body_text()),
+            JsonRejection::JsonDataError(e) => ApiError::InvalidBody(e.body_text()),
+            JsonRejection::MissingJsonContentType(_) => {
+                ApiError::UnsupportedMediaType("expected Content-Type: application/json".into())
+            }
+            JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::PayloadTooLarge(
+                    "the request body is larger than the server accepts".into(),
+                )
+            }
+            other => ApiError::InvalidBody(other.body_text()),
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        ApiError::NotFound(r.body_text())
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::QueueFull => ApiError::QueueFull,
+            EngineError::Unavailable => {
+                ApiError::Unavailable("the model worker is not running".into())
+            }
+            EngineError::DeadlineExceeded => ApiError::DeadlineExceeded,
+            EngineError::InvalidInput(m) => ApiError::InvalidParameter(m),
+            EngineError::Model(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => ApiError::NotFound("no such resource".into()),
+            StoreError::UnknownSample(id) => {
+                ApiError::NotFound(format!("sample {id} does not exist"))
+            }
+            StoreError::Conflict(id) => ApiError::Conflict(format!(
+                "feedback with client_id {id:?} was already stored with a different body"
+            )),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// JSON body extractor whose rejections are [`ApiError`]s.
+#[derive(axum::extract::FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);

@@ -1,0 +1,110 @@
+//! Request limits and the validation of request fields against them. All of it
+//! runs before anything is queued.
+
+use std::time::Duration;
+
+use super::error::ApiError;
+use super::types::MAX_SEED;
+use crate::model::sampling::SamplingParams;
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Largest encoded image inside a request.
+    pub max_image_bytes: usize,
+    /// Largest decoded image, in pixels (decompression bombs stop here).
+    pub max_image_pixels: u64,
+    /// Longest prompt or question, in characters.
+    pub max_prompt_chars: usize,
+    pub max_images_per_request: u32,
+    pub max_answers_per_request: u32,
+    pub max_new_tokens: u32,
+    /// Feedback items per request.
+    pub max_feedback_items: usize,
+    /// Time a request may take, queueing included.
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 << 20,
+            max_image_bytes: 10 << 20,
+            max_image_pixels: 40_000_000,
+            max_prompt_chars: 4000,
+            max_images_per_request: 16,
+            max_answers_per_request: 16,
+            max_new_tokens: 2048,
+            max_feedback_items: 1000,
+            request_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+fn bad(message: String) -> ApiError {
+    ApiError::InvalidParameter(message)
+}
+
+impl Limits {
+    pub fn text(&self, field: &str, value: &str) -> Result<(), ApiError> {
+        if value.trim().is_empty() {
+            return Err(bad(format!("{field} must not be empty")));
+        }
+        let chars = value.chars().count();
+        if chars > self.max_prompt_chars {
+            return Err(bad(format!(
+                "{field} has {chars} characters; the limit is {}",
+                self.max_prompt_chars
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn count(&self, field: &str, value: u32, max: u32) -> Result<(), ApiError> {
+        if value == 0 || value > max {
+            return Err(bad(format!(
+                "{field} must be between 1 and {max}, got {value}"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn sampling(
+        &self,
+        temperature: f32,
+        top_k: Option<u32>,
+        top_p: Option<f32>,
+    ) -> Result<SamplingParams, ApiError> {
+        if !temperature.is_finite() || !(0.0..=5.0).contains(&temperature) {
+            return Err(bad(format!(
+                "temperature must be between 0 and 5, got {temperature}"
+            )));
+        }
+        if top_k == Some(0) {
+            return Err(bad("top_k must be at least 1".into()));
+        }
+        if let Some(p) = top_p {
+            if !p.is_finite() || p <= 0.0 || p > 1.0 {
+                return Err(bad(format!("top_p must be in (0, 1], got {p}")));
+            }
+        }
+        Ok(SamplingParams {
+            temperature,
+            top_k: top_k.map(|k| k as usize),
+            top_p,
+        })
+    }
+
+    /// The request's seeds: `seed + i`, or random ones.
+    pub fn seeds(&self, seed: Option<u64>, n: u32) -> Result<Vec<u64>, ApiError> {
+        let first = match seed {
+            Some(s) if s > MAX_SEED - n as u64 => {
+                return Err(bad(format!("seed must be at most {}", MAX_SEED - n as u64)));
+            }
+            Some(s) => s,
+            None => rand::random::<u64>() % (MAX_SEED - n as u64),
+        };
+        Ok((0..n as u64).map(|i| first + i).collect())
+    }
+}

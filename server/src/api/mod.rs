@@ -1,0 +1,172 @@
+//! The HTTP API (axum): routes, validation, auth, metrics and the OpenAPI
+//! document. It talks to the engine and the store and never touches tensors.
+
+pub mod answer;
+pub mod auth;
+pub mod error;
+pub mod feedback;
+pub mod generate;
+pub mod health;
+pub mod limits;
+pub mod samples;
+pub mod types;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::engine::Engine;
+use crate::store::Store;
+use auth::Auth;
+use error::ApiError;
+use limits::Limits;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    pub store: Store,
+    pub limits: Arc<Limits>,
+    pub metrics: PrometheusHandle,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "ULM-R1 server",
+        description = "Text-to-image generation and multimodal question answering with a Janus-Pro / ULM-R1 \
+                       model; every sample and feedback item is stored for GRPO refinement. Errors are \
+                       `{\"error\": {\"code\", \"message\"}}` with a stable code.",
+        license(name = "MIT")
+    ),
+    paths(
+        generate::generate,
+        answer::answer,
+        feedback::post_feedback,
+        samples::get_sample,
+        samples::get_image,
+        health::list_models,
+        health::healthz,
+        health::readyz,
+        metrics_text,
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "inference", description = "Generate images, answer questions"),
+        (name = "feedback", description = "Judgements on served samples"),
+        (name = "samples", description = "Stored samples and images"),
+        (name = "models", description = "Model versions"),
+        (name = "operations", description = "Health and metrics"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("API key"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document as served at `/openapi.json` and committed at `openapi/openapi.json`.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serialises")
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
+async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+    state.metrics.run_upkeep();
+    metrics::gauge!("ulm_queue_depth").set(state.engine.queue_depth() as f64);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render(),
+    )
+}
+
+/// Request count and latency per route and status.
+async fn track(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched".to_string(), |p| p.as_str().to_string());
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    let labels = [("route", route), ("method", method), ("status", status)];
+    metrics::counter!("ulm_http_requests_total", &labels).increment(1);
+    metrics::histogram!("ulm_http_request_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+pub fn router(state: AppState, auth: Auth) -> Router {
+    let auth = Arc::new(auth);
+    let body_limit = state.limits.max_body_bytes;
+    let user_routes = Router::new()
+        .route("/v1/generate", post(generate::generate))
+        .route("/v1/answer", post(answer::answer))
+        .route("/v1/feedback", post(feedback::post_feedback))
+        .route("/v1/samples/{id}", get(samples::get_sample))
+        .route("/v1/images/{sample_id}", get(samples::get_image))
+        .route("/v1/models", get(health::list_models))
+        .route_layer(middleware::from_fn_with_state(auth, auth::require_user));
+    let public = Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics_text));
+    Router::new()
+        .merge(user_routes)
+        .merge(public)
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(track))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            let id = request
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = %id)
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}

@@ -1,0 +1,110 @@
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+
+use super::error::{ApiError, ErrorBody};
+use super::feedback::view;
+use super::types::{SampleView, Timings};
+use super::AppState;
+use crate::store::{StoreError, Task};
+
+fn not_found(what: &'static str, id: &str) -> impl FnOnce(StoreError) -> ApiError {
+    let id = id.to_string();
+    move |e| match e {
+        StoreError::NotFound => ApiError::NotFound(format!("{what} {id} does not exist")),
+        other => other.into(),
+    }
+}
+
+/// A served sample with its inputs, output, behaviour log-probs and feedback.
+#[utoipa::path(
+    get,
+    path = "/v1/samples/{id}",
+    tag = "samples",
+    params(("id" = String, Path, description = "Sample id")),
+    responses(
+        (status = 200, description = "The sample", body = SampleView),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such sample", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_sample(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<SampleView>, ApiError> {
+    let s = state
+        .store
+        .get_sample(&id)
+        .await
+        .map_err(not_found("sample", &id))?;
+    let feedback = state.store.feedback_for_sample(&id).await?;
+    Ok(Json(SampleView {
+        image_url: (s.task == Task::Generate).then(|| format!("/v1/images/{}", s.id)),
+        task: match s.task {
+            Task::Generate => "generate",
+            Task::Answer => "answer",
+        }
+        .to_string(),
+        id: s.id,
+        request_id: s.request_id,
+        model_version: s.model_version,
+        prompt: s.prompt,
+        params: s.params,
+        seed: s.seed as u64,
+        output_text: s.output_text,
+        input_image_sha256: s.input_image_sha256,
+        token_ids: s.token_ids,
+        logprobs: s.logprobs,
+        finish_reason: s.finish_reason,
+        timings: Timings {
+            queue_ms: s.queue_ms as u64,
+            compute_ms: s.compute_ms as u64,
+        },
+        created_at: s.created_at,
+        feedback: feedback.into_iter().map(view).collect(),
+    }))
+}
+
+/// The PNG of a generated image.
+#[utoipa::path(
+    get,
+    path = "/v1/images/{sample_id}",
+    tag = "samples",
+    params(("sample_id" = String, Path, description = "Sample id of a generated image")),
+    responses(
+        (status = 200, description = "PNG image", content_type = "image/png", body = Vec<u8>),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such image", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_image(
+    State(state): State<AppState>,
+    Path(sample_id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let s = state
+        .store
+        .get_sample(&sample_id)
+        .await
+        .map_err(not_found("image", &sample_id))?;
+    let sha = s
+        .output_image_sha256
+        .ok_or_else(|| ApiError::NotFound(format!("sample {sample_id} has no generated image")))?;
+    let png = state
+        .store
+        .get_image(&sha)
+        .await
+        .map_err(not_found("image", &sample_id))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/png"),
+            (
+                header::CACHE_CONTROL,
+                "private, max-age=31536000, immutable",
+            ),
+        ],
+        png,
+    ))
+}

@@ -1,0 +1,287 @@
+//! Request and response bodies of the public API, with their OpenAPI schemas.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Largest seed a client can send or receive exactly (2^53 - 1: JSON numbers
+/// beyond it lose precision in many clients).
+pub const MAX_SEED: u64 = (1 << 53) - 1;
+
+fn default_images() -> u32 {
+    4
+}
+fn default_one() -> u32 {
+    1
+}
+fn default_cfg_weight() -> f32 {
+    5.0
+}
+fn default_temperature() -> f32 {
+    1.0
+}
+fn default_max_new_tokens() -> u32 {
+    256
+}
+
+/// Text-to-image request.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    /// What to draw.
+    #[schema(example = "A red circle above a blue square on a white background.")]
+    pub prompt: String,
+    /// Images to generate for the prompt.
+    #[serde(default = "default_images")]
+    #[schema(minimum = 1, maximum = 16, default = 4)]
+    pub n: u32,
+    /// Classifier-free guidance weight: `uncond + w * (cond - uncond)`.
+    #[serde(default = "default_cfg_weight")]
+    #[schema(minimum = 0.0, maximum = 20.0, default = 5.0)]
+    pub cfg_weight: f32,
+    /// Sampling temperature; 0 picks the most likely token.
+    #[serde(default = "default_temperature")]
+    #[schema(minimum = 0.0, maximum = 5.0, default = 1.0)]
+    pub temperature: f32,
+    /// Sample only among the k most likely image tokens.
+    #[schema(minimum = 1)]
+    pub top_k: Option<u32>,
+    /// Seed of the first image; image i uses seed + i. Random when absent.
+    #[schema(minimum = 0, maximum = 9007199254740991_u64)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GeneratedImage {
+    pub sample_id: String,
+    /// The seed that reproduces this image.
+    pub seed: u64,
+    /// PNG, base64.
+    pub png_base64: String,
+    /// Where the PNG can be fetched again.
+    pub image_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Timings {
+    /// Milliseconds waiting for the model worker.
+    pub queue_ms: u64,
+    /// Milliseconds of the batch that computed this request.
+    pub compute_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GenerateResponse {
+    pub request_id: String,
+    /// Model version that produced the images.
+    pub model_version: String,
+    pub images: Vec<GeneratedImage>,
+    pub timings: Timings,
+}
+
+/// Multimodal question answering request.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerRequest {
+    /// The image: base64 PNG, JPEG or WebP (a `data:image/...;base64,` prefix is accepted).
+    pub image: String,
+    /// The question about the image.
+    #[schema(example = "What shape is in the top left corner?")]
+    pub question: String,
+    /// Answers to sample.
+    #[serde(default = "default_one")]
+    #[schema(minimum = 1, maximum = 16, default = 1)]
+    pub n: u32,
+    /// Most tokens per answer.
+    #[serde(default = "default_max_new_tokens")]
+    #[schema(minimum = 1, maximum = 2048, default = 256)]
+    pub max_new_tokens: u32,
+    /// Sampling temperature; 0 decodes greedily.
+    #[serde(default = "default_temperature")]
+    #[schema(minimum = 0.0, maximum = 5.0, default = 1.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f32>,
+    #[schema(minimum = 1)]
+    pub top_k: Option<u32>,
+    /// Seed of the first answer; answer i uses seed + i. Random when absent.
+    #[schema(minimum = 0, maximum = 9007199254740991_u64)]
+    pub seed: Option<u64>,
+    /// Stream tokens as server-sent events (`token` events, then one `done` event with the response).
+    #[serde(default)]
+    pub stream: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model ended its answer.
+    Stop,
+    /// max_new_tokens was reached.
+    Length,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AnswerSample {
+    pub sample_id: String,
+    pub seed: u64,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub completion_tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AnswerResponse {
+    pub request_id: String,
+    pub model_version: String,
+    pub samples: Vec<AnswerSample>,
+    pub usage: Usage,
+    pub timings: Timings,
+}
+
+/// A streamed token (`event: token`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenEvent {
+    /// Which answer of the request (0-based).
+    pub index: usize,
+    pub token_id: u32,
+    /// Text this token adds to the answer (may be empty until a character completes).
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedbackSourceType {
+    Human,
+    Model,
+    Api,
+}
+
+/// Who gave the feedback.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackSource {
+    #[serde(rename = "type")]
+    pub source_type: FeedbackSourceType,
+    pub user_id: Option<String>,
+}
+
+/// One piece of feedback on a served sample. Send one object or an array of them.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackItem {
+    /// The sample the feedback is about.
+    pub sample_id: String,
+    /// What is judged, e.g. "quality" or "correct".
+    #[schema(example = "quality")]
+    pub key: String,
+    /// Numeric judgement, e.g. 0..1.
+    pub score: Option<f64>,
+    /// Categorical judgement, e.g. "good".
+    pub value: Option<String>,
+    pub comment: Option<String>,
+    /// The reference answer (for question answering).
+    pub correction: Option<String>,
+    /// Defaults to `{"type": "api"}`.
+    pub source: Option<FeedbackSource>,
+    /// Idempotency key: the same id with the same body is stored once; with a
+    /// different body it is a 409.
+    pub client_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FeedbackView {
+    pub id: String,
+    pub sample_id: String,
+    pub key: String,
+    pub score: Option<f64>,
+    pub value: Option<String>,
+    pub comment: Option<String>,
+    pub correction: Option<String>,
+    pub source: FeedbackSource,
+    pub client_id: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedbackStatus {
+    /// Stored now.
+    Created,
+    /// Stored earlier under the same client_id with the same body.
+    Replayed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FeedbackResult {
+    pub status: FeedbackStatus,
+    pub feedback: FeedbackView,
+}
+
+/// Response to a feedback POST: one result per item, in order.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FeedbackResponse {
+    pub items: Vec<FeedbackResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SampleView {
+    pub id: String,
+    pub request_id: String,
+    /// "generate" or "answer".
+    pub task: String,
+    pub model_version: String,
+    /// The prompt (generate) or question (answer).
+    pub prompt: String,
+    /// Request parameters.
+    #[schema(value_type = Object)]
+    pub params: serde_json::Value,
+    pub seed: u64,
+    pub output_text: Option<String>,
+    /// For generated images.
+    pub image_url: Option<String>,
+    /// SHA-256 of the input image (answer samples).
+    pub input_image_sha256: Option<String>,
+    pub token_ids: Vec<u32>,
+    /// Behaviour log-probs of the tokens, as the trainer scores them.
+    pub logprobs: Vec<f32>,
+    pub finish_reason: Option<String>,
+    pub timings: Timings,
+    pub created_at: i64,
+    pub feedback: Vec<FeedbackView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelView {
+    /// Version id; every sample names the version that produced it.
+    pub id: String,
+    pub description: String,
+    /// True for the built-in random demo model.
+    pub demo: bool,
+    pub active: bool,
+    pub max_context_tokens: usize,
+    pub image_tokens_per_image: usize,
+    pub generated_image_size: usize,
+    pub understanding_image_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelList {
+    pub data: Vec<ModelView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub model_loaded: bool,
+    pub database: bool,
+    pub queue_depth: usize,
+}

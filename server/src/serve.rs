@@ -1,0 +1,246 @@
+//! `ulm-server serve`: configuration (flags > environment > config file >
+//! defaults), start-up, and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use serde::Deserialize;
+
+use crate::api::auth::Auth;
+use crate::api::limits::Limits;
+use crate::api::{router, AppState};
+use crate::engine::{Engine, EngineConfig};
+use crate::model::bundle::{parse_device, parse_dtype, ModelBundle};
+use crate::store::Store;
+
+/// Every option of `serve`. Each can also come from the environment
+/// (`ULM_<NAME>`) or from the TOML file given by `--config` (same names, snake_case).
+#[derive(Args, Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeArgs {
+    /// TOML file with any of these options.
+    #[arg(long, env = "ULM_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long, env = "ULM_HOST")]
+    pub host: Option<String>,
+    /// Port; 0 picks a free one [default: 8080].
+    #[arg(long, env = "ULM_PORT")]
+    pub port: Option<u16>,
+    /// Directory for the SQLite database and images [default: ./data].
+    #[arg(long, env = "ULM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Checkpoint directory; absent: the built-in demo model.
+    #[arg(long, env = "ULM_MODEL")]
+    pub model: Option<PathBuf>,
+    /// postgres://... to use PostgreSQL instead of SQLite.
+    #[arg(long, env = "ULM_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Serve without authentication (local use only).
+    #[arg(long, env = "ULM_NO_AUTH")]
+    #[serde(default)]
+    pub no_auth: bool,
+    /// File of API keys, one `role:key` per line (roles: user, admin).
+    #[arg(long, env = "ULM_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// API keys inline, `role:key,role:key`.
+    #[arg(long, env = "ULM_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+    /// cpu, cuda or cuda:N [default: cpu].
+    #[arg(long, env = "ULM_DEVICE")]
+    pub device: Option<String>,
+    /// f32, bf16 or f16 [default: f32].
+    #[arg(long, env = "ULM_DTYPE")]
+    pub dtype: Option<String>,
+    /// Requests waiting for the model, at most [default: 64].
+    #[arg(long, env = "ULM_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// Samples or images computed together, at most [default: 32].
+    #[arg(long, env = "ULM_MAX_BATCH_ROWS")]
+    pub max_batch_rows: Option<usize>,
+    /// How long the model waits to batch requests, ms [default: 5].
+    #[arg(long, env = "ULM_BATCH_WINDOW_MS")]
+    pub batch_window_ms: Option<u64>,
+    /// Time a request may take, queueing included, seconds [default: 300].
+    #[arg(long, env = "ULM_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: Option<u64>,
+    /// Largest request body, bytes [default: 16 MiB].
+    #[arg(long, env = "ULM_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Largest input image, pixels [default: 40,000,000].
+    #[arg(long, env = "ULM_MAX_IMAGE_PIXELS")]
+    pub max_image_pixels: Option<u64>,
+}
+
+macro_rules! merge_fields {
+    ($into:ident, $from:ident, $($field:ident),*) => {
+        $( if $into.$field.is_none() { $into.$field = $from.$field.clone(); } )*
+    };
+}
+
+impl ServeArgs {
+    /// Fills options not given on the command line or environment from the file.
+    pub fn with_file(mut self) -> Result<Self> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let file: ServeArgs =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        merge_fields!(
+            self,
+            file,
+            host,
+            port,
+            data_dir,
+            model,
+            database_url,
+            api_keys_file,
+            api_keys,
+            device,
+            dtype,
+            max_queue,
+            max_batch_rows,
+            batch_window_ms,
+            request_timeout_secs,
+            max_body_bytes,
+            max_image_pixels
+        );
+        self.no_auth |= file.no_auth;
+        Ok(self)
+    }
+
+    fn auth(&self) -> Result<Auth> {
+        let keys = match (&self.api_keys_file, &self.api_keys) {
+            (Some(file), _) => Some(Auth::from_file(file).map_err(anyhow::Error::msg)?),
+            (None, Some(inline)) => Some(Auth::parse(inline).map_err(anyhow::Error::msg)?),
+            (None, None) => None,
+        };
+        match (keys, self.no_auth) {
+            (Some(_), true) => bail!("give either API keys or --no-auth, not both"),
+            (Some(keys), false) => Ok(keys),
+            (None, true) => Ok(Auth::Disabled),
+            (None, false) => bail!(
+                "no API keys: pass --api-keys-file FILE (lines of role:key) or --api-keys, or --no-auth for local use"
+            ),
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        let mut limits = Limits::default();
+        if let Some(v) = self.max_body_bytes {
+            limits.max_body_bytes = v;
+            limits.max_image_bytes = limits.max_image_bytes.min(v);
+        }
+        if let Some(v) = self.max_image_pixels {
+            limits.max_image_pixels = v;
+        }
+        if let Some(v) = self.request_timeout_secs {
+            limits.request_timeout = Duration::from_secs(v);
+        }
+        limits
+    }
+}
+
+pub async fn serve(args: ServeArgs) -> Result<()> {
+    let args = args.with_file()?;
+    let auth = args.auth()?;
+    if matches!(auth, Auth::Disabled) {
+        tracing::warn!("authentication is disabled (--no-auth): every client is admin");
+    }
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("data"));
+    let metrics = PrometheusBuilder::new()
+        .set_buckets(&[
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+        ])?
+        .set_buckets_for_metric(
+            Matcher::Full("ulm_batch_rows".into()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
+        )?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let store = Store::open(&data_dir, args.database_url.as_deref())
+        .await
+        .context("opening the database")?;
+    let bundle = load_model(&args).await?;
+    tracing::info!("model: {}", bundle.describe());
+    if bundle.is_demo() {
+        eprintln!("NOTE: serving the built-in demo model (no --model given): its images are noise and its answers nonsense");
+    }
+    let version = if bundle.is_demo() {
+        "demo-base"
+    } else {
+        "base"
+    }
+    .to_string();
+    metrics::gauge!("ulm_model_info", "version" => version.clone(), "demo" => bundle.is_demo().to_string()).set(1.0);
+    let engine_config = EngineConfig {
+        max_queue: args.max_queue.unwrap_or(64),
+        max_batch_rows: args.max_batch_rows.unwrap_or(32),
+        batch_window: Duration::from_millis(args.batch_window_ms.unwrap_or(5)),
+    };
+    let engine = Engine::start(bundle, version, engine_config);
+    let state = AppState {
+        engine,
+        store: store.clone(),
+        limits: Arc::new(args.limits()),
+        metrics,
+    };
+    let host = args.host.clone().unwrap_or_else(|| "127.0.0.1".into());
+    let addr: SocketAddr = format!("{host}:{}", args.port.unwrap_or(8080))
+        .parse()
+        .with_context(|| format!("invalid listen address {host}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr()?;
+    // Tests and scripts read this line to find the port.
+    println!("listening on http://{local}");
+    tracing::info!(%local, data_dir = %data_dir.display(), "serving");
+    axum::serve(listener, router(state, auth))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("in-flight requests finished; shutting down");
+    store.close().await;
+    Ok(())
+}
+
+async fn load_model(args: &ServeArgs) -> Result<ModelBundle> {
+    let device = parse_device(args.device.as_deref().unwrap_or("cpu"))?;
+    let dtype = parse_dtype(args.dtype.as_deref().unwrap_or("f32"))?;
+    let dir: Option<PathBuf> = args.model.clone();
+    tokio::task::spawn_blocking(move || {
+        ModelBundle::open(dir.as_deref().map(Path::new), dtype, &device)
+    })
+    .await?
+    .context("loading the model")
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutdown signal received; finishing in-flight requests");
+}
