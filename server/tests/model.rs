@@ -232,8 +232,14 @@ fn batching_does_not_change_results() {
         200,
     );
     let together = answers(&bundle, &[short.clone(), long.clone()]);
-    assert_eq!(together[0], answers(&bundle, &[short.clone()])[0]);
-    assert_eq!(together[1], answers(&bundle, &[long.clone()])[0]);
+    assert_eq!(
+        together[0],
+        answers(&bundle, std::slice::from_ref(&short))[0]
+    );
+    assert_eq!(
+        together[1],
+        answers(&bundle, std::slice::from_ref(&long))[0]
+    );
     let mut single = long.clone();
     single.prompt.samples = 1;
     single.seeds = vec![201];
@@ -342,10 +348,16 @@ fn answers_stop_at_eos_or_length_and_can_be_cancelled() {
     let item = answer_item(&bundle, "Hi", 2, sampled(), 9);
     let s = bundle.processor.special;
     let mut seen = 0;
-    let out = answer_batch(&bundle.model, &[item.clone()], s.eos, s.pad, &mut |_| {
-        seen += 1;
-        seen < 3
-    })
+    let out = answer_batch(
+        &bundle.model,
+        std::slice::from_ref(&item),
+        s.eos,
+        s.pad,
+        &mut |_| {
+            seen += 1;
+            seen < 3
+        },
+    )
     .unwrap();
     for sample in &out[0] {
         assert!(
@@ -446,7 +458,8 @@ fn bad_checkpoints_give_errors_naming_the_problem() {
 
 #[test]
 fn config_errors_name_the_field() {
-    let cases: Vec<(Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(Edit, &str)> = vec![
         (
             Box::new(|c| c["language_config"]["num_key_value_heads"] = 3.into()),
             "language_config.num_key_value_heads",

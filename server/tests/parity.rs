@@ -87,11 +87,7 @@ fn check_und(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
         .to_rgb8();
     let ip = &bundle.image_processor;
     let (rows, cols) = ip.target_size(img.width(), img.height());
-    r.equal(
-        "und resize_hw",
-        vec![rows as u32, cols as u32],
-        case.ids("resize_hw"),
-    );
+    r.equal("und resize_hw", vec![rows, cols], case.ids("resize_hw"));
     let resized = resize_bicubic(&img, cols, rows);
     let (over1, at1) = u8_mismatches(&u8_image_tensor(&resized), case.t("image_resized_u8"));
     r.check(

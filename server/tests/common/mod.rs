@@ -121,7 +121,7 @@ impl Report {
     pub fn close(&mut self, what: &str, actual: &Tensor, expected: &Tensor, tol: f32) {
         let diff = max_abs_diff(actual, expected);
         let line = format!("{what}: max abs diff {diff:.3e} (tol {tol:.0e})");
-        if !(diff <= tol) {
+        if diff.is_nan() || diff > tol {
             self.failures.push(line.clone());
         }
         self.lines.push(line);

@@ -1,0 +1,265 @@
+//! Harness for end-to-end tests: builds the real `ulm-server` binary, starts it
+//! on a free local port with the demo model and a temporary data directory,
+//! and stops it (gracefully or with SIGKILL).
+//!
+//! With `ULM_TEST_DATABASE_URL=postgres://...` every server gets a fresh
+//! PostgreSQL database instead of SQLite, so the same tests cover both.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+pub const USER_KEY: &str = "user-key-0123456789abcdef";
+pub const ADMIN_KEY: &str = "admin-key-0123456789abcdef";
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Builds the server binary once per test process and returns its path.
+pub fn server_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "ulm-server",
+                "--bin",
+                "ulm-server",
+            ])
+            .current_dir(workspace_root())
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building ulm-server failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"));
+        target.join("debug").join("ulm-server")
+    })
+    .clone()
+}
+
+/// A fresh database URL when the tests run against PostgreSQL.
+async fn fresh_database() -> Option<String> {
+    let base = std::env::var("ULM_TEST_DATABASE_URL").ok()?;
+    let name = format!("ulm_test_{}", uuid::Uuid::new_v4().simple());
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&base)
+        .await
+        .expect("connecting to ULM_TEST_DATABASE_URL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("creating a test database");
+    let (prefix, _) = base.rsplit_once('/').expect("database URL has a path");
+    Some(format!("{prefix}/{name}"))
+}
+
+pub struct Server {
+    child: Option<Child>,
+    pub base: String,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    args: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+    pub http: reqwest::Client,
+    pub key: Option<String>,
+}
+
+/// Servers started by this process, so concurrent tests do not fight over ports.
+static START_LOCK: Mutex<()> = Mutex::new(());
+
+impl Server {
+    /// Demo model, no auth, temporary data directory.
+    pub async fn start() -> Server {
+        Self::start_with(&["--no-auth"]).await
+    }
+
+    pub async fn start_with(args: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let data_dir = tmp.path().to_path_buf();
+        let database_url = fresh_database().await;
+        let mut server = Server {
+            child: None,
+            base: String::new(),
+            data_dir,
+            database_url,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            _tmp: Some(tmp),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap(),
+            key: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let _guard = START_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cmd = Command::new(server_binary());
+        cmd.arg("serve")
+            .args(["--port", "0", "--data-dir"])
+            .arg(&self.data_dir)
+            .args(&self.args);
+        if let Some(url) = &self.database_url {
+            cmd.args(["--database-url", url]);
+        }
+        for var in [
+            "ULM_MODEL",
+            "ULM_API_KEYS",
+            "ULM_API_KEYS_FILE",
+            "ULM_NO_AUTH",
+            "ULM_CONFIG",
+        ] {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting ulm-server");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let base = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(addr) = line.strip_prefix("listening on ") {
+                        break addr.trim().to_string();
+                    }
+                }
+                _ => panic!("ulm-server exited before listening"),
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        self.base = base;
+        self.child = Some(child);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.key {
+            Some(k) => rb.bearer_auth(k),
+            None => rb,
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = self
+            .authed(self.http.post(self.url(path)).json(body))
+            .send()
+            .await
+            .expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>, content_type: &str) -> (u16, Value) {
+        let resp = self
+            .authed(
+                self.http
+                    .post(self.url(path))
+                    .header("content-type", content_type)
+                    .body(body),
+            )
+            .send()
+            .await
+            .expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .authed(self.http.get(self.url(path)))
+            .send()
+            .await
+            .expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn get_bytes(&self, path: &str) -> (u16, Vec<u8>) {
+        let resp = self
+            .authed(self.http.get(self.url(path)))
+            .send()
+            .await
+            .expect("request");
+        (
+            resp.status().as_u16(),
+            resp.bytes().await.unwrap_or_default().to_vec(),
+        )
+    }
+
+    /// SIGTERM and wait: in-flight requests finish.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same data directory and database.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A small PNG image, base64.
+pub fn png_base64(w: u32, h: u32) -> String {
+    let img =
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 9) as u8, (y * 5) as u8, 128]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(out.into_inner())
+}
+
+pub fn answer_body(n: u32) -> Value {
+    json!({"image": png_base64(40, 30), "question": "What is in the picture?", "n": n, "max_new_tokens": 8, "seed": 1})
+}
