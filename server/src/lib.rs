@@ -3,12 +3,14 @@
 //!
 //! Rooms and what they may use: `model` (candle; knows nothing of HTTP or
 //! storage), `engine` (owns the model on a worker thread; plain data in and
-//! out), `store` (sqlx; samples, feedback, images), `api` (axum; talks to the
+//! out), `store` (sqlx; samples, feedback, images), `rl` (rewards and GRPO;
+//! uses the model, never HTTP), `api` (axum; talks to the
 //! engine and the store, never to tensors), `serve` (wiring).
 
 pub mod api;
 pub mod engine;
 pub mod model;
 pub mod oneshot;
+pub mod rl;
 pub mod serve;
 pub mod store;

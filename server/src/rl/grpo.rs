@@ -1,0 +1,1 @@
+//! GRPO for CoRL: advantages, the per-token objective, the training step.

@@ -1,0 +1,5 @@
+//! Reinforcement learning: CoRL's reward functions and the GRPO objective.
+
+pub mod difflib;
+pub mod grpo;
+pub mod rewards;
