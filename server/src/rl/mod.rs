@@ -2,4 +2,5 @@
 
 pub mod difflib;
 pub mod grpo;
+pub mod policy;
 pub mod rewards;
