@@ -7,12 +7,12 @@
 //! causal and padding mask, so left-padded batches of different prompts share
 //! one pass.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::LlamaConfig;
-use super::nn::{embedding, linear, norm_weight};
-use super::ops::{rms_norm, rope, softmax_last, Pass};
+use super::nn::{embedding, linear, norm_weight, Linear};
+use super::ops::{compute_dtype, rms_norm, rope, softmax_last, Pass};
 
 /// A large negative score for masked keys. Finite on purpose: a padded query
 /// row that sees no key then stays finite instead of turning into NaN, which
@@ -159,10 +159,10 @@ impl RotaryTables {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: candle_nn::Linear,
-    k_proj: candle_nn::Linear,
-    v_proj: candle_nn::Linear,
-    o_proj: candle_nn::Linear,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -191,7 +191,7 @@ impl Attention {
         pass: Pass,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let heads = |proj: &candle_nn::Linear, n: usize| -> Result<Tensor> {
+        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
             proj.forward(x)?
                 .reshape((b, t, n, self.head_dim))?
                 .transpose(1, 2)
@@ -216,9 +216,10 @@ impl Attention {
         let k = repeat_kv(&k, self.num_heads / self.num_kv_heads)?;
         let v = repeat_kv(&v, self.num_heads / self.num_kv_heads)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+        let scores = scores.to_dtype(compute_dtype(scores.dtype()))?;
         let scores = match &ctx.bias {
-            Some(bias) => scores.broadcast_add(bias)?,
+            Some(bias) => scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?,
             None => scores,
         };
         let weights = softmax_last(&scores, pass)?.to_dtype(v.dtype())?;
@@ -244,9 +245,9 @@ fn repeat_kv(x: &Tensor, r: usize) -> Result<Tensor> {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: candle_nn::Linear,
-    up_proj: candle_nn::Linear,
-    down_proj: candle_nn::Linear,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
 }
 
 impl Mlp {
@@ -421,6 +422,30 @@ impl Llama {
             return hidden.unsqueeze(0)?.matmul(&self.lm_head.t()?)?.squeeze(0);
         }
         hidden.broadcast_matmul(&self.lm_head.t()?)
+    }
+
+    /// The projection layers of every decoder layer with their checkpoint
+    /// names (`language_model.model.layers.{i}.self_attn.q_proj`, ...), for
+    /// attaching adapters.
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let prefix = format!("language_model.model.layers.{i}");
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("{prefix}.{name}"), lin));
+            }
+        }
+        out
     }
 
     pub fn num_layers(&self) -> usize {

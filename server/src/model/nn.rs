@@ -2,16 +2,58 @@
 //! whose weights are drawn from a seeded backend (see `demo.rs`); a real
 //! checkpoint ignores them.
 
-use candle_core::{Result, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+/// A low-rank adapter on a linear layer: `y += scale * (x A^T) B^T`.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// `[rank, in]`.
+    pub a: Tensor,
+    /// `[out, rank]`, zero at initialisation so the adapted layer starts equal to the base.
+    pub b: Tensor,
+    /// `alpha / rank`.
+    pub scale: f64,
+    /// Shared by every adapter of a model: off computes the base model (the GRPO reference policy).
+    pub enabled: Arc<AtomicBool>,
+}
+
+/// PyTorch `nn.Linear`, optionally with a LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    base: candle_nn::Linear,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    pub fn weight(&self) -> &Tensor {
+        self.base.weight()
+    }
+
+    /// `[out, in]`.
+    pub fn dims(&self) -> (usize, usize) {
+        let d = self.base.weight().dims();
+        (d[0], d[1])
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        match &self.lora {
+            Some(l) if l.enabled.load(Ordering::Relaxed) => {
+                let down = candle_nn::Linear::new(l.a.clone(), None).forward(x)?;
+                let up = candle_nn::Linear::new(l.b.clone(), None).forward(&down)?;
+                y + (up * l.scale)?
+            }
+            _ => Ok(y),
+        }
+    }
+}
+
 /// PyTorch `nn.Linear`: weight `[out, in]`, `y = x W^T + b`.
-pub fn linear(
-    vb: VarBuilder,
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-) -> Result<candle_nn::Linear> {
+pub fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
     let std = 1.0 / (in_dim as f64).sqrt();
     let weight = vb.get_with_hints(
         (out_dim, in_dim),
@@ -33,7 +75,10 @@ pub fn linear(
     } else {
         None
     };
-    Ok(candle_nn::Linear::new(weight, bias))
+    Ok(Linear {
+        base: candle_nn::Linear::new(weight, bias),
+        lora: None,
+    })
 }
 
 /// A normalisation scale vector (RMSNorm / LayerNorm / GroupNorm weight).

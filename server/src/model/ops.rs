@@ -38,11 +38,20 @@ pub fn layer_norm(
     }
 }
 
+/// The dtype numerically sensitive steps run in: f32 for half precision,
+/// the input's own otherwise.
+pub fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        other => other,
+    }
+}
+
 /// Softmax over the last dimension, computed in f32 for half-precision inputs
 /// (as the reference does for attention weights).
 pub fn softmax_last(x: &Tensor, pass: Pass) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x32 = x.to_dtype(DType::F32)?;
+    let x32 = x.to_dtype(compute_dtype(dtype))?;
     let y = match pass {
         Pass::Inference => candle_nn::ops::softmax_last_dim(&x32.contiguous()?)?,
         Pass::Training => candle_nn::ops::softmax(&x32, D::Minus1)?,

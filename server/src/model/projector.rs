@@ -1,16 +1,16 @@
 //! `MlpProjector` (aligner, gen_aligner) and the generation head.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{GenHeadConfig, ProjectorConfig};
-use super::nn::linear;
+use super::nn::{linear, Linear};
 
 /// `layers.0` Linear, then for each further depth level GELU + Linear at
 /// `layers.2`, `layers.4`, ... (odd indices are the parameter-free GELUs).
 #[derive(Debug, Clone)]
 pub struct MlpProjector {
-    layers: Vec<candle_nn::Linear>,
+    layers: Vec<Linear>,
 }
 
 impl MlpProjector {
@@ -48,8 +48,8 @@ impl MlpProjector {
 /// `gen_head`: `output_mlp_projector`, exact GELU, `vision_head`.
 #[derive(Debug, Clone)]
 pub struct GenHead {
-    output_mlp_projector: candle_nn::Linear,
-    vision_head: candle_nn::Linear,
+    output_mlp_projector: Linear,
+    vision_head: Linear,
 }
 
 impl GenHead {

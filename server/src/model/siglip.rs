@@ -3,21 +3,21 @@
 //! token), pre-norm blocks, final LayerNorm. The attention-pool head is in
 //! real checkpoints but is never run, so it is not loaded.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::config::VisionConfig;
-use super::nn::{linear, LayerNorm};
+use super::nn::{linear, LayerNorm, Linear};
 use super::ops::{softmax_last, Pass};
 
 #[derive(Debug, Clone)]
 struct Block {
     norm1: LayerNorm,
-    qkv: candle_nn::Linear,
-    proj: candle_nn::Linear,
+    qkv: Linear,
+    proj: Linear,
     norm2: LayerNorm,
-    fc1: candle_nn::Linear,
-    fc2: candle_nn::Linear,
+    fc1: Linear,
+    fc2: Linear,
 }
 
 #[derive(Debug, Clone)]

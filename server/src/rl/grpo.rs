@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Result, Tensor, Var, D};
 
-use crate::model::ops::Pass;
+use crate::model::ops::{compute_dtype, Pass};
 use crate::model::Janus;
 
 /// Prompt + completion rows of the understanding task.
@@ -55,7 +55,7 @@ fn positions(mask: &[Vec<bool>]) -> Vec<Vec<u32>> {
 
 /// `log softmax(logits / temperature)` at `ids`: `[G, L, V]`, `[G, L]` -> `[G, L]`.
 fn token_logps(logits: &Tensor, ids: &Tensor, temperature: f64) -> Result<Tensor> {
-    let logits = (logits.to_dtype(DType::F32)? / temperature)?;
+    let logits = (logits.to_dtype(compute_dtype(logits.dtype()))? / temperature)?;
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     logp.gather(
         &ids.to_dtype(DType::U32)?
@@ -184,17 +184,18 @@ pub fn objective(
     mask: &Tensor,
     cfg: ObjectiveConfig,
 ) -> Result<Objective> {
-    let mask = mask.to_dtype(DType::F32)?;
+    let dtype = logps.dtype();
+    let mask = mask.to_dtype(dtype)?;
     let ratio = (logps - old_logps.detach())?.exp()?;
-    let adv = advantages.to_dtype(DType::F32)?.unsqueeze(1)?;
+    let adv = advantages.to_dtype(dtype)?.unsqueeze(1)?;
     // Where the clipped term is the minimum it is a constant: the ratio gets
     // no gradient there. Expressed with a detached mask, the objective equals
     // PPO's min(r A, clip(r) A) and its gradient.
     let r = ratio.detach();
-    let above = r.gt(1.0 + cfg.epsilon_high)?.to_dtype(DType::F32)?;
-    let below = r.lt(1.0 - cfg.epsilon_low)?.to_dtype(DType::F32)?;
-    let positive = adv.gt(0.0)?.to_dtype(DType::F32)?.broadcast_as(r.shape())?;
-    let negative = adv.lt(0.0)?.to_dtype(DType::F32)?.broadcast_as(r.shape())?;
+    let above = r.gt(1.0 + cfg.epsilon_high)?.to_dtype(dtype)?;
+    let below = r.lt(1.0 - cfg.epsilon_low)?.to_dtype(dtype)?;
+    let positive = adv.gt(0.0)?.to_dtype(dtype)?.broadcast_as(r.shape())?;
+    let negative = adv.lt(0.0)?.to_dtype(dtype)?.broadcast_as(r.shape())?;
     let clipped = ((above * &positive)? + (below * &negative)?)?;
     let clipped_ratio = r.clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)?;
     let free = (1.0 - &clipped)?;
@@ -205,14 +206,16 @@ pub fn objective(
             let kl = ((delta.exp()? - &delta)? - 1.0)?;
             let kl_value = masked_sequence_mean(&kl.detach(), &mask)?
                 .mean_all()?
-                .to_scalar::<f32>()? as f64;
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
             ((surrogate - (kl * cfg.beta)?)?.neg()?, kl_value)
         }
         _ => (surrogate.neg()?, 0.0),
     };
     let loss = masked_sequence_mean(&per_token, &mask)?.mean_all()?;
-    let tokens = mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
-    let clip_fraction = (clipped * &mask)?.sum_all()?.to_scalar::<f32>()? as f64 / tokens;
+    let scalar = |t: Tensor| -> Result<f64> { t.to_dtype(DType::F64)?.to_scalar::<f64>() };
+    let tokens = scalar(mask.sum_all()?)?.max(1.0);
+    let clip_fraction = scalar((clipped * &mask)?.sum_all()?)? / tokens;
     Ok(Objective {
         loss,
         kl: kl_value,

@@ -2,5 +2,6 @@
 
 pub mod difflib;
 pub mod grpo;
+pub mod lora;
 pub mod policy;
 pub mod rewards;
