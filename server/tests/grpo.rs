@@ -294,3 +294,50 @@ fn every_grpo_case_matches_the_reference() {
         report.finish(&dir.display().to_string());
     }
 }
+
+/// The t2i_match reward of every fixture's case, with offsets derived from
+/// the token layout.
+#[test]
+fn t2i_match_reward_matches_the_reference() {
+    use ulm_server::model::bundle::ModelBundle;
+    use ulm_server::rl::reward::{RewardContext, T2iMatch};
+    for dir in janus_fixture_dirs() {
+        let Some(case) = Case::load(&dir, "t2i_match") else {
+            continue;
+        };
+        let bundle = ModelBundle::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let ctx = RewardContext {
+            model: &bundle.model,
+            processor: &bundle.processor,
+            image_processor: &bundle.image_processor,
+        };
+        let prompt = bundle
+            .processor
+            .understanding_prompt(case.str("caption"))
+            .unwrap();
+        let ids: Vec<u32> = case.u32s("input_ids");
+        assert_eq!(prompt.ids, ids, "{}: t2i_match prompt ids", dir.display());
+        let image = image::open(dir.join("cases/gen_decoded.png"))
+            .unwrap()
+            .to_rgb8();
+        let reward = T2iMatch::one(&ctx, &image, case.str("caption")).unwrap();
+        let expected = case.f64("reward");
+        assert!(
+            (reward - expected).abs() < 1e-5,
+            "{}: t2i_match {reward} vs {expected}",
+            dir.display()
+        );
+        let (start, n) = prompt.image_span().unwrap();
+        let slice: Vec<u64> = case.json["image_slice"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(vec![start as u64, (start + n) as u64], slice);
+        assert_eq!(
+            (start + n + 5) as u64,
+            case.json["text_slice_start"].as_u64().unwrap()
+        );
+    }
+}

@@ -4,4 +4,6 @@ pub mod difflib;
 pub mod grpo;
 pub mod lora;
 pub mod policy;
+pub mod reward;
 pub mod rewards;
+pub mod trainer;

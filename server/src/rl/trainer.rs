@@ -1,0 +1,731 @@
+//! One GRPO step over a batch of CoRL items: roll out G samples per task
+//! with the current policy, score them, compute group advantages (unified
+//! `r_t2i + lambda * r_mm2t` where an item has both tasks), then
+//! `num_iterations` passes of the clipped objective with gradient
+//! accumulation, clipping and AdamW. A step whose loss or gradients are not
+//! finite is abandoned and leaves the policy untouched.
+
+use std::time::Instant;
+
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::grpo::{
+    generation_logps, group_advantages, objective, understanding_logps, AdamW, GenerationBatch,
+    ObjectiveConfig, T2iAlignment, UnderstandingBatch,
+};
+use super::lora::Lora;
+use super::reward::{score_task, RewardContext, RewardTask, Scored, TrainItem, Weighted};
+use crate::model::bundle::ModelBundle;
+use crate::model::generate::{
+    answer_batch, generate_images_batch, AnswerItem, ImageItem, TextPrompt,
+};
+use crate::model::ops::Pass;
+use crate::model::sampling::SamplingParams;
+use crate::model::{Janus, ModelError};
+
+/// Learning-rate shape over the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Constant,
+    /// Cosine decay to 0 at `total_steps`.
+    Cosine,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerConfig {
+    /// Samples per prompt and task (G).
+    pub group_size: usize,
+    pub temperature: f32,
+    /// Temperature of the training log-probs; the sampling temperature when absent.
+    pub logprob_temperature: Option<f64>,
+    pub top_p: Option<f32>,
+    pub max_new_tokens: usize,
+    pub cfg_weight: f32,
+    /// KL weight (0 to 0.04 in CoRL).
+    pub beta: f64,
+    pub epsilon_low: f64,
+    pub epsilon_high: f64,
+    /// Passes over each rollout batch (mu).
+    pub num_iterations: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: u64,
+    pub schedule: Schedule,
+    pub total_steps: u64,
+    /// Global gradient-norm clipping; none when absent.
+    pub max_grad_norm: Option<f64>,
+    /// Rows per forward/backward; gradients accumulate over micro-batches.
+    pub micro_batch_rows: usize,
+    pub alignment: T2iAlignment,
+    /// lambda of the unified reward.
+    pub unified_lambda: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        Self {
+            group_size: 8,
+            temperature: 1.0,
+            logprob_temperature: None,
+            top_p: None,
+            max_new_tokens: 256,
+            cfg_weight: 5.0,
+            beta: 0.04,
+            epsilon_low: 0.2,
+            epsilon_high: 0.2,
+            num_iterations: 1,
+            lr: 4e-6,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+            total_steps: 1000,
+            max_grad_norm: Some(1.0),
+            micro_batch_rows: 16,
+            alignment: T2iAlignment::Predicting,
+            unified_lambda: 0.8,
+            seed: 0,
+        }
+    }
+}
+
+/// How the policy differs from the reference.
+pub enum Adaptation {
+    /// Adapters on the base model; the reference is the base (adapters off).
+    Lora(Lora),
+    /// The whole language model trains; the reference is a frozen copy.
+    Full {
+        params: Vec<(String, Var)>,
+        reference: Box<Janus>,
+    },
+}
+
+impl Adaptation {
+    pub fn params(&self) -> &[(String, Var)] {
+        match self {
+            Adaptation::Lora(l) => &l.params,
+            Adaptation::Full { params, .. } => params,
+        }
+    }
+}
+
+/// Everything measured in one step.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub lr: f64,
+    pub loss: f64,
+    pub reward_understanding: Option<f64>,
+    pub reward_generation: Option<f64>,
+    /// Mean of each reward function.
+    pub rewards: Vec<(String, f64)>,
+    pub advantage_abs_mean: f64,
+    /// Groups whose rewards were all equal: they carry no gradient.
+    pub zero_variance_groups: usize,
+    pub kl: f64,
+    pub clip_fraction: f64,
+    pub grad_norm: f64,
+    /// False when the step was abandoned (non-finite loss or gradient).
+    pub applied: bool,
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    pub rollout_s: f64,
+    pub reward_s: f64,
+    pub train_s: f64,
+    pub update_s: f64,
+}
+
+/// Rollouts of one task, flattened item-major (G rows per item).
+struct Rollouts {
+    /// Item index of each group.
+    items: Vec<usize>,
+    rows: Vec<Row>,
+}
+
+struct Row {
+    tokens: Vec<u32>,
+    text: Option<String>,
+    image: Option<image::RgbImage>,
+}
+
+pub struct Trainer {
+    pub bundle: ModelBundle,
+    pub adaptation: Adaptation,
+    pub optimizer: AdamW,
+    pub config: TrainerConfig,
+    pub rewards: Vec<Weighted>,
+    pub step: u64,
+}
+
+impl Trainer {
+    pub fn new(
+        bundle: ModelBundle,
+        adaptation: Adaptation,
+        config: TrainerConfig,
+        rewards: Vec<Weighted>,
+    ) -> Result<Self, ModelError> {
+        let optimizer = AdamW::new(adaptation.params(), config.lr, config.weight_decay)?;
+        Ok(Self {
+            bundle,
+            adaptation,
+            optimizer,
+            config,
+            rewards,
+            step: 0,
+        })
+    }
+
+    fn lr_at(&self, step: u64) -> f64 {
+        let c = &self.config;
+        if step < c.warmup_steps {
+            return c.lr * (step + 1) as f64 / c.warmup_steps as f64;
+        }
+        match c.schedule {
+            Schedule::Constant => c.lr,
+            Schedule::Cosine => {
+                let span = c.total_steps.saturating_sub(c.warmup_steps).max(1) as f64;
+                let progress = ((step - c.warmup_steps) as f64 / span).min(1.0);
+                c.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.config.temperature,
+            top_k: None,
+            top_p: self.config.top_p,
+        }
+    }
+
+    fn seeds(&self, salt: usize) -> Vec<u64> {
+        let base = self
+            .config
+            .seed
+            .wrapping_mul(1_000_003)
+            .wrapping_add(self.step * 10_007 + salt as u64 * 101);
+        (0..self.config.group_size as u64)
+            .map(|g| base.wrapping_add(g))
+            .collect()
+    }
+
+    fn rollout_understanding(&self, items: &[TrainItem]) -> Result<Rollouts, ModelError> {
+        let b = &self.bundle;
+        let mut requests = Vec::new();
+        let mut owners = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let Some(qa) = &item.qa else { continue };
+            let pixels = b
+                .image_processor
+                .preprocess(&qa.image, b.model.device())?
+                .unsqueeze(0)?;
+            requests.push(AnswerItem {
+                prompt: TextPrompt {
+                    prompt: b.processor.understanding_prompt(&qa.question)?,
+                    pixels: Some(pixels),
+                    samples: self.config.group_size,
+                },
+                max_new_tokens: self.config.max_new_tokens,
+                sampling: self.sampling(),
+                seeds: self.seeds(i),
+            });
+            owners.push(i);
+        }
+        let s = b.processor.special;
+        let out = if requests.is_empty() {
+            Vec::new()
+        } else {
+            answer_batch(&b.model, &requests, s.eos, s.pad, &mut |_| true)?
+        };
+        let rows = out
+            .into_iter()
+            .flatten()
+            .map(|sample| Row {
+                text: Some(b.processor.decode(&sample.token_ids)),
+                tokens: sample.token_ids,
+                image: None,
+            })
+            .collect();
+        Ok(Rollouts {
+            items: owners,
+            rows,
+        })
+    }
+
+    fn rollout_generation(&self, items: &[TrainItem]) -> Result<Rollouts, ModelError> {
+        let b = &self.bundle;
+        let mut requests = Vec::new();
+        let mut owners = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let Some(caption) = &item.caption else {
+                continue;
+            };
+            requests.push(ImageItem {
+                prompt: b.processor.generation_prompt(caption)?,
+                cfg_weight: self.config.cfg_weight,
+                sampling: self.sampling(),
+                seeds: self.seeds(items.len() + i),
+            });
+            owners.push(i);
+        }
+        let out = if requests.is_empty() {
+            Vec::new()
+        } else {
+            generate_images_batch(&b.model, &requests, b.processor.special.pad, &mut |_| true)?
+        };
+        let mut rows = Vec::new();
+        for sample in out.into_iter().flatten() {
+            let sample = sample.ok_or_else(|| {
+                ModelError::InvalidInput("a rollout image was not produced".into())
+            })?;
+            rows.push(Row {
+                tokens: sample.tokens,
+                text: None,
+                image: Some(sample.image),
+            });
+        }
+        Ok(Rollouts {
+            items: owners,
+            rows,
+        })
+    }
+
+    fn score(
+        &self,
+        items: &[TrainItem],
+        task: RewardTask,
+        r: &Rollouts,
+    ) -> Result<(Vec<f32>, Vec<(String, f64)>), ModelError> {
+        let g = self.config.group_size;
+        let samples: Vec<Scored> = r
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(k, row)| Scored {
+                item: &items[r.items[k / g]],
+                text: row.text.as_deref(),
+                image: row.image.as_ref(),
+                tokens: &row.tokens,
+            })
+            .collect();
+        let ctx = RewardContext {
+            model: &self.bundle.model,
+            processor: &self.bundle.processor,
+            image_processor: &self.bundle.image_processor,
+        };
+        score_task(&self.rewards, task, &ctx, &samples)
+    }
+
+    /// One GRPO step on `items`.
+    pub fn step(&mut self, items: &[TrainItem]) -> Result<StepMetrics, ModelError> {
+        let started = Instant::now();
+        let und = self.rollout_understanding(items)?;
+        let gen = self.rollout_generation(items)?;
+        let rollout_s = started.elapsed().as_secs_f64();
+
+        let reward_started = Instant::now();
+        let (r_und, mut means) = self.score(items, RewardTask::Understanding, &und)?;
+        let (r_gen, gen_means) = self.score(items, RewardTask::Generation, &gen)?;
+        means.extend(gen_means);
+        let reward_s = reward_started.elapsed().as_secs_f64();
+
+        let (adv_und, adv_gen, zero_variance) = self.advantages(&und, &r_und, &gen, &r_gen);
+        let mean = |v: &[f32]| {
+            (!v.is_empty()).then(|| v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64)
+        };
+        let mut metrics = StepMetrics {
+            step: self.step,
+            lr: self.lr_at(self.step),
+            reward_understanding: mean(&r_und),
+            reward_generation: mean(&r_gen),
+            rewards: means,
+            advantage_abs_mean: mean(
+                &adv_und
+                    .iter()
+                    .chain(&adv_gen)
+                    .map(|a| a.abs())
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap_or(0.0),
+            zero_variance_groups: zero_variance,
+            tokens: und
+                .rows
+                .iter()
+                .chain(&gen.rows)
+                .map(|r| r.tokens.len())
+                .sum(),
+            rollout_s,
+            reward_s,
+            ..Default::default()
+        };
+
+        let train_started = Instant::now();
+        let prepared = self.prepare(items, &und, &gen)?;
+        let mut old: Option<(Option<Tensor>, Option<Tensor>)> = None;
+        let mut grads_total: Vec<Option<Tensor>> = Vec::new();
+        let mut applied = true;
+        for iteration in 0..self.config.num_iterations.max(1) {
+            let (loss, kl, clip, grads, logps) =
+                self.loss_and_grads(&prepared, &adv_und, &adv_gen, old.as_ref())?;
+            if old.is_none() {
+                old = Some(logps);
+            }
+            metrics.loss = loss;
+            metrics.kl = kl;
+            metrics.clip_fraction = clip;
+            if !loss.is_finite() || grads.iter().flatten().any(|g| !all_finite(g)) {
+                tracing::warn!(
+                    step = self.step,
+                    iteration,
+                    "non-finite loss or gradient: step abandoned"
+                );
+                applied = false;
+                break;
+            }
+            grads_total = grads;
+            let update_started = Instant::now();
+            metrics.grad_norm = self.clip_and_apply(&mut grads_total)?;
+            metrics.update_s += update_started.elapsed().as_secs_f64();
+        }
+        metrics.train_s = train_started.elapsed().as_secs_f64() - metrics.update_s;
+        metrics.applied = applied && !grads_total.is_empty();
+        metrics.tokens_per_s = metrics.tokens as f64 / started.elapsed().as_secs_f64();
+        self.step += 1;
+        Ok(metrics)
+    }
+
+    /// Per-row advantages of each task; unified where an item has both.
+    fn advantages(
+        &self,
+        und: &Rollouts,
+        r_und: &[f32],
+        gen: &Rollouts,
+        r_gen: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, usize) {
+        let g = self.config.group_size;
+        let lambda = self.config.unified_lambda as f32;
+        let mut adv_und = group_advantages(r_und, g);
+        let mut adv_gen = group_advantages(r_gen, g);
+        for (gi, &item) in gen.items.iter().enumerate() {
+            if let Some(ui) = und.items.iter().position(|&i| i == item) {
+                let unified: Vec<f32> = (0..g)
+                    .map(|k| r_gen[gi * g + k] + lambda * r_und[ui * g + k])
+                    .collect();
+                let a = group_advantages(&unified, g);
+                adv_gen[gi * g..(gi + 1) * g].copy_from_slice(&a);
+                adv_und[ui * g..(ui + 1) * g].copy_from_slice(&a);
+            }
+        }
+        let zero = adv_und
+            .chunks(g)
+            .chain(adv_gen.chunks(g))
+            .filter(|c| c.iter().all(|&a| a == 0.0))
+            .count();
+        (adv_und, adv_gen, zero)
+    }
+
+    fn logprob_temperature(&self) -> f64 {
+        self.config
+            .logprob_temperature
+            .unwrap_or(self.config.temperature.max(1e-3) as f64)
+    }
+
+    fn prepare(
+        &self,
+        items: &[TrainItem],
+        und: &Rollouts,
+        gen: &Rollouts,
+    ) -> Result<Prepared, ModelError> {
+        let b = &self.bundle;
+        let g = self.config.group_size;
+        let s = b.processor.special;
+        let mut prepared = Prepared::default();
+        if !und.rows.is_empty() {
+            let prompts: Vec<_> = und
+                .items
+                .iter()
+                .map(|&i| {
+                    b.processor
+                        .understanding_prompt(&items[i].qa.as_ref().expect("qa item").question)
+                })
+                .collect::<Result<_, _>>()?;
+            let t = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+            let l = und
+                .rows
+                .iter()
+                .map(|r| r.tokens.len())
+                .max()
+                .unwrap_or(0)
+                .max(1);
+            let mut ids = Vec::new();
+            for (k, row) in und.rows.iter().enumerate() {
+                let p = &prompts[k / g];
+                let pad = t - p.ids.len();
+                let mut r_ids = vec![s.pad; pad];
+                r_ids.extend(&p.ids);
+                r_ids.extend(&row.tokens);
+                r_ids.extend(std::iter::repeat_n(s.eos, l - row.tokens.len()));
+                let mut mask = vec![false; pad];
+                mask.extend(std::iter::repeat_n(true, p.ids.len()));
+                let valid = row
+                    .tokens
+                    .iter()
+                    .position(|&x| x == s.eos)
+                    .map_or(row.tokens.len(), |e| e + 1);
+                mask.extend((0..l).map(|i| i < valid));
+                let mut seq = vec![false; pad];
+                seq.extend(&p.images_seq_mask);
+                seq.extend(std::iter::repeat_n(false, l));
+                prepared
+                    .und_completion_mask
+                    .extend((0..l).map(|i| if i < valid { 1f32 } else { 0.0 }));
+                ids.push(r_ids);
+                prepared.und_attention.push(mask);
+                prepared.und_images_seq.push(seq);
+            }
+            prepared.und_len = l;
+            prepared.und_ids = ids;
+            let pixels: Vec<Tensor> = und
+                .items
+                .iter()
+                .map(|&i| {
+                    b.image_processor.preprocess(
+                        &items[i].qa.as_ref().expect("qa item").image,
+                        b.model.device(),
+                    )
+                })
+                .collect::<Result<_, _>>()?;
+            let embeds = b
+                .model
+                .image_embeds(&Tensor::stack(&pixels, 0)?, Pass::Inference)?;
+            let per_row: Vec<u32> = (0..und.rows.len()).map(|k| (k / g) as u32).collect();
+            prepared.und_image_embeds =
+                Some(embeds.index_select(&Tensor::new(per_row.as_slice(), b.model.device())?, 0)?);
+        }
+        if !gen.rows.is_empty() {
+            let prompts: Vec<_> = gen
+                .items
+                .iter()
+                .map(|&i| {
+                    b.processor
+                        .generation_prompt(items[i].caption.as_deref().unwrap_or_default())
+                })
+                .collect::<Result<_, _>>()?;
+            let p = prompts.iter().map(|x| x.cond_ids.len()).max().unwrap_or(0);
+            for (k, row) in gen.rows.iter().enumerate() {
+                let prompt = &prompts[k / g].cond_ids;
+                let pad = p - prompt.len();
+                let mut ids = vec![s.pad; pad];
+                ids.extend(prompt);
+                prepared.gen_prompt.push(ids);
+                prepared
+                    .gen_prompt_mask
+                    .push((0..p).map(|i| i >= pad).collect());
+                prepared.gen_completion.push(row.tokens.clone());
+            }
+        }
+        Ok(prepared)
+    }
+
+    /// Loss value, KL, clip fraction, accumulated gradients and the detached
+    /// log-probs of this pass (the "old" policy of later passes).
+    #[allow(clippy::type_complexity)]
+    fn loss_and_grads(
+        &self,
+        p: &Prepared,
+        adv_und: &[f32],
+        adv_gen: &[f32],
+        old: Option<&(Option<Tensor>, Option<Tensor>)>,
+    ) -> Result<
+        (
+            f64,
+            f64,
+            f64,
+            Vec<Option<Tensor>>,
+            (Option<Tensor>, Option<Tensor>),
+        ),
+        ModelError,
+    > {
+        let model = &self.bundle.model;
+        let dev = model.device();
+        let params = self.adaptation.params();
+        let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+        let temperature = self.logprob_temperature();
+        let cfg = ObjectiveConfig {
+            beta: self.config.beta,
+            epsilon_low: self.config.epsilon_low,
+            epsilon_high: self.config.epsilon_high,
+        };
+        let micro = self.config.micro_batch_rows.max(1);
+        let (mut loss_total, mut kl_total, mut clip_total) = (0.0, 0.0, 0.0);
+        let mut old_und = Vec::new();
+        let mut old_gen = Vec::new();
+        let und_rows = p.und_ids.len();
+        let gen_rows = p.gen_prompt.len();
+        // Each task's loss is a mean over its rows; micro-batches weigh by their share.
+        for start in (0..und_rows).step_by(micro) {
+            let n = micro.min(und_rows - start);
+            let ids = Tensor::new(p.und_ids[start..start + n].to_vec(), dev)?;
+            let embeds = p
+                .und_image_embeds
+                .as_ref()
+                .map(|e| e.narrow(0, start, n))
+                .transpose()?;
+            let batch = UnderstandingBatch {
+                ids: &ids,
+                attention_mask: &p.und_attention[start..start + n],
+                images_seq_mask: &p.und_images_seq[start..start + n],
+                image_embeds: embeds.as_ref(),
+                completion_len: p.und_len,
+            };
+            let logps = understanding_logps(model, &batch, temperature, Pass::Training)?;
+            let reference = if self.config.beta != 0.0 {
+                Some(self.with_reference(|m| {
+                    understanding_logps(m, &batch, temperature, Pass::Inference)
+                })?)
+            } else {
+                None
+            };
+            let old_logps = match old.and_then(|o| o.0.as_ref()) {
+                Some(o) => o.narrow(0, start, n)?,
+                None => logps.detach(),
+            };
+            old_und.push(old_logps.clone());
+            let mask = Tensor::from_vec(
+                p.und_completion_mask[start * p.und_len..(start + n) * p.und_len].to_vec(),
+                (n, p.und_len),
+                dev,
+            )?;
+            let adv = Tensor::new(&adv_und[start..start + n], dev)?;
+            let o = objective(&logps, &old_logps, reference.as_ref(), &adv, &mask, cfg)?;
+            let share = n as f64 / und_rows as f64;
+            self.accumulate(&(o.loss.clone() * share)?, &mut grads)?;
+            loss_total += scalar(&o.loss)? * share;
+            kl_total += o.kl * share;
+            clip_total += o.clip_fraction * share;
+        }
+        for start in (0..gen_rows).step_by(micro) {
+            let n = micro.min(gen_rows - start);
+            let prompt = Tensor::new(p.gen_prompt[start..start + n].to_vec(), dev)?;
+            let completion = Tensor::new(p.gen_completion[start..start + n].to_vec(), dev)?;
+            let batch = GenerationBatch {
+                prompt_ids: &prompt,
+                prompt_mask: &p.gen_prompt_mask[start..start + n],
+                completion: &completion,
+            };
+            let align = self.config.alignment;
+            let logps = generation_logps(model, &batch, temperature, align, Pass::Training)?;
+            let reference = if self.config.beta != 0.0 {
+                Some(self.with_reference(|m| {
+                    generation_logps(m, &batch, temperature, align, Pass::Inference)
+                })?)
+            } else {
+                None
+            };
+            let old_logps = match old.and_then(|o| o.1.as_ref()) {
+                Some(o) => o.narrow(0, start, n)?,
+                None => logps.detach(),
+            };
+            old_gen.push(old_logps.clone());
+            let mask = Tensor::ones(logps.shape(), logps.dtype(), dev)?;
+            let adv = Tensor::new(&adv_gen[start..start + n], dev)?;
+            let o = objective(&logps, &old_logps, reference.as_ref(), &adv, &mask, cfg)?;
+            let share = n as f64 / gen_rows as f64;
+            self.accumulate(&(o.loss.clone() * share)?, &mut grads)?;
+            loss_total += scalar(&o.loss)? * share;
+            kl_total += o.kl * share;
+            clip_total += o.clip_fraction * share;
+        }
+        let tasks = (und_rows > 0) as usize + (gen_rows > 0) as usize;
+        let cat = |v: Vec<Tensor>| {
+            if v.is_empty() {
+                Ok(None)
+            } else {
+                Tensor::cat(&v, 0).map(Some)
+            }
+        };
+        Ok((
+            loss_total,
+            kl_total / tasks.max(1) as f64,
+            clip_total / tasks.max(1) as f64,
+            grads,
+            (cat(old_und)?, cat(old_gen)?),
+        ))
+    }
+
+    /// Runs `f` on the reference policy.
+    fn with_reference<T>(
+        &self,
+        f: impl FnOnce(&Janus) -> candle_core::Result<T>,
+    ) -> candle_core::Result<T> {
+        match &self.adaptation {
+            Adaptation::Lora(lora) => {
+                lora.set_enabled(false);
+                let out = f(&self.bundle.model);
+                lora.set_enabled(true);
+                out
+            }
+            Adaptation::Full { reference, .. } => f(reference),
+        }
+    }
+
+    fn accumulate(&self, loss: &Tensor, grads: &mut [Option<Tensor>]) -> Result<(), ModelError> {
+        let store = loss.backward()?;
+        for ((_, var), acc) in self.adaptation.params().iter().zip(grads.iter_mut()) {
+            if let Some(g) = store.get(var) {
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Clips the global gradient norm, applies AdamW, returns the pre-clip norm.
+    fn clip_and_apply(&mut self, grads: &mut [Option<Tensor>]) -> Result<f64, ModelError> {
+        let mut sq = 0.0;
+        for g in grads.iter().flatten() {
+            sq += scalar(&g.to_dtype(DType::F64)?.sqr()?.sum_all()?)?;
+        }
+        let norm = sq.sqrt();
+        if let Some(max) = self.config.max_grad_norm {
+            if norm > max {
+                let factor = max / (norm + 1e-6);
+                for g in grads.iter_mut().flatten() {
+                    *g = (&*g * factor)?;
+                }
+            }
+        }
+        self.optimizer.lr = self.lr_at(self.step);
+        self.optimizer.apply(self.adaptation.params(), grads)?;
+        Ok(norm)
+    }
+}
+
+fn scalar(t: &Tensor) -> candle_core::Result<f64> {
+    t.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
+fn all_finite(t: &Tensor) -> bool {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.sum_all())
+        .and_then(|s| s.to_scalar::<f64>())
+        .is_ok_and(f64::is_finite)
+}
+
+/// Rollouts in the shape of the training forward.
+#[derive(Default)]
+struct Prepared {
+    und_ids: Vec<Vec<u32>>,
+    und_attention: Vec<Vec<bool>>,
+    und_images_seq: Vec<Vec<bool>>,
+    und_completion_mask: Vec<f32>,
+    und_len: usize,
+    und_image_embeds: Option<Tensor>,
+    gen_prompt: Vec<Vec<u32>>,
+    gen_prompt_mask: Vec<Vec<bool>>,
+    gen_completion: Vec<Vec<u32>>,
+}
