@@ -190,13 +190,19 @@ pub struct Weighted {
     pub weight: f64,
 }
 
+/// A task's rewards: the weighted sum per sample and each function's mean.
+pub struct TaskScores {
+    pub total: Vec<f32>,
+    pub means: Vec<(String, f64)>,
+}
+
 /// Per-task weighted sums; also reports every function's mean.
 pub fn score_task(
     rewards: &[Weighted],
     task: RewardTask,
     ctx: &RewardContext,
     samples: &[Scored],
-) -> Result<(Vec<f32>, Vec<(String, f64)>), ModelError> {
+) -> Result<TaskScores, ModelError> {
     let mut total = vec![0f32; samples.len()];
     let mut means = Vec::new();
     for w in rewards.iter().filter(|w| w.reward.task() == task) {
@@ -215,5 +221,5 @@ pub fn score_task(
             *t += (w.weight as f32) * s;
         }
     }
-    Ok((total, means))
+    Ok(TaskScores { total, means })
 }

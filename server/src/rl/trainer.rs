@@ -15,7 +15,9 @@ use super::grpo::{
     ObjectiveConfig, T2iAlignment, UnderstandingBatch,
 };
 use super::lora::Lora;
-use super::reward::{score_task, RewardContext, RewardTask, Scored, TrainItem, Weighted};
+use super::reward::{
+    score_task, RewardContext, RewardTask, Scored, TaskScores, TrainItem, Weighted,
+};
 use crate::model::bundle::ModelBundle;
 use crate::model::generate::{
     answer_batch, generate_images_batch, AnswerItem, ImageItem, TextPrompt,
@@ -326,8 +328,14 @@ impl Trainer {
         let rollout_s = started.elapsed().as_secs_f64();
 
         let reward_started = Instant::now();
-        let (r_und, mut means) = self.score(items, RewardTask::Understanding, &und)?;
-        let (r_gen, gen_means) = self.score(items, RewardTask::Generation, &gen)?;
+        let TaskScores {
+            total: r_und,
+            mut means,
+        } = self.score(items, RewardTask::Understanding, &und)?;
+        let TaskScores {
+            total: r_gen,
+            means: gen_means,
+        } = self.score(items, RewardTask::Generation, &gen)?;
         means.extend(gen_means);
         let reward_s = reward_started.elapsed().as_secs_f64();
 
@@ -588,7 +596,7 @@ impl Trainer {
             } else {
                 None
             };
-            let old_logps = match old.and_then(|o| o.0.as_ref()) {
+            let old_logps = match old.and_then(|o| o.understanding.as_ref()) {
                 Some(o) => o.narrow(0, start, n)?,
                 None => logps.detach(),
             };
@@ -624,7 +632,7 @@ impl Trainer {
             } else {
                 None
             };
-            let old_logps = match old.and_then(|o| o.1.as_ref()) {
+            let old_logps = match old.and_then(|o| o.generation.as_ref()) {
                 Some(o) => o.narrow(0, start, n)?,
                 None => logps.detach(),
             };
@@ -646,13 +654,16 @@ impl Trainer {
                 Tensor::cat(&v, 0).map(Some)
             }
         };
-        Ok((
-            loss_total,
-            kl_total / tasks.max(1) as f64,
-            clip_total / tasks.max(1) as f64,
+        Ok(PassOutcome {
+            loss: loss_total,
+            kl: kl_total / tasks.max(1) as f64,
+            clip_fraction: clip_total / tasks.max(1) as f64,
             grads,
-            (cat(old_und)?, cat(old_gen)?),
-        ))
+            logps: OldLogps {
+                understanding: cat(old_und)?,
+                generation: cat(old_gen)?,
+            },
+        })
     }
 
     /// Runs `f` on the reference policy.
@@ -714,6 +725,22 @@ fn all_finite(t: &Tensor) -> bool {
         .and_then(|t| t.sum_all())
         .and_then(|s| s.to_scalar::<f64>())
         .is_ok_and(f64::is_finite)
+}
+
+/// Detached log-probs of the first pass: the "old" policy of later passes.
+struct OldLogps {
+    understanding: Option<Tensor>,
+    generation: Option<Tensor>,
+}
+
+/// What one pass of the objective produced.
+struct PassOutcome {
+    loss: f64,
+    kl: f64,
+    clip_fraction: f64,
+    /// Accumulated over micro-batches, one per parameter.
+    grads: Vec<Option<Tensor>>,
+    logps: OldLogps,
 }
 
 /// Rollouts in the shape of the training forward.
