@@ -299,7 +299,7 @@ impl Trainer {
         items: &[TrainItem],
         task: RewardTask,
         r: &Rollouts,
-    ) -> Result<(Vec<f32>, Vec<(String, f64)>), ModelError> {
+    ) -> Result<TaskScores, ModelError> {
         let g = self.config.group_size;
         let samples: Vec<Scored> = r
             .rows
