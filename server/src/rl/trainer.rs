@@ -371,19 +371,15 @@ impl Trainer {
 
         let train_started = Instant::now();
         let prepared = self.prepare(items, &und, &gen)?;
-        let mut old: Option<(Option<Tensor>, Option<Tensor>)> = None;
+        let mut old: Option<OldLogps> = None;
         let mut grads_total: Vec<Option<Tensor>> = Vec::new();
         let mut applied = true;
         for iteration in 0..self.config.num_iterations.max(1) {
-            let (loss, kl, clip, grads, logps) =
-                self.loss_and_grads(&prepared, &adv_und, &adv_gen, old.as_ref())?;
-            if old.is_none() {
-                old = Some(logps);
-            }
-            metrics.loss = loss;
-            metrics.kl = kl;
-            metrics.clip_fraction = clip;
-            if !loss.is_finite() || grads.iter().flatten().any(|g| !all_finite(g)) {
+            let pass = self.loss_and_grads(&prepared, &adv_und, &adv_gen, old.as_ref())?;
+            metrics.loss = pass.loss;
+            metrics.kl = pass.kl;
+            metrics.clip_fraction = pass.clip_fraction;
+            if !pass.loss.is_finite() || pass.grads.iter().flatten().any(|g| !all_finite(g)) {
                 tracing::warn!(
                     step = self.step,
                     iteration,
@@ -392,7 +388,10 @@ impl Trainer {
                 applied = false;
                 break;
             }
-            grads_total = grads;
+            if old.is_none() {
+                old = Some(pass.logps);
+            }
+            grads_total = pass.grads;
             let update_started = Instant::now();
             metrics.grad_norm = self.clip_and_apply(&mut grads_total)?;
             metrics.update_s += update_started.elapsed().as_secs_f64();
@@ -537,25 +536,14 @@ impl Trainer {
         Ok(prepared)
     }
 
-    /// Loss value, KL, clip fraction, accumulated gradients and the detached
-    /// log-probs of this pass (the "old" policy of later passes).
-    #[allow(clippy::type_complexity)]
+    /// One pass of the objective over the prepared rollouts, with gradients.
     fn loss_and_grads(
         &self,
         p: &Prepared,
         adv_und: &[f32],
         adv_gen: &[f32],
-        old: Option<&(Option<Tensor>, Option<Tensor>)>,
-    ) -> Result<
-        (
-            f64,
-            f64,
-            f64,
-            Vec<Option<Tensor>>,
-            (Option<Tensor>, Option<Tensor>),
-        ),
-        ModelError,
-    > {
+        old: Option<&OldLogps>,
+    ) -> Result<PassOutcome, ModelError> {
         let model = &self.bundle.model;
         let dev = model.device();
         let params = self.adaptation.params();
