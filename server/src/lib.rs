@@ -14,3 +14,4 @@ pub mod oneshot;
 pub mod rl;
 pub mod serve;
 pub mod store;
+pub mod train;

@@ -7,6 +7,7 @@ use ulm_server::model::demo::{save_demo_checkpoint, DEFAULT_SEED};
 use ulm_server::model::sampling::SamplingParams;
 use ulm_server::oneshot;
 use ulm_server::serve::{serve, ServeArgs};
+use ulm_server::train::{train, TrainArgs};
 
 /// Serves and trains the ULM-R1 (Janus-Pro) unified multimodal model.
 #[derive(Parser)]
@@ -44,6 +45,8 @@ enum Command {
     Serve(ServeArgs),
     /// Print the OpenAPI document.
     Openapi,
+    /// Offline GRPO over a JSONL dataset.
+    Train(Box<TrainArgs>),
     /// Answer a question about an image.
     Answer {
         #[command(flatten)]
@@ -110,6 +113,7 @@ fn main() -> Result<()> {
             runtime.block_on(serve(args))?;
         }
         Command::Openapi => println!("{}", ulm_server::api::openapi_json()),
+        Command::Train(args) => train(*args)?,
         Command::Answer {
             model,
             image,

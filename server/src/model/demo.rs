@@ -397,8 +397,13 @@ pub fn save_demo_checkpoint(dir: &Path, seed: u64) -> Result<(), ModelError> {
     let tensors: std::collections::HashMap<String, Tensor> =
         backend.tensors().into_iter().collect();
     candle_core::safetensors::save(&tensors, dir.join(WEIGHTS_FILE))?;
+    write_demo_side_files(dir, &model.cfg)
+}
+
+/// The demo's config, tokenizer and processor files (everything but weights).
+pub fn write_demo_side_files(dir: &Path, cfg: &JanusConfig) -> Result<(), ModelError> {
     let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
-    write(&dir.join(CONFIG_FILE), &pretty(&model.cfg.raw))?;
+    write(&dir.join(CONFIG_FILE), &pretty(&cfg.raw))?;
     write(&dir.join(TOKENIZER_FILE), &pretty(&demo_tokenizer_json()))?;
     let tokenizer_config = json!({
         "add_bos_token": true,
@@ -406,11 +411,11 @@ pub fn save_demo_checkpoint(dir: &Path, seed: u64) -> Result<(), ModelError> {
         "bos_token": SPECIAL_TOKENS[0],
         "eos_token": SPECIAL_TOKENS[1],
         "pad_token": SPECIAL_TOKENS[2],
-        "model_max_length": model.cfg.language.max_position_embeddings,
+        "model_max_length": cfg.language.max_position_embeddings,
         "tokenizer_class": "LlamaTokenizerFast"
     });
     write(&dir.join(TOKENIZER_CONFIG_FILE), &pretty(&tokenizer_config))?;
-    let image_cfg = ImageProcessorConfig::janus_default(model.cfg.vision.image_size);
+    let image_cfg = ImageProcessorConfig::janus_default(cfg.vision.image_size);
     let mut pre = serde_json::to_value(&image_cfg).unwrap_or_default();
     pre["image_processor_type"] = json!("VLMImageProcessor");
     pre["processor_class"] = json!("VLChatProcessor");
@@ -423,7 +428,7 @@ pub fn save_demo_checkpoint(dir: &Path, seed: u64) -> Result<(), ModelError> {
         "image_end_tag": SPECIAL_TOKENS[13],
         "pad_tag": SPECIAL_TOKENS[2],
         "mask_prompt": true,
-        "num_image_tokens": model.cfg.vision.num_patches(),
+        "num_image_tokens": cfg.vision.num_patches(),
         "processor_class": "VLChatProcessor",
         "sft_format": "deepseek"
     });

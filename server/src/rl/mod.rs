@@ -1,5 +1,7 @@
 //! Reinforcement learning: CoRL's reward functions and the GRPO objective.
 
+pub mod checkpoint;
+pub mod dataset;
 pub mod difflib;
 pub mod grpo;
 pub mod lora;

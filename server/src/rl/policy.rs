@@ -15,6 +15,7 @@ struct TrainableBackend<'a, F: Fn(&str) -> bool + Send + Sync> {
     base: VarBuilder<'a>,
     trainable: F,
     vars: Mutex<Vec<(String, Var)>>,
+    frozen: Mutex<Vec<(String, Tensor)>>,
 }
 
 impl<F: Fn(&str) -> bool + Send + Sync> SimpleBackend for TrainableBackend<'_, F> {
@@ -31,6 +32,9 @@ impl<F: Fn(&str) -> bool + Send + Sync> SimpleBackend for TrainableBackend<'_, F
             .get_with_hints_dtype(s, name, h, dtype)?
             .to_device(dev)?;
         if !(self.trainable)(name) {
+            if let Ok(mut frozen) = self.frozen.lock() {
+                frozen.push((name.to_string(), t.clone()));
+            }
             return Ok(t);
         }
         let var = Var::from_tensor(&t)?;
@@ -59,6 +63,9 @@ impl<F: Fn(&str) -> bool + Send + Sync> SimpleBackend for TrainableBackend<'_, F
 pub struct TrainableModel {
     pub model: Janus,
     pub params: Vec<(String, Var)>,
+    /// The other tensors the model uses, by checkpoint name (to write a
+    /// complete checkpoint after training).
+    pub frozen: Vec<(String, Tensor)>,
 }
 
 /// True for the language model: the part CoRL trains.
@@ -77,6 +84,7 @@ pub fn build_trainable(
         base,
         trainable,
         vars: Mutex::new(Vec::new()),
+        frozen: Mutex::new(Vec::new()),
     };
     let model = {
         let vb = VarBuilder::from_backend(Box::new(BackendRef(&backend)), dtype, device);
@@ -85,7 +93,12 @@ pub fn build_trainable(
     let mut params = backend.vars.into_inner().unwrap_or_default();
     // The lm_head of a tied model is the embedding table: one parameter.
     params.dedup_by(|a, b| a.0 == b.0);
-    Ok(TrainableModel { model, params })
+    let frozen = backend.frozen.into_inner().unwrap_or_default();
+    Ok(TrainableModel {
+        model,
+        params,
+        frozen,
+    })
 }
 
 /// Loads a checkpoint with the language model trainable (full fine-tuning).
