@@ -13,7 +13,9 @@ use crate::rl::dataset::read_jsonl;
 use crate::rl::grpo::T2iAlignment;
 use crate::rl::lora::{self, LoraConfig};
 use crate::rl::policy::{build_trainable, is_language_model};
-use crate::rl::reward::{Format, FormatTag, QaAccuracy, Reward, T2iMatch, Weighted};
+use crate::rl::reward::{
+    Format, FormatTag, HttpReward, QaAccuracy, Reward, RewardTask, SelfCycle, T2iMatch, Weighted,
+};
 use crate::rl::trainer::{Adaptation, Schedule, Trainer, TrainerConfig};
 
 #[derive(Args, Debug, Clone)]
@@ -83,9 +85,12 @@ pub struct TrainArgs {
     /// predicting (as sampling) or own-position (the ULM-R1 reference).
     #[arg(long, default_value = "predicting")]
     pub alignment: String,
-    /// Weighted rewards, name=weight: format, format_tag, qa_accuracy, t2i_match.
+    /// Weighted rewards, name=weight: format, format_tag, qa_accuracy, t2i_match, self_cycle.
     #[arg(long, default_value = "format=0.5,qa_accuracy=1,t2i_match=1")]
     pub rewards: String,
+    /// External reward services, `task@url` (task: understanding or generation), weight 1 each.
+    #[arg(long)]
+    pub http_reward: Vec<String>,
     #[arg(long, default_value_t = 0)]
     pub save_every: u64,
     /// Checkpoint directory to continue from.
@@ -109,9 +114,10 @@ fn parse_rewards(spec: &str) -> Result<Vec<Weighted>> {
                 "format_tag" => Box::new(FormatTag),
                 "qa_accuracy" => Box::new(QaAccuracy),
                 "t2i_match" => Box::new(T2iMatch),
-                other => {
-                    bail!("unknown reward {other:?} (format, format_tag, qa_accuracy, t2i_match)")
-                }
+                "self_cycle" => Box::new(SelfCycle::default()),
+                other => bail!(
+                    "unknown reward {other:?} (format, format_tag, qa_accuracy, t2i_match, self_cycle)"
+                ),
             };
             Ok(Weighted { reward, weight })
         })
@@ -122,7 +128,26 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let dtype: DType = parse_dtype(&args.dtype)?;
     let items = read_jsonl(&args.data)?;
-    let rewards = parse_rewards(&args.rewards)?;
+    let mut rewards = parse_rewards(&args.rewards)?;
+    for spec in &args.http_reward {
+        let (task, url) = spec
+            .split_once('@')
+            .context("--http-reward takes task@url")?;
+        let task = match task {
+            "understanding" => RewardTask::Understanding,
+            "generation" => RewardTask::Generation,
+            other => bail!("unknown reward task {other:?} (understanding, generation)"),
+        };
+        rewards.push(Weighted {
+            reward: Box::new(HttpReward {
+                name: format!("http:{url}"),
+                url: url.to_string(),
+                task,
+                timeout: std::time::Duration::from_secs(60),
+            }),
+            weight: 1.0,
+        });
+    }
     let resumed = args.resume.as_ref().map(|d| read_state(d)).transpose()?;
     let full = resumed
         .as_ref()

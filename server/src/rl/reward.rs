@@ -3,10 +3,17 @@
 
 use image::RgbImage;
 
-use super::rewards::{format_reward, format_tag_reward, max_match_similarity, qa_accuracy, QaType};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use super::rewards::{
+    format_reward, format_tag_reward, max_match_similarity, qa_accuracy, soft_jaccard, QaType,
+};
+use crate::model::generate::{answer_batch, AnswerItem, TextPrompt};
 use crate::model::image_processor::ImageProcessorConfig;
 use crate::model::ops::Pass;
 use crate::model::processor::Processor;
+use crate::model::sampling::SamplingParams;
 use crate::model::{Janus, ModelError};
 
 /// The task a reward judges.
@@ -181,6 +188,169 @@ impl Reward for T2iMatch {
                 _ => Ok(0.0),
             })
             .collect()
+    }
+}
+
+/// Bidirectional cycle consistency with the model itself: it captions its
+/// own image, and the caption is compared with the prompt by soft Jaccard.
+/// (CoRL uses an external captioner and BERTScore; with none available the
+/// policy's own understanding closes the cycle.)
+pub struct SelfCycle {
+    pub question: String,
+    pub max_new_tokens: usize,
+}
+
+impl Default for SelfCycle {
+    fn default() -> Self {
+        Self {
+            question: "Describe this image in one sentence.".into(),
+            max_new_tokens: 48,
+        }
+    }
+}
+
+impl Reward for SelfCycle {
+    fn name(&self) -> &str {
+        "self_cycle"
+    }
+    fn task(&self) -> RewardTask {
+        RewardTask::Generation
+    }
+    fn score(&self, ctx: &RewardContext, samples: &[Scored]) -> Result<Vec<f32>, ModelError> {
+        let model = ctx.model;
+        let prompt = ctx.processor.understanding_prompt(&self.question)?;
+        let mut items = Vec::new();
+        for s in samples {
+            let image = s
+                .image
+                .ok_or_else(|| ModelError::InvalidInput("self_cycle needs images".into()))?;
+            items.push(AnswerItem {
+                prompt: TextPrompt {
+                    prompt: prompt.clone(),
+                    pixels: Some(
+                        ctx.image_processor
+                            .preprocess(image, model.device())?
+                            .unsqueeze(0)?,
+                    ),
+                    samples: 1,
+                },
+                max_new_tokens: self.max_new_tokens,
+                sampling: SamplingParams::greedy(),
+                seeds: vec![0],
+            });
+        }
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let special = ctx.processor.special;
+        let captions = answer_batch(model, &items, special.eos, special.pad, &mut |_| true)?;
+        Ok(samples
+            .iter()
+            .zip(captions)
+            .map(|(s, out)| {
+                let caption = ctx.processor.decode(&out[0].token_ids);
+                soft_jaccard(&caption, s.item.caption.as_deref().unwrap_or_default()) as f32
+            })
+            .collect())
+    }
+}
+
+/// One sample as posted to an external reward service.
+#[derive(Debug, Serialize)]
+pub struct ExternalSample<'a> {
+    /// The caption (generation) or question (understanding).
+    pub prompt: &'a str,
+    /// The answer (understanding).
+    pub text: Option<&'a str>,
+    /// The generated image, PNG, base64 (generation).
+    pub image_png_base64: Option<String>,
+    /// The reference answer, when the item has one.
+    pub solution: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+struct ExternalRequest<'a> {
+    task: &'a str,
+    samples: Vec<ExternalSample<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ExternalResponse {
+    scores: Vec<f32>,
+}
+
+/// A user's own reward model behind HTTP: `POST url` with
+/// `{"task", "samples": [...]}`, answered by `{"scores": [...]}`, one per sample.
+pub struct HttpReward {
+    pub name: String,
+    pub url: String,
+    pub task: RewardTask,
+    pub timeout: std::time::Duration,
+}
+
+impl Reward for HttpReward {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn task(&self) -> RewardTask {
+        self.task
+    }
+    fn score(&self, _: &RewardContext, samples: &[Scored]) -> Result<Vec<f32>, ModelError> {
+        let fail = |m: String| {
+            ModelError::InvalidInput(format!("reward {} ({}): {m}", self.name, self.url))
+        };
+        let mut body = Vec::with_capacity(samples.len());
+        for s in samples {
+            let image_png_base64 = match s.image {
+                Some(img) => {
+                    let mut png = std::io::Cursor::new(Vec::new());
+                    img.write_to(&mut png, image::ImageFormat::Png)
+                        .map_err(|e| fail(e.to_string()))?;
+                    Some(base64::engine::general_purpose::STANDARD.encode(png.into_inner()))
+                }
+                None => None,
+            };
+            let qa = s.item.qa.as_ref();
+            body.push(ExternalSample {
+                prompt: match self.task {
+                    RewardTask::Generation => s.item.caption.as_deref().unwrap_or_default(),
+                    RewardTask::Understanding => qa.map_or("", |q| q.question.as_str()),
+                },
+                text: s.text,
+                image_png_base64,
+                solution: qa.map(|q| q.solution.as_str()),
+            });
+        }
+        let task = match self.task {
+            RewardTask::Generation => "generation",
+            RewardTask::Understanding => "understanding",
+        };
+        let response = reqwest::blocking::Client::builder()
+            .timeout(self.timeout)
+            .build()
+            .map_err(|e| fail(e.to_string()))?
+            .post(&self.url)
+            .json(&ExternalRequest {
+                task,
+                samples: body,
+            })
+            .send()
+            .map_err(|e| fail(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(fail(format!("status {}", response.status())));
+        }
+        let scores = response
+            .json::<ExternalResponse>()
+            .map_err(|e| fail(e.to_string()))?
+            .scores;
+        if scores.len() != samples.len() || scores.iter().any(|s| !s.is_finite()) {
+            return Err(fail(format!(
+                "expected {} finite scores, got {:?}",
+                samples.len(),
+                scores
+            )));
+        }
+        Ok(scores)
     }
 }
 
