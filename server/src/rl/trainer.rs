@@ -22,7 +22,7 @@ use crate::model::bundle::ModelBundle;
 use crate::model::generate::{
     answer_batch, generate_images_batch, AnswerItem, ImageItem, TextPrompt,
 };
-use crate::model::ops::Pass;
+use crate::model::ops::{compute_dtype, Pass};
 use crate::model::sampling::SamplingParams;
 use crate::model::{Janus, ModelError};
 
@@ -148,6 +148,8 @@ struct Rollouts {
 
 struct Row {
     tokens: Vec<u32>,
+    /// Behaviour log-probs recorded while sampling.
+    logprobs: Vec<f32>,
     text: Option<String>,
     image: Option<image::RgbImage>,
 }
@@ -247,6 +249,7 @@ impl Trainer {
             .map(|sample| Row {
                 text: Some(b.processor.decode(&sample.token_ids)),
                 tokens: sample.token_ids,
+                logprobs: sample.logprobs,
                 image: None,
             })
             .collect();
@@ -284,6 +287,7 @@ impl Trainer {
             })?;
             rows.push(Row {
                 tokens: sample.tokens,
+                logprobs: sample.logprobs,
                 text: None,
                 image: Some(sample.image),
             });
@@ -371,7 +375,7 @@ impl Trainer {
 
         let train_started = Instant::now();
         let prepared = self.prepare(items, &und, &gen)?;
-        let mut old: Option<OldLogps> = None;
+        let mut old = self.behaviour_logps(&und, &gen, prepared.und_len)?;
         let mut grads_total: Vec<Option<Tensor>> = Vec::new();
         let mut applied = true;
         for iteration in 0..self.config.num_iterations.max(1) {
@@ -431,6 +435,34 @@ impl Trainer {
             .filter(|c| c.iter().all(|&a| a == 0.0))
             .count();
         (adv_und, adv_gen, zero)
+    }
+
+    /// The sampler's log-probs as the "old" policy of the importance ratio,
+    /// when they score the same quantity as the training forward (same
+    /// temperature; image tokens scored at the predicting position).
+    /// Otherwise the first pass's detached log-probs serve.
+    fn behaviour_logps(&self, und: &Rollouts, gen: &Rollouts, l: usize) -> Result<Option<OldLogps>, ModelError> {
+        let same_temperature = (self.logprob_temperature() - self.config.temperature as f64).abs() < 1e-9;
+        if !same_temperature || self.config.alignment != T2iAlignment::Predicting {
+            return Ok(None);
+        }
+        let dev = self.bundle.model.device();
+        let dtype = compute_dtype(self.bundle.model.dtype());
+        let padded = |rows: &[Row], width: usize| -> candle_core::Result<Option<Tensor>> {
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            let data: Vec<f32> = rows
+                .iter()
+                .flat_map(|r| r.logprobs.iter().copied().chain(std::iter::repeat(0.0)).take(width))
+                .collect();
+            Tensor::from_vec(data, (rows.len(), width), dev)?.to_dtype(dtype).map(Some)
+        };
+        let m = gen.rows.first().map_or(0, |r| r.tokens.len());
+        Ok(Some(OldLogps {
+            understanding: padded(&und.rows, l)?,
+            generation: padded(&gen.rows, m)?,
+        }))
     }
 
     fn logprob_temperature(&self) -> f64 {
