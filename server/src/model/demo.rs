@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -243,7 +244,7 @@ impl SeededBackend {
     }
 }
 
-impl candle_nn::var_builder::SimpleBackend for SeededBackend {
+impl SimpleBackend for SeededBackend {
     fn get(
         &self,
         s: Shape,
@@ -342,10 +343,10 @@ pub fn build_random(
 ) -> Result<(Janus, SeededBackend), ModelError> {
     let cfg = JanusConfig::from_value(config)?;
     let backend = SeededBackend::new(seed);
-    let vb = VarBuilder::from_backend(Box::new(SeededBackendRef(&backend)), dtype, device.clone());
+    let vb = VarBuilder::from_backend(Box::new(BackendRef(&backend)), dtype, device.clone());
     let model = Janus::new(&cfg, vb)?;
     for (name, shape, init) in unused_tensor_shapes(&cfg) {
-        candle_nn::var_builder::SimpleBackend::get(
+        SimpleBackend::get(
             &backend,
             shape.into(),
             &name,
@@ -357,10 +358,11 @@ pub fn build_random(
     Ok((model, backend))
 }
 
-/// Borrowing adapter: `VarBuilder::from_backend` wants an owned box.
-struct SeededBackendRef<'a>(&'a SeededBackend);
+/// Lends a backend to `VarBuilder::from_backend`, which wants an owned box,
+/// so the caller keeps the backend (and what it recorded) afterwards.
+pub struct BackendRef<'a, B: SimpleBackend>(pub &'a B);
 
-impl candle_nn::var_builder::SimpleBackend for SeededBackendRef<'_> {
+impl<B: SimpleBackend> SimpleBackend for BackendRef<'_, B> {
     fn get(
         &self,
         s: Shape,

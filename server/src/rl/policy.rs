@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
+use crate::model::demo::BackendRef;
 use crate::model::weights::{read_config, weight_files};
 use crate::model::{Janus, ModelError};
 
@@ -117,25 +118,4 @@ pub fn load_trainable(
             }
         })?;
     build_trainable(&cfg, base, is_language_model)
-}
-
-struct BackendRef<'a, B: SimpleBackend>(&'a B);
-
-impl<B: SimpleBackend> SimpleBackend for BackendRef<'_, B> {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.0.get(s, name, h, dtype, dev)
-    }
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0.get_unchecked(name, dtype, dev)
-    }
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.0.contains_tensor(name)
-    }
 }

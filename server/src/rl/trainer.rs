@@ -441,8 +441,14 @@ impl Trainer {
     /// when they score the same quantity as the training forward (same
     /// temperature; image tokens scored at the predicting position).
     /// Otherwise the first pass's detached log-probs serve.
-    fn behaviour_logps(&self, und: &Rollouts, gen: &Rollouts, l: usize) -> Result<Option<OldLogps>, ModelError> {
-        let same_temperature = (self.logprob_temperature() - self.config.temperature as f64).abs() < 1e-9;
+    fn behaviour_logps(
+        &self,
+        und: &Rollouts,
+        gen: &Rollouts,
+        l: usize,
+    ) -> Result<Option<OldLogps>, ModelError> {
+        let same_temperature =
+            (self.logprob_temperature() - self.config.temperature as f64).abs() < 1e-9;
         if !same_temperature || self.config.alignment != T2iAlignment::Predicting {
             return Ok(None);
         }
@@ -454,9 +460,17 @@ impl Trainer {
             }
             let data: Vec<f32> = rows
                 .iter()
-                .flat_map(|r| r.logprobs.iter().copied().chain(std::iter::repeat(0.0)).take(width))
+                .flat_map(|r| {
+                    r.logprobs
+                        .iter()
+                        .copied()
+                        .chain(std::iter::repeat(0.0))
+                        .take(width)
+                })
                 .collect();
-            Tensor::from_vec(data, (rows.len(), width), dev)?.to_dtype(dtype).map(Some)
+            Tensor::from_vec(data, (rows.len(), width), dev)?
+                .to_dtype(dtype)
+                .map(Some)
         };
         let m = gen.rows.first().map_or(0, |r| r.tokens.len());
         Ok(Some(OldLogps {
