@@ -418,3 +418,48 @@ async fn a_full_queue_answers_429_with_retry_after() {
         "only 200 or 429: {results:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_supplies_options_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ulm.toml");
+    // port 1 would fail to bind: the harness's --port 0 must win over the file.
+    std::fs::write(&path, "no_auth = true\nport = 1\nmax_queue = 2\n").unwrap();
+    let server = Server::start_with(&["--config", path.to_str().unwrap()]).await;
+    let (status, _) = server
+        .post(
+            "/v1/generate",
+            &json!({"prompt": "from a config file", "n": 1}),
+        )
+        .await;
+    assert_eq!(status, 200, "no_auth came from the file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_for_a_disconnected_client_is_dropped() {
+    let server = Server::start().await;
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(150))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .post(server.url("/v1/generate"))
+        .json(&json!({"prompt": "sixteen images nobody waits for", "n": 16}))
+        .send()
+        .await;
+    assert!(
+        gone.is_err(),
+        "the client gave up before the images were ready"
+    );
+    // Long enough for 16 demo images to finish had the work continued.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let (_, metrics) = server.get("/metrics").await;
+    let produced = metrics
+        .as_str()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("ulm_images_generated_total "))
+        .map_or(0.0, |v| v.trim().parse::<f64>().unwrap());
+    assert_eq!(produced, 0.0, "the abandoned generation kept running");
+    assert_eq!(server.get("/readyz").await.0, 200);
+}
