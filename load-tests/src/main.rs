@@ -1,0 +1,362 @@
+//! Load generator for the ULM-R1 server. Sends answer, generate and feedback
+//! requests (or a mix) at a fixed concurrency, bounded in time and count,
+//! to a loopback address only. Prints throughput, latency percentiles and
+//! error counts, writes a JSON report, and checks afterwards that every
+//! acknowledged feedback item is stored.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Scenario {
+    Answer,
+    Generate,
+    Feedback,
+    /// 40% answer, 20% generate, 40% feedback.
+    Mix,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ulm-load",
+    about = "Load generator for the ULM-R1 server (loopback only)"
+)]
+struct Args {
+    /// Server base URL; must be a loopback address.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    #[arg(long, value_enum, default_value = "mix")]
+    scenario: Scenario,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// How long to send requests, seconds.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// Stop after this many requests in total.
+    #[arg(long, default_value_t = 100_000)]
+    max_requests: u64,
+    #[arg(long, env = "ULM_LOAD_API_KEY")]
+    api_key: Option<String>,
+    /// Server process id, to sample its resident memory.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "load-report.json")]
+    report: String,
+}
+
+/// Only loopback targets: 127.0.0.0/8, localhost, [::1].
+fn check_local(url: &str) -> Result<()> {
+    let parsed = reqwest::Url::parse(url).context("invalid --url")?;
+    let host = parsed.host_str().unwrap_or_default();
+    let local = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !local {
+        bail!("refusing to load-test {url}: only loopback addresses (127.0.0.0/8, localhost, [::1]) are allowed");
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Stats {
+    latencies_ms: Vec<f64>,
+    statuses: BTreeMap<String, u64>,
+}
+
+#[derive(Serialize)]
+struct OpReport {
+    requests: u64,
+    ok: u64,
+    status_counts: BTreeMap<String, u64>,
+    server_errors: u64,
+    throughput_rps: f64,
+    p50_ms: f64,
+    p95_ms: f64,
+    p99_ms: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn test_png() -> String {
+    let img = image::RgbImage::from_fn(64, 48, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 5) as u8, 128])
+    });
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .expect("encoding a PNG in memory");
+    base64::engine::general_purpose::STANDARD.encode(out.into_inner())
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: Option<String>,
+}
+
+impl Client {
+    async fn post(&self, path: &str, body: &Value) -> std::result::Result<(u16, Value), String> {
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let value = resp.json().await.unwrap_or(Value::Null);
+        Ok((status, value))
+    }
+
+    async fn get(&self, path: &str) -> std::result::Result<(u16, Value), String> {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+}
+
+fn status_class(result: &std::result::Result<(u16, Value), String>) -> String {
+    match result {
+        Ok((s, _)) if *s == 429 => "429".into(),
+        Ok((s, _)) => format!("{}xx", s / 100),
+        Err(_) => "transport_error".into(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    check_local(&args.url)?;
+    let client = Arc::new(Client {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(300))
+            .build()?,
+        base: args.url.trim_end_matches('/').to_string(),
+        key: args.api_key.clone(),
+    });
+    let png = Arc::new(test_png());
+
+    // A few samples to attach feedback to.
+    let (status, seed) = client
+        .post(
+            "/v1/generate",
+            &json!({"prompt": "load test seed image", "n": 2, "seed": 1}),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if status != 200 {
+        bail!("could not create seed samples: {status} {seed}");
+    }
+    let sample_ids: Arc<Vec<String>> = Arc::new(
+        seed["images"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|i| i["sample_id"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    );
+
+    let stats: Arc<Mutex<BTreeMap<&'static str, Stats>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let issued = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let started = Instant::now();
+    let rss_samples: Arc<Mutex<Vec<u64>>> = Arc::default();
+    if let Some(pid) = args.server_pid {
+        let samples = rss_samples.clone();
+        tokio::spawn(async move {
+            while Instant::now() < deadline {
+                if let Some(kib) = rss_kib(pid) {
+                    samples.lock().expect("rss lock").push(kib);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    let workers = (0..args.concurrency).map(|w| {
+        let (client, png, stats, acked, issued, sample_ids) =
+            (client.clone(), png.clone(), stats.clone(), acked.clone(), issued.clone(), sample_ids.clone());
+        let scenario = args.scenario;
+        let max = args.max_requests;
+        async move {
+            let mut k: u64 = 0;
+            while Instant::now() < deadline && issued.fetch_add(1, Ordering::SeqCst) < max {
+                k += 1;
+                let op = match scenario {
+                    Scenario::Mix => match (w as u64 * 7 + k) % 5 {
+                        0 | 1 => Scenario::Answer,
+                        2 => Scenario::Generate,
+                        _ => Scenario::Feedback,
+                    },
+                    s => s,
+                };
+                let t = Instant::now();
+                let (name, result) = match op {
+                    Scenario::Answer => (
+                        "answer",
+                        client
+                            .post("/v1/answer", &json!({"image": *png, "question": "What is in the picture?", "n": 2, "max_new_tokens": 16}))
+                            .await,
+                    ),
+                    Scenario::Generate => ("generate", client.post("/v1/generate", &json!({"prompt": format!("load {w} {k}"), "n": 2})).await),
+                    _ => {
+                        let sample = &sample_ids[(k as usize) % sample_ids.len().max(1)];
+                        let client_id = format!("load-{w}-{k}");
+                        let r = client
+                            .post("/v1/feedback", &json!({"sample_id": sample, "key": "quality", "score": (k % 10) as f64 / 10.0, "client_id": client_id}))
+                            .await;
+                        if let Ok((201, body)) = &r {
+                            if let Some(id) = body["items"][0]["feedback"]["id"].as_str() {
+                                acked.lock().expect("ack lock").push((sample.clone(), id.to_string()));
+                            }
+                        }
+                        ("feedback", r)
+                    }
+                };
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                let mut all = stats.lock().expect("stats lock");
+                let s = all.entry(name).or_default();
+                s.latencies_ms.push(ms);
+                *s.statuses.entry(status_class(&result)).or_default() += 1;
+            }
+        }
+    });
+    futures::future::join_all(workers).await;
+    let elapsed = started.elapsed().as_secs_f64();
+
+    // Every acknowledged feedback item must be stored.
+    let acked = acked.lock().expect("ack lock").clone();
+    let mut stored = std::collections::HashSet::new();
+    for id in sample_ids.iter() {
+        if let Ok((200, sample)) = client.get(&format!("/v1/samples/{id}")).await {
+            for f in sample["feedback"].as_array().into_iter().flatten() {
+                if let Some(fid) = f["id"].as_str() {
+                    stored.insert(fid.to_string());
+                }
+            }
+        }
+    }
+    let missing = acked.iter().filter(|(_, id)| !stored.contains(id)).count();
+
+    let mut ops = BTreeMap::new();
+    let mut total_5xx = 0;
+    for (name, s) in stats.lock().expect("stats lock").iter() {
+        let mut lat = s.latencies_ms.clone();
+        lat.sort_by(f64::total_cmp);
+        let server_errors = s.statuses.get("5xx").copied().unwrap_or(0);
+        total_5xx += server_errors;
+        ops.insert(
+            name.to_string(),
+            OpReport {
+                requests: lat.len() as u64,
+                ok: s.statuses.get("2xx").copied().unwrap_or(0),
+                status_counts: s.statuses.clone(),
+                server_errors,
+                throughput_rps: lat.len() as f64 / elapsed,
+                p50_ms: percentile(&lat, 50.0),
+                p95_ms: percentile(&lat, 95.0),
+                p99_ms: percentile(&lat, 99.0),
+            },
+        );
+    }
+    let rss = rss_samples.lock().expect("rss lock").clone();
+    let report = json!({
+        "scenario": args.scenario,
+        "concurrency": args.concurrency,
+        "duration_s": elapsed,
+        "operations": ops,
+        "server_5xx": total_5xx,
+        "feedback_acknowledged": acked.len(),
+        "feedback_missing_after_run": missing,
+        "server_rss_kib": {"first": rss.first(), "max": rss.iter().max(), "last": rss.last()},
+    });
+    println!(
+        "{:<10} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9}  statuses",
+        "op", "requests", "ok", "req/s", "p50 ms", "p95 ms", "p99 ms"
+    );
+    for (name, r) in &ops {
+        println!(
+            "{name:<10} {:>8} {:>8} {:>10.2} {:>9.1} {:>9.1} {:>9.1}  {:?}",
+            r.requests, r.ok, r.throughput_rps, r.p50_ms, r.p95_ms, r.p99_ms, r.status_counts
+        );
+    }
+    println!(
+        "5xx: {total_5xx}; feedback acknowledged {}, missing afterwards {missing}; server RSS KiB first/max/last {:?}/{:?}/{:?}",
+        acked.len(),
+        rss.first(),
+        rss.iter().max(),
+        rss.last()
+    );
+    std::fs::write(&args.report, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", args.report))?;
+    if total_5xx > 0 || missing > 0 {
+        bail!("the run saw {total_5xx} server errors and {missing} lost feedback items");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_targets() {
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://127.5.0.1",
+            "http://localhost:9",
+            "http://[::1]:80",
+        ] {
+            assert!(check_local(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://10.0.0.1",
+            "http://192.168.1.2:8080",
+            "http://example.com",
+            "http://8.8.8.8",
+        ] {
+            assert!(check_local(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 51.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+}
