@@ -5,7 +5,7 @@ use axum::Json;
 
 use super::error::{ApiError, ErrorBody};
 use super::feedback::view;
-use super::types::{SampleView, Timings};
+use super::types::{PngImage, SampleView, Timings};
 use super::AppState;
 use crate::store::{StoreError, Task};
 
@@ -74,7 +74,7 @@ pub async fn get_sample(
     tag = "samples",
     params(("sample_id" = String, Path, description = "Sample id of a generated image")),
     responses(
-        (status = 200, description = "PNG image", content_type = "image/png", body = Vec<u8>),
+        (status = 200, description = "PNG image", content_type = "image/png", body = PngImage),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such image", body = ErrorBody),
     ),

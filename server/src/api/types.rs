@@ -285,3 +285,8 @@ pub struct Health {
     pub database: bool,
     pub queue_depth: usize,
 }
+
+/// PNG image bytes.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary, content_media_type = "image/png")]
+pub struct PngImage(pub Vec<u8>);
