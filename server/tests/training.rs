@@ -121,22 +121,33 @@ fn batch(model: &Janus, dtype: DType) -> Batch {
     }
 }
 
+impl Batch {
+    /// The understanding and generation views of the batch for `model`.
+    fn views<'a>(
+        &'a self,
+        image_embeds: &'a Tensor,
+    ) -> (UnderstandingBatch<'a>, GenerationBatch<'a>) {
+        let und = UnderstandingBatch {
+            ids: &self.und_ids,
+            attention_mask: &self.und_mask,
+            images_seq_mask: &self.images_seq,
+            image_embeds: Some(image_embeds),
+            completion_len: 5,
+        };
+        let gen = GenerationBatch {
+            prompt_ids: &self.gen_prompt,
+            prompt_mask: &self.gen_prompt_mask,
+            completion: &self.gen_completion,
+        };
+        (und, gen)
+    }
+}
+
 /// The CoRL loss (understanding + generation) of `model` on the batch, with
 /// fixed old log-probs and a reference for the KL term.
 fn loss(model: &Janus, reference: &Janus, b: &Batch, old: &(Tensor, Tensor)) -> Tensor {
     let img = model.image_embeds(&b.pixels, Pass::Training).unwrap();
-    let und = UnderstandingBatch {
-        ids: &b.und_ids,
-        attention_mask: &b.und_mask,
-        images_seq_mask: &b.images_seq,
-        image_embeds: Some(&img),
-        completion_len: 5,
-    };
-    let gen = GenerationBatch {
-        prompt_ids: &b.gen_prompt,
-        prompt_mask: &b.gen_prompt_mask,
-        completion: &b.gen_completion,
-    };
+    let (und, gen) = b.views(&img);
     let mm2t = understanding_logps(model, &und, 0.9, Pass::Training).unwrap();
     let t2i = generation_logps(model, &gen, 0.9, T2iAlignment::Predicting, Pass::Training).unwrap();
     let ref_img = reference.image_embeds(&b.pixels, Pass::Training).unwrap();
@@ -173,18 +184,7 @@ fn loss(model: &Janus, reference: &Janus, b: &Batch, old: &(Tensor, Tensor)) -> 
 
 fn old_logps(model: &Janus, b: &Batch) -> (Tensor, Tensor) {
     let img = model.image_embeds(&b.pixels, Pass::Training).unwrap();
-    let und = UnderstandingBatch {
-        ids: &b.und_ids,
-        attention_mask: &b.und_mask,
-        images_seq_mask: &b.images_seq,
-        image_embeds: Some(&img),
-        completion_len: 5,
-    };
-    let gen = GenerationBatch {
-        prompt_ids: &b.gen_prompt,
-        prompt_mask: &b.gen_prompt_mask,
-        completion: &b.gen_completion,
-    };
+    let (und, gen) = b.views(&img);
     // Slightly off-policy, so the ratio is not exactly 1.
     let mm2t = (understanding_logps(model, &und, 0.9, Pass::Training).unwrap() + 0.05).unwrap();
     let t2i = (generation_logps(model, &gen, 0.9, T2iAlignment::Predicting, Pass::Training)
