@@ -184,10 +184,13 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     }
     .to_string();
     metrics::gauge!("ulm_model_info", "version" => version.clone(), "demo" => bundle.is_demo().to_string()).set(1.0);
+    let defaults = EngineConfig::default();
     let engine_config = EngineConfig {
-        max_queue: args.max_queue.unwrap_or(64),
-        max_batch_rows: args.max_batch_rows.unwrap_or(32),
-        batch_window: Duration::from_millis(args.batch_window_ms.unwrap_or(5)),
+        max_queue: args.max_queue.unwrap_or(defaults.max_queue),
+        max_batch_rows: args.max_batch_rows.unwrap_or(defaults.max_batch_rows),
+        batch_window: args
+            .batch_window_ms
+            .map_or(defaults.batch_window, Duration::from_millis),
     };
     let engine = Engine::start(bundle, version, engine_config);
     let state = AppState {

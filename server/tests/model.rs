@@ -696,7 +696,7 @@ fn bad_images_are_errors() {
 }
 
 #[test]
-fn vq_round_trip_of_a_generated_image_keeps_its_codes_mostly() {
+fn generated_images_have_the_configured_size_and_encode_back_to_a_full_grid() {
     let bundle = demo();
     let item = ImageItem {
         prompt: bundle.processor.generation_prompt("stripes").unwrap(),

@@ -8,7 +8,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -73,9 +73,6 @@ pub struct Server {
     pub key: Option<String>,
 }
 
-/// Servers started by this process, so concurrent tests do not fight over ports.
-static START_LOCK: Mutex<()> = Mutex::new(());
-
 impl Server {
     /// Demo model, no auth, temporary data directory.
     pub async fn start() -> Server {
@@ -104,7 +101,6 @@ impl Server {
     }
 
     fn spawn(&mut self) {
-        let _guard = START_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let mut cmd = Command::new(server_binary());
         cmd.arg("serve")
             .args(["--port", "0", "--data-dir"])
@@ -157,51 +153,32 @@ impl Server {
         }
     }
 
-    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let resp = self
-            .authed(self.http.post(self.url(path)).json(body))
-            .send()
-            .await
-            .expect("request");
+    /// Sends with the test's key; the body as JSON, or as a JSON string when it is not JSON.
+    async fn send(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
+        let resp = self.authed(request).send().await.expect("request");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         (
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
         )
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.send(self.http.post(self.url(path)).json(body)).await
     }
 
     pub async fn post_raw(&self, path: &str, body: Vec<u8>, content_type: &str) -> (u16, Value) {
-        let resp = self
-            .authed(
-                self.http
-                    .post(self.url(path))
-                    .header("content-type", content_type)
-                    .body(body),
-            )
-            .send()
-            .await
-            .expect("request");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        let request = self
+            .http
+            .post(self.url(path))
+            .header("content-type", content_type)
+            .body(body);
+        self.send(request).await
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let resp = self
-            .authed(self.http.get(self.url(path)))
-            .send()
-            .await
-            .expect("request");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        self.send(self.http.get(self.url(path))).await
     }
 
     pub async fn get_bytes(&self, path: &str) -> (u16, Vec<u8>) {

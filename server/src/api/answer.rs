@@ -17,6 +17,7 @@ use super::AppState;
 use crate::engine::{self, AnswerOutput, StreamedToken};
 use crate::model::generate::FinishReason as ModelFinish;
 use crate::model::image_processor::decode_image;
+use crate::model::ModelError;
 use crate::store::{now_ms, sha256_hex, SampleRecord, Task};
 
 /// Answer a question about an image.
@@ -60,13 +61,9 @@ pub async fn answer(
     let image = tokio::task::spawn_blocking(move || decode_image(&image_bytes, max_pixels))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| {
-            let message = e.to_string();
-            if message.contains("exceeds the limit") {
-                ApiError::ImageTooLarge(message)
-            } else {
-                ApiError::InvalidImage(message)
-            }
+        .map_err(|e| match e {
+            ModelError::ImageTooLarge(m) => ApiError::ImageTooLarge(m),
+            other => ApiError::InvalidImage(other.to_string()),
         })?;
     let request = engine::AnswerRequest {
         image,
@@ -148,12 +145,7 @@ impl AnswerContext {
                 output_image_sha256: None,
                 token_ids: s.token_ids.clone(),
                 logprobs: s.logprobs.clone(),
-                finish_reason: Some(
-                    serde_json::to_value(finish_reason)?
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
-                ),
+                finish_reason: Some(finish_reason.as_str().to_string()),
                 queue_ms: output.timings.queue_ms as i64,
                 compute_ms: output.timings.compute_ms as i64,
                 created_at,
@@ -175,12 +167,6 @@ impl AnswerContext {
                 compute_ms: output.timings.compute_ms,
             },
         })
-    }
-}
-
-impl From<serde_json::Error> for ApiError {
-    fn from(e: serde_json::Error) -> Self {
-        ApiError::Internal(e.to_string())
     }
 }
 

@@ -70,14 +70,15 @@ pub async fn post_feedback(
         validate(&item).map_err(|m| ApiError::InvalidParameter(format!("{}{m}", label(i))))?;
         records.push(to_record(item));
     }
+    // Every sample is looked up before anything is stored, so a batch with an
+    // unknown sample stores nothing.
     for (i, r) in records.iter().enumerate() {
-        if let Err(e) = state.store.get_sample(&r.sample_id).await {
-            return Err(match ApiError::from(e) {
-                ApiError::NotFound(_) => {
-                    ApiError::NotFound(format!("{}sample {} does not exist", label(i), r.sample_id))
-                }
-                other => other,
-            });
+        if !state.store.sample_exists(&r.sample_id).await? {
+            return Err(ApiError::NotFound(format!(
+                "{}sample {} does not exist",
+                label(i),
+                r.sample_id
+            )));
         }
     }
     let mut items = Vec::with_capacity(records.len());

@@ -121,6 +121,16 @@ pub enum FinishReason {
     Length,
 }
 
+impl FinishReason {
+    /// The serialised name, as stored with the sample.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AnswerSample {
     pub sample_id: String,

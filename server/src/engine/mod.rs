@@ -40,7 +40,9 @@ pub enum EngineError {
 impl From<ModelError> for EngineError {
     fn from(e: ModelError) -> Self {
         match e {
-            ModelError::InvalidInput(m) | ModelError::Image(m) => EngineError::InvalidInput(m),
+            ModelError::InvalidInput(m) | ModelError::Image(m) | ModelError::ImageTooLarge(m) => {
+                EngineError::InvalidInput(m)
+            }
             other => EngineError::Model(other.to_string()),
         }
     }
@@ -147,6 +149,15 @@ impl<R, O> Pending<R, O> {
             && Instant::now() < self.deadline
     }
 
+    /// Where this request's time went, for a batch that started at `started`.
+    fn timings(&self, started: Instant, compute_ms: u64, batch_rows: usize) -> Timings {
+        Timings {
+            queue_ms: started.duration_since(self.enqueued).as_millis() as u64,
+            compute_ms,
+            batch_rows,
+        }
+    }
+
     fn finish(self, result: Result<O, EngineError>) {
         let result = match result {
             Ok(_) if Instant::now() >= self.deadline => Err(EngineError::DeadlineExceeded),
@@ -154,6 +165,14 @@ impl<R, O> Pending<R, O> {
         };
         // The receiver may be gone (client disconnected); nothing to do then.
         let _ = self.reply.send(result);
+    }
+}
+
+/// A failed batch fails every request in it.
+fn fail_all<R, O>(jobs: Vec<Pending<R, O>>, task: &str, error: &ModelError) {
+    tracing::error!(%error, task, "batch failed");
+    for job in jobs {
+        job.finish(Err(EngineError::Model(error.to_string())));
     }
 }
 
@@ -396,22 +415,13 @@ impl Worker {
                             })
                             .collect(),
                         prompt_tokens: item.prompt.prompt.ids.len(),
-                        timings: Timings {
-                            queue_ms: started.duration_since(job.enqueued).as_millis() as u64,
-                            compute_ms,
-                            batch_rows: rows,
-                        },
+                        timings: job.timings(started, compute_ms, rows),
                         model_version: self.version.clone(),
                     };
                     job.finish(Ok(output));
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "answer batch failed");
-                for job in valid {
-                    job.finish(Err(EngineError::Model(e.to_string())));
-                }
-            }
+            Err(e) => fail_all(valid, "answer", &e),
         }
     }
 
@@ -492,22 +502,13 @@ impl Worker {
                     metrics::counter!("ulm_images_generated_total").increment(images.len() as u64);
                     let output = GenerateOutput {
                         images,
-                        timings: Timings {
-                            queue_ms: started.duration_since(job.enqueued).as_millis() as u64,
-                            compute_ms,
-                            batch_rows: rows,
-                        },
+                        timings: job.timings(started, compute_ms, rows),
                         model_version: self.version.clone(),
                     };
                     job.finish(Ok(output));
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "generation batch failed");
-                for job in valid {
-                    job.finish(Err(EngineError::Model(e.to_string())));
-                }
-            }
+            Err(e) => fail_all(valid, "generation", &e),
         }
     }
 }

@@ -367,10 +367,6 @@ impl<'m> CfgDecoder<'m> {
         })
     }
 
-    pub fn images(&self) -> usize {
-        self.images
-    }
-
     /// `[n, K]` conditional logits.
     pub fn cond_logits(&self) -> Result<Tensor> {
         Ok(self.logits.narrow(0, 0, self.images)?)

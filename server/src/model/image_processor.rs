@@ -152,7 +152,7 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ModelErro
         return Err(ModelError::Image("image has no pixels".into()));
     }
     if w as u64 * h as u64 > max_pixels {
-        return Err(ModelError::Image(format!(
+        return Err(ModelError::ImageTooLarge(format!(
             "{w}x{h} exceeds the limit of {max_pixels} pixels"
         )));
     }

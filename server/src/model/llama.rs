@@ -328,10 +328,6 @@ impl Llama {
         })
     }
 
-    pub fn config(&self) -> &LlamaConfig {
-        &self.cfg
-    }
-
     /// Token embeddings `[B, T, H]` of ids `[B, T]`.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -450,10 +446,6 @@ impl Llama {
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
-    }
-
-    pub fn lm_head_weight(&self) -> &Tensor {
-        &self.lm_head
     }
 
     /// Positions for `t` new tokens of rows that already hold `past` keys, of

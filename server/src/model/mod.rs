@@ -36,6 +36,8 @@ pub enum ModelError {
     Tokenizer(String),
     #[error("invalid image: {0}")]
     Image(String),
+    #[error("image too large: {0}")]
+    ImageTooLarge(String),
     #[error("invalid input: {0}")]
     InvalidInput(String),
     #[error("model computation failed: {0}")]

@@ -130,10 +130,6 @@ impl Processor {
         Self::new(tokenizer, add_bos, num_image_tokens)
     }
 
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
-    }
-
     /// The "deepseek" SFT template for one user turn and an open assistant turn.
     pub fn sft_format(&self, user_content: &str) -> String {
         let mut text = String::new();
@@ -228,14 +224,5 @@ impl Processor {
         let vocab = self.tokenizer.get_vocab_size(true) as u32;
         let known: Vec<u32> = ids.iter().copied().filter(|&id| id < vocab).collect();
         self.tokenizer.decode(&known, true).unwrap_or_default()
-    }
-
-    /// Number of ids of `text` without template or BOS (for length limits).
-    pub fn count_tokens(&self, text: &str) -> Result<usize, ModelError> {
-        Ok(self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?
-            .len())
     }
 }

@@ -398,10 +398,6 @@ impl VqModel {
         })
     }
 
-    pub fn config(&self) -> &VqConfig {
-        &self.cfg
-    }
-
     /// Images in [-1, 1] `[B, 3, S, S]` to codes.
     pub fn encode(&self, pixels: &Tensor) -> Result<VqEncoding> {
         let latent = self.quant_conv.forward(&self.encoder.forward(pixels)?)?;

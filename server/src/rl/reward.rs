@@ -137,7 +137,7 @@ pub const T2I_MATCH_TEXT_OFFSET: usize = 5;
 pub struct T2iMatch;
 
 impl T2iMatch {
-    /// The reward of one image/caption pair, and the hidden states it used.
+    /// The reward of one image/caption pair.
     pub fn one(ctx: &RewardContext, image: &RgbImage, caption: &str) -> Result<f64, ModelError> {
         let prompt = ctx.processor.understanding_prompt(caption)?;
         let (start, n) = prompt

@@ -244,6 +244,14 @@ impl Store {
         Ok(())
     }
 
+    pub async fn sample_exists(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query("SELECT 1 FROM samples WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+
     pub async fn get_sample(&self, id: &str) -> Result<SampleRecord, StoreError> {
         let row = sqlx::query(
             "SELECT id, request_id, group_index, task, model_version, prompt, input_image_sha256, params, seed, \
@@ -257,20 +265,6 @@ impl Store {
         sample_from_row(&row)
     }
 
-    pub async fn count_samples(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query("SELECT COUNT(*) FROM samples")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?)
-    }
-
-    pub async fn count_feedback(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query("SELECT COUNT(*) FROM feedback")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?)
-    }
-
     /// Stores one feedback item. With a client id it is idempotent: the same
     /// body again returns the stored item, a different body is a conflict.
     pub async fn insert_feedback(
@@ -282,12 +276,7 @@ impl Store {
                 return replay_or_conflict(existing, &item);
             }
         }
-        let exists = sqlx::query("SELECT 1 FROM samples WHERE id = $1")
-            .bind(&item.sample_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .is_some();
-        if !exists {
+        if !self.sample_exists(&item.sample_id).await? {
             return Err(StoreError::UnknownSample(item.sample_id));
         }
         let result = sqlx::query(
