@@ -16,6 +16,8 @@ use crate::api::limits::Limits;
 use crate::api::{router, AppState};
 use crate::engine::{Engine, EngineConfig};
 use crate::model::bundle::{parse_device, parse_dtype, ModelBundle};
+use crate::registry::Registry;
+use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::store::Store;
 
 /// Every option of `serve`. Each can also come from the environment
@@ -76,6 +78,22 @@ pub struct ServeArgs {
     /// Largest input image, pixels [default: 40,000,000].
     #[arg(long, env = "ULM_MAX_IMAGE_PIXELS")]
     pub max_image_pixels: Option<u64>,
+    /// Start a refinement job when this many seconds passed since the last
+    /// one [default: no timer].
+    #[arg(long, env = "ULM_RL_INTERVAL_SECS")]
+    pub rl_interval_secs: Option<u64>,
+    /// Start a refinement job when this many feedback items arrived since
+    /// the last one [default: no feedback trigger].
+    #[arg(long, env = "ULM_RL_MIN_NEW_FEEDBACK")]
+    pub rl_min_new_feedback: Option<u64>,
+    /// Share of rated requests held out to evaluate candidates [default: 0.2].
+    #[arg(long, env = "ULM_RL_HOLDOUT_FRACTION")]
+    pub rl_holdout_fraction: Option<f64>,
+    /// Run no RL jobs in this process: no triggers, and jobs queued through
+    /// the API wait for a replica that runs them.
+    #[arg(long, env = "ULM_NO_RL_SCHEDULER")]
+    #[serde(default)]
+    pub no_rl_scheduler: bool,
 }
 
 macro_rules! merge_fields {
@@ -111,9 +129,13 @@ impl ServeArgs {
             batch_window_ms,
             request_timeout_secs,
             max_body_bytes,
-            max_image_pixels
+            max_image_pixels,
+            rl_interval_secs,
+            rl_min_new_feedback,
+            rl_holdout_fraction
         );
         self.no_auth |= file.no_auth;
+        self.no_rl_scheduler |= file.no_rl_scheduler;
         Ok(self)
     }
 
@@ -131,6 +153,25 @@ impl ServeArgs {
                 "no API keys: pass --api-keys-file FILE (lines of role:key) or --api-keys, or --no-auth for local use"
             ),
         }
+    }
+
+    fn scheduler(&self) -> Result<SchedulerConfig> {
+        let defaults = SchedulerConfig::default();
+        let holdout = self
+            .rl_holdout_fraction
+            .unwrap_or(defaults.holdout_fraction);
+        if !(0.0..1.0).contains(&holdout) || holdout.is_nan() {
+            bail!("--rl-holdout-fraction must be at least 0 and below 1");
+        }
+        if self.rl_interval_secs == Some(0) || self.rl_min_new_feedback == Some(0) {
+            bail!("--rl-interval-secs and --rl-min-new-feedback must be positive");
+        }
+        Ok(SchedulerConfig {
+            interval: self.rl_interval_secs.map(Duration::from_secs),
+            min_new_feedback: self.rl_min_new_feedback,
+            holdout_fraction: holdout,
+            ..defaults
+        })
     }
 
     fn limits(&self) -> Limits {
@@ -152,6 +193,7 @@ impl ServeArgs {
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let args = args.with_file()?;
     let auth = args.auth()?;
+    let scheduler_config = args.scheduler()?;
     if matches!(auth, Auth::Disabled) {
         tracing::warn!("authentication is disabled (--no-auth): every client is admin");
     }
@@ -192,12 +234,24 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             .batch_window_ms
             .map_or(defaults.batch_window, Duration::from_millis),
     };
-    let engine = Engine::start(bundle, version, engine_config);
+    // The registry keeps the base weights; versions and the trainer share them.
+    let base = bundle.clone();
+    let engine = Engine::start(bundle, version.clone(), engine_config);
+    let registry = Registry::open(store.clone(), engine.clone(), base, version, &data_dir)
+        .await
+        .context("opening the model registry")?;
+    tracing::info!(version = %engine.model_version(), "serving model version");
+    let scheduler = Scheduler::new(store.clone(), registry.clone(), scheduler_config)
+        .await
+        .context("starting the RL scheduler")?;
+    let scheduler_task = (!args.no_rl_scheduler).then(|| scheduler.spawn());
     let state = AppState {
         engine,
         store: store.clone(),
         limits: Arc::new(args.limits()),
         metrics,
+        registry,
+        scheduler: scheduler.clone(),
     };
     let host = args.host.clone().unwrap_or_else(|| "127.0.0.1".into());
     let addr: SocketAddr = format!("{host}:{}", args.port.unwrap_or(8080))
@@ -214,6 +268,18 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     tracing::info!("in-flight requests finished; shutting down");
+    scheduler.stop();
+    if let Some(task) = scheduler_task {
+        // A running job stops at its next step and is recorded as cancelled.
+        if tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the running job did not stop within 60 s; it will read failed after restart"
+            );
+        }
+    }
     store.close().await;
     Ok(())
 }

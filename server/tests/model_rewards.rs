@@ -55,6 +55,7 @@ fn self_cycle_scores_are_bounded_and_deterministic() {
             text: None,
             image: Some(img),
             tokens: &[],
+            human_score: None,
         })
         .collect();
     let reward = SelfCycle {
@@ -121,12 +122,14 @@ fn http_reward_posts_samples_and_validates_the_answer() {
             text: Some("abc"),
             image: None,
             tokens: &[],
+            human_score: None,
         },
         Scored {
             item: &item,
             text: Some("hello"),
             image: None,
             tokens: &[],
+            human_score: None,
         },
     ];
     let pics: Vec<Scored> = imgs
@@ -136,6 +139,7 @@ fn http_reward_posts_samples_and_validates_the_answer() {
             text: None,
             image: Some(img),
             tokens: &[],
+            human_score: None,
         })
         .collect();
     let reward = |url: String, task| HttpReward {

@@ -58,13 +58,15 @@ pub async fn answer(
     let image_bytes = decode_base64_image(&body.image, limits.max_image_bytes)?;
     let image_sha = sha256_hex(&image_bytes);
     let max_pixels = limits.max_image_pixels;
-    let image = tokio::task::spawn_blocking(move || decode_image(&image_bytes, max_pixels))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| match e {
-            ModelError::ImageTooLarge(m) => ApiError::ImageTooLarge(m),
-            other => ApiError::InvalidImage(other.to_string()),
-        })?;
+    let (image, image_bytes) = tokio::task::spawn_blocking(move || {
+        decode_image(&image_bytes, max_pixels).map(|image| (image, image_bytes))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| match e {
+        ModelError::ImageTooLarge(m) => ApiError::ImageTooLarge(m),
+        other => ApiError::InvalidImage(other.to_string()),
+    })?;
     let request = engine::AnswerRequest {
         image,
         question: body.question.clone(),
@@ -78,6 +80,7 @@ pub async fn answer(
         body: body.clone(),
         seeds,
         image_sha,
+        image_bytes,
     };
     if !body.stream {
         let output = state.engine.answer(request, deadline, None).await?;
@@ -102,6 +105,9 @@ struct AnswerContext {
     body: AnswerRequest,
     seeds: Vec<u64>,
     image_sha: String,
+    /// The input image as sent; stored (content-addressed) so a job can
+    /// train on the question again.
+    image_bytes: Vec<u8>,
 }
 
 impl AnswerContext {
@@ -151,6 +157,8 @@ impl AnswerContext {
                 created_at,
             });
         }
+        // The image is durable before the rows that name it.
+        self.state.store.put_image(self.image_bytes).await?;
         self.state.store.insert_samples(&records).await?;
         let completion_tokens = samples.iter().map(|s| s.completion_tokens).sum();
         Ok(AnswerResponse {

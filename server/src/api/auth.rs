@@ -117,6 +117,14 @@ pub async fn require_user(
     require(&auth, Role::User, request, next).await
 }
 
+pub async fn require_admin(
+    State(auth): State<std::sync::Arc<Auth>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    require(&auth, Role::Admin, request, next).await
+}
+
 async fn require(
     auth: &Auth,
     needed: Role,

@@ -193,6 +193,9 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(id) => ApiError::Conflict(format!(
                 "feedback with client_id {id:?} was already stored with a different body"
             )),
+            StoreError::JobActive(id) => ApiError::Conflict(format!(
+                "job {id} is already queued or running; one job runs at a time"
+            )),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -2,8 +2,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 
-use super::error::ErrorBody;
-use super::types::{Health, ModelList, ModelView};
+use super::types::Health;
 use super::AppState;
 
 /// Liveness: the process answers.
@@ -42,27 +41,4 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>)
             queue_depth: state.engine.queue_depth(),
         }),
     )
-}
-
-/// The served model.
-#[utoipa::path(get, path = "/v1/models", tag = "models",
-    responses(
-        (status = 200, description = "Models", body = ModelList),
-        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
-    ),
-    security(("bearer" = [])))]
-pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
-    let info = &state.engine.info;
-    Json(ModelList {
-        data: vec![ModelView {
-            id: state.engine.model_version().to_string(),
-            description: info.description.clone(),
-            demo: info.is_demo,
-            active: true,
-            max_context_tokens: info.max_positions,
-            image_tokens_per_image: info.image_tokens_per_image,
-            generated_image_size: info.generated_image_size,
-            understanding_image_size: info.understanding_image_size,
-        }],
-    })
 }

@@ -8,6 +8,8 @@ pub mod feedback;
 pub mod generate;
 pub mod health;
 pub mod limits;
+pub mod models;
+pub mod rl;
 pub mod samples;
 pub mod types;
 
@@ -27,6 +29,8 @@ use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::engine::Engine;
+use crate::registry::Registry;
+use crate::scheduler::Scheduler;
 use crate::store::Store;
 use auth::Auth;
 use error::ApiError;
@@ -38,6 +42,8 @@ pub struct AppState {
     pub store: Store,
     pub limits: Arc<Limits>,
     pub metrics: PrometheusHandle,
+    pub registry: Registry,
+    pub scheduler: Scheduler,
 }
 
 #[derive(OpenApi)]
@@ -55,7 +61,12 @@ pub struct AppState {
         feedback::post_feedback,
         samples::get_sample,
         samples::get_image,
-        health::list_models,
+        models::list_models,
+        models::activate,
+        rl::start_job,
+        rl::list_jobs,
+        rl::get_job,
+        rl::cancel_job,
         health::healthz,
         health::readyz,
         metrics_text,
@@ -65,7 +76,8 @@ pub struct AppState {
         (name = "inference", description = "Generate images, answer questions"),
         (name = "feedback", description = "Judgements on served samples"),
         (name = "samples", description = "Stored samples and images"),
-        (name = "models", description = "Model versions"),
+        (name = "models", description = "Model versions: list, activate (rollback)"),
+        (name = "rl", description = "GRPO refinement jobs (admin)"),
         (name = "operations", description = "Health and metrics"),
     )
 )]
@@ -144,14 +156,24 @@ pub fn router(state: AppState, auth: Auth) -> Router {
         .route("/v1/feedback", post(feedback::post_feedback))
         .route("/v1/samples/{id}", get(samples::get_sample))
         .route("/v1/images/{sample_id}", get(samples::get_image))
-        .route("/v1/models", get(health::list_models))
-        .route_layer(middleware::from_fn_with_state(auth, auth::require_user));
+        .route("/v1/models", get(models::list_models))
+        .route_layer(middleware::from_fn_with_state(
+            auth.clone(),
+            auth::require_user,
+        ));
+    let admin_routes = Router::new()
+        .route("/v1/models/{version}/activate", post(models::activate))
+        .route("/v1/rl/jobs", post(rl::start_job).get(rl::list_jobs))
+        .route("/v1/rl/jobs/{id}", get(rl::get_job))
+        .route("/v1/rl/jobs/{id}/cancel", post(rl::cancel_job))
+        .route_layer(middleware::from_fn_with_state(auth, auth::require_admin));
     let public = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics_text));
     Router::new()
         .merge(user_routes)
+        .merge(admin_routes)
         .merge(public)
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
         .fallback(not_found)

@@ -276,7 +276,17 @@ pub struct ModelView {
     pub description: String,
     /// True for the built-in random demo model.
     pub demo: bool,
+    /// The version served now.
     pub active: bool,
+    /// The version this one was trained from; none for the base model.
+    pub parent: Option<String>,
+    /// The RL job that produced it.
+    pub job_id: Option<String>,
+    /// The evaluation that promoted it.
+    #[schema(value_type = Object)]
+    pub metrics: serde_json::Value,
+    /// Unix milliseconds.
+    pub created_at: i64,
     pub max_context_tokens: usize,
     pub image_tokens_per_image: usize,
     pub generated_image_size: usize,
@@ -286,6 +296,43 @@ pub struct ModelView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ModelList {
     pub data: Vec<ModelView>,
+}
+
+/// A refinement job.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    pub id: String,
+    /// queued, running, evaluating, promoted, rejected, failed or cancelled.
+    pub status: String,
+    /// api, timer or feedback.
+    pub trigger: String,
+    #[schema(value_type = Object)]
+    pub config: serde_json::Value,
+    /// The version the job trained from.
+    pub parent_version: Option<String>,
+    /// The version it produced, when promoted.
+    pub candidate_version: Option<String>,
+    /// Groups and prompts the job used, and what it skipped.
+    #[schema(value_type = Option<Object>)]
+    pub data_counts: Option<serde_json::Value>,
+    /// Per-step training metrics.
+    #[schema(value_type = Option<Object>)]
+    pub metrics: Option<serde_json::Value>,
+    /// Candidate and active version on the held-out set, and the gate's decision.
+    #[schema(value_type = Option<Object>)]
+    pub evaluation: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub steps_done: i64,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobList {
+    /// Newest first.
+    pub data: Vec<JobView>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -4,6 +4,10 @@
 //! the API turns into 429, a dead worker one it turns into 503. A request whose
 //! client went away or whose deadline passed stops taking model time.
 //!
+//! The served policy is a [`ServingModel`] behind an `ArcSwap`: activating a
+//! version swaps it between batches; a batch finishes on the version it
+//! started with, and every output names that version.
+//!
 //! Inputs and outputs here are plain data (images, token ids, text): tensors
 //! stay inside the worker.
 
@@ -11,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use image::RgbImage;
 use tokio::sync::{mpsc, oneshot};
 
@@ -18,9 +23,17 @@ use crate::model::bundle::ModelBundle;
 use crate::model::generate::{
     answer_batch, generate_images_batch, AnswerItem, FinishReason, ImageItem, TextPrompt,
 };
+use crate::model::image_processor::ImageProcessorConfig;
 use crate::model::processor::Processor;
 use crate::model::sampling::SamplingParams;
-use crate::model::ModelError;
+use crate::model::{Janus, ModelError};
+
+/// A model version ready to serve. Its weights share storage with the base
+/// model wherever they are the same tensors (LoRA versions add adapters only).
+pub struct ServingModel {
+    pub version: String,
+    pub model: Janus,
+}
 
 /// Why the engine could not serve a request.
 #[derive(Debug, thiserror::Error)]
@@ -209,11 +222,12 @@ pub struct Engine {
     alive: Arc<AtomicBool>,
     processor: Arc<Processor>,
     pub info: Arc<ModelInfo>,
-    version: Arc<String>,
+    policy: Arc<ArcSwap<ServingModel>>,
 }
 
 impl Engine {
-    /// Moves the model onto its own worker thread.
+    /// Moves the model onto its own worker thread, serving `bundle`'s model
+    /// as `version`.
     pub fn start(bundle: ModelBundle, version: String, config: EngineConfig) -> Self {
         let (tx, rx) = mpsc::channel(config.max_queue.max(1));
         let queued = Arc::new(AtomicUsize::new(0));
@@ -228,12 +242,18 @@ impl Engine {
             understanding_image_size: cfg.vision.image_size,
         };
         let processor = Arc::new(bundle.processor.clone());
+        metrics::gauge!("ulm_model_active", "version" => version.clone()).set(1.0);
+        let policy = Arc::new(ArcSwap::from_pointee(ServingModel {
+            version,
+            model: bundle.model,
+        }));
         let worker = Worker {
-            bundle,
+            processor: bundle.processor,
+            image_processor: bundle.image_processor,
+            policy: policy.clone(),
             rx,
             queued: queued.clone(),
             config,
-            version: version.clone(),
         };
         let alive_flag = alive.clone();
         std::thread::Builder::new()
@@ -249,8 +269,24 @@ impl Engine {
             alive,
             processor,
             info: Arc::new(info),
-            version: Arc::new(version),
+            policy,
         }
+    }
+
+    /// Serves `model` from the next batch on; batches already running finish
+    /// on the version they started with.
+    pub fn activate(&self, model: ServingModel) {
+        tracing::info!(version = %model.version, "activating model version");
+        let version = model.version.clone();
+        let previous = self.policy.swap(Arc::new(model));
+        metrics::gauge!("ulm_model_active", "version" => previous.version.clone()).set(0.0);
+        metrics::gauge!("ulm_model_active", "version" => version).set(1.0);
+        metrics::counter!("ulm_model_activations_total").increment(1);
+    }
+
+    /// The version being served, as a model the trainer can start from.
+    pub fn serving(&self) -> Arc<ServingModel> {
+        self.policy.load_full()
     }
 
     /// The prompt processor, for validation before queueing (no tensors).
@@ -258,8 +294,8 @@ impl Engine {
         &self.processor
     }
 
-    pub fn model_version(&self) -> &str {
-        &self.version
+    pub fn model_version(&self) -> String {
+        self.policy.load().version.clone()
     }
 
     pub fn is_alive(&self) -> bool {
@@ -319,11 +355,12 @@ impl Engine {
 }
 
 struct Worker {
-    bundle: ModelBundle,
+    processor: Processor,
+    image_processor: ImageProcessorConfig,
+    policy: Arc<ArcSwap<ServingModel>>,
     rx: mpsc::Receiver<Job>,
     queued: Arc<AtomicUsize>,
     config: EngineConfig,
-    version: String,
 }
 
 impl Worker {
@@ -341,11 +378,13 @@ impl Worker {
                     Job::Generate(p) => p.finish(Err(EngineError::DeadlineExceeded)),
                 }
             }
+            // One version for the whole batch, however long it runs.
+            let policy = self.policy.load_full();
             if !answers.is_empty() {
-                self.run_answers(answers);
+                self.run_answers(&policy, answers);
             }
             if !generations.is_empty() {
-                self.run_generations(generations);
+                self.run_generations(&policy, generations);
             }
         }
     }
@@ -371,13 +410,13 @@ impl Worker {
         batch
     }
 
-    fn run_answers(&self, jobs: Vec<Pending<AnswerRequest, AnswerOutput>>) {
+    fn run_answers(&self, policy: &ServingModel, jobs: Vec<Pending<AnswerRequest, AnswerOutput>>) {
         let started = Instant::now();
-        let b = &self.bundle;
+        let model = &policy.model;
         let mut items = Vec::with_capacity(jobs.len());
         let mut valid = Vec::with_capacity(jobs.len());
         for job in jobs {
-            match self.answer_item(&job.request) {
+            match self.answer_item(model, &job.request) {
                 Ok(item) => {
                     items.push(item);
                     valid.push(job);
@@ -387,8 +426,8 @@ impl Worker {
         }
         let rows: usize = items.iter().map(|i: &AnswerItem| i.prompt.samples).sum();
         metrics::histogram!("ulm_batch_rows", "task" => "answer").record(rows as f64);
-        let special = b.processor.special;
-        let result = answer_batch(&b.model, &items, special.eos, special.pad, &mut |event| {
+        let special = self.processor.special;
+        let result = answer_batch(model, &items, special.eos, special.pad, &mut |event| {
             let job = &valid[event.item];
             if let Some(stream) = &job.stream {
                 let _ = stream.send(StreamedToken {
@@ -408,7 +447,7 @@ impl Worker {
                         samples: samples
                             .into_iter()
                             .map(|s| TextOutput {
-                                text: b.processor.decode(&s.token_ids),
+                                text: self.processor.decode(&s.token_ids),
                                 token_ids: s.token_ids,
                                 logprobs: s.logprobs,
                                 finish_reason: s.finish_reason,
@@ -416,7 +455,7 @@ impl Worker {
                             .collect(),
                         prompt_tokens: item.prompt.prompt.ids.len(),
                         timings: job.timings(started, compute_ms, rows),
-                        model_version: self.version.clone(),
+                        model_version: policy.version.clone(),
                     };
                     job.finish(Ok(output));
                 }
@@ -425,16 +464,16 @@ impl Worker {
         }
     }
 
-    fn answer_item(&self, r: &AnswerRequest) -> Result<AnswerItem, EngineError> {
-        let b = &self.bundle;
-        let pixels = b.image_processor.preprocess(&r.image, b.model.device())?;
-        let prompt = b.processor.understanding_prompt(&r.question)?;
-        if prompt.ids.len() + r.max_new_tokens > b.model.cfg.language.max_position_embeddings {
+    fn answer_item(&self, model: &Janus, r: &AnswerRequest) -> Result<AnswerItem, EngineError> {
+        let pixels = self.image_processor.preprocess(&r.image, model.device())?;
+        let prompt = self.processor.understanding_prompt(&r.question)?;
+        let context = model.cfg.language.max_position_embeddings;
+        if prompt.ids.len() + r.max_new_tokens > context {
             return Err(EngineError::InvalidInput(format!(
                 "prompt ({} tokens) plus max_new_tokens ({}) exceeds the model context of {}",
                 prompt.ids.len(),
                 r.max_new_tokens,
-                b.model.cfg.language.max_position_embeddings
+                context
             )));
         }
         Ok(AnswerItem {
@@ -449,18 +488,20 @@ impl Worker {
         })
     }
 
-    fn run_generations(&self, jobs: Vec<Pending<GenerateRequest, GenerateOutput>>) {
+    fn run_generations(
+        &self,
+        policy: &ServingModel,
+        jobs: Vec<Pending<GenerateRequest, GenerateOutput>>,
+    ) {
         let started = Instant::now();
-        let b = &self.bundle;
+        let model = &policy.model;
+        let steps = model.cfg.gen_vision.image_tokens();
+        let context = model.cfg.language.max_position_embeddings;
         let mut items = Vec::with_capacity(jobs.len());
         let mut valid = Vec::with_capacity(jobs.len());
         for job in jobs {
-            let steps = b.model.cfg.gen_vision.image_tokens();
-            match b.processor.generation_prompt(&job.request.prompt) {
-                Ok(prompt)
-                    if prompt.cond_ids.len() + steps
-                        <= b.model.cfg.language.max_position_embeddings =>
-                {
+            match self.processor.generation_prompt(&job.request.prompt) {
+                Ok(prompt) if prompt.cond_ids.len() + steps <= context => {
                     items.push(ImageItem {
                         prompt,
                         cfg_weight: job.request.cfg_weight,
@@ -478,7 +519,7 @@ impl Worker {
         let rows: usize = items.iter().map(|i| i.seeds.len()).sum();
         metrics::histogram!("ulm_batch_rows", "task" => "generate").record(rows as f64);
         let result =
-            generate_images_batch(&b.model, &items, b.processor.special.pad, &mut |item| {
+            generate_images_batch(model, &items, self.processor.special.pad, &mut |item| {
                 valid[item].wanted()
             });
         let compute_ms = started.elapsed().as_millis() as u64;
@@ -503,7 +544,7 @@ impl Worker {
                     let output = GenerateOutput {
                         images,
                         timings: job.timings(started, compute_ms, rows),
-                        model_version: self.version.clone(),
+                        model_version: policy.version.clone(),
                     };
                     job.finish(Ok(output));
                 }

@@ -22,6 +22,7 @@ pub enum ModelSource {
     Checkpoint(PathBuf),
 }
 
+#[derive(Clone)]
 pub struct ModelBundle {
     pub model: Janus,
     pub processor: Processor,

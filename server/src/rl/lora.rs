@@ -166,3 +166,20 @@ pub fn load(model: &mut Janus, dir: &Path, device: &Device) -> Result<Lora, Mode
     }
     Ok(lora)
 }
+
+/// Attaches adapters saved by [`Lora::save`] as plain tensors, for serving:
+/// no `Var`s, so the inference forward records no gradient graph.
+pub fn load_for_inference(
+    model: &mut Janus,
+    dir: &Path,
+    device: &Device,
+) -> Result<(), ModelError> {
+    load(model, dir, device)?;
+    for (_, linear) in model.language_model.projections_mut() {
+        if let Some(adapter) = linear.lora.as_mut() {
+            adapter.a = adapter.a.detach();
+            adapter.b = adapter.b.detach();
+        }
+    }
+    Ok(())
+}

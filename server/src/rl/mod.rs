@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod dataset;
 pub mod difflib;
+pub mod evaluate;
 pub mod grpo;
 pub mod lora;
 pub mod policy;

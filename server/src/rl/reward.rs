@@ -48,6 +48,8 @@ pub struct Scored<'a> {
     pub image: Option<&'a RgbImage>,
     /// The sampled token ids (answer tokens or image codes).
     pub tokens: &'a [u32],
+    /// The score a person (or a reference answer) gave this served sample.
+    pub human_score: Option<f32>,
 }
 
 /// What a reward may use besides the sample: the current model.
@@ -351,6 +353,26 @@ impl Reward for HttpReward {
             )));
         }
         Ok(scores)
+    }
+}
+
+/// The score stored with a served sample: human feedback, or accuracy
+/// against a reference answer given as a correction, for samples of one
+/// task. Samples without one score 0.
+pub struct HumanFeedback(pub RewardTask);
+
+impl Reward for HumanFeedback {
+    fn name(&self) -> &str {
+        "human_feedback"
+    }
+    fn task(&self) -> RewardTask {
+        self.0
+    }
+    fn score(&self, _: &RewardContext, samples: &[Scored]) -> Result<Vec<f32>, ModelError> {
+        Ok(samples
+            .iter()
+            .map(|s| s.human_score.unwrap_or(0.0))
+            .collect())
     }
 }
 

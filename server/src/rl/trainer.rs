@@ -16,7 +16,7 @@ use super::grpo::{
 };
 use super::lora::Lora;
 use super::reward::{
-    score_task, RewardContext, RewardTask, Scored, TaskScores, TrainItem, Weighted,
+    score_task, HumanFeedback, RewardContext, RewardTask, Scored, TaskScores, TrainItem, Weighted,
 };
 use crate::model::bundle::ModelBundle;
 use crate::model::generate::{
@@ -139,11 +139,44 @@ pub struct StepMetrics {
     pub update_s: f64,
 }
 
-/// Rollouts of one task, flattened item-major (G rows per item).
+/// Samples of one task in consecutive groups, one group per item.
 struct Rollouts {
     /// Item index of each group.
     items: Vec<usize>,
+    /// Rows of each group (G for fresh rollouts; served groups vary).
+    sizes: Vec<usize>,
     rows: Vec<Row>,
+}
+
+impl Rollouts {
+    fn uniform(items: Vec<usize>, group_size: usize, rows: Vec<Row>) -> Self {
+        Self {
+            sizes: vec![group_size; items.len()],
+            items,
+            rows,
+        }
+    }
+
+    /// The group of each row.
+    fn row_groups(&self) -> Vec<usize> {
+        self.sizes
+            .iter()
+            .enumerate()
+            .flat_map(|(g, &n)| std::iter::repeat_n(g, n))
+            .collect()
+    }
+
+    /// Row ranges of the groups.
+    fn ranges(&self) -> Vec<std::ops::Range<usize>> {
+        let mut start = 0;
+        self.sizes
+            .iter()
+            .map(|&n| {
+                start += n;
+                start - n..start
+            })
+            .collect()
+    }
 }
 
 struct Row {
@@ -152,6 +185,26 @@ struct Row {
     logprobs: Vec<f32>,
     text: Option<String>,
     image: Option<image::RgbImage>,
+    human_score: Option<f32>,
+}
+
+/// A group of samples the server served for one request, with a score per
+/// sample (human feedback, or accuracy against a reference answer) and the
+/// behaviour log-probs recorded when they were sampled.
+#[derive(Debug, Clone)]
+pub struct ServedGroup {
+    /// The prompt: `qa` for answers (its solution unused), `caption` for images.
+    pub item: TrainItem,
+    pub task: RewardTask,
+    pub samples: Vec<ServedSample>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServedSample {
+    /// Answer tokens (with the final EOS when there is one) or image codes.
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub score: f32,
 }
 
 pub struct Trainer {
@@ -251,12 +304,10 @@ impl Trainer {
                 tokens: sample.token_ids,
                 logprobs: sample.logprobs,
                 image: None,
+                human_score: None,
             })
             .collect();
-        Ok(Rollouts {
-            items: owners,
-            rows,
-        })
+        Ok(Rollouts::uniform(owners, self.config.group_size, rows))
     }
 
     fn rollout_generation(&self, items: &[TrainItem]) -> Result<Rollouts, ModelError> {
@@ -290,30 +341,30 @@ impl Trainer {
                 logprobs: sample.logprobs,
                 text: None,
                 image: Some(sample.image),
+                human_score: None,
             });
         }
-        Ok(Rollouts {
-            items: owners,
-            rows,
-        })
+        Ok(Rollouts::uniform(owners, self.config.group_size, rows))
     }
 
     fn score(
         &self,
+        rewards: &[Weighted],
         items: &[TrainItem],
         task: RewardTask,
         r: &Rollouts,
     ) -> Result<TaskScores, ModelError> {
-        let g = self.config.group_size;
+        let groups = r.row_groups();
         let samples: Vec<Scored> = r
             .rows
             .iter()
-            .enumerate()
-            .map(|(k, row)| Scored {
-                item: &items[r.items[k / g]],
+            .zip(&groups)
+            .map(|(row, &g)| Scored {
+                item: &items[r.items[g]],
                 text: row.text.as_deref(),
                 image: row.image.as_ref(),
                 tokens: &row.tokens,
+                human_score: row.human_score,
             })
             .collect();
         let ctx = RewardContext {
@@ -321,25 +372,154 @@ impl Trainer {
             processor: &self.bundle.processor,
             image_processor: &self.bundle.image_processor,
         };
-        score_task(&self.rewards, task, &ctx, &samples)
+        score_task(rewards, task, &ctx, &samples)
     }
 
-    /// One GRPO step on `items`.
+    /// One GRPO step on `items`: fresh rollouts scored by the trainer's rewards.
     pub fn step(&mut self, items: &[TrainItem]) -> Result<StepMetrics, ModelError> {
         let started = Instant::now();
         let und = self.rollout_understanding(items)?;
         let gen = self.rollout_generation(items)?;
         let rollout_s = started.elapsed().as_secs_f64();
+        let rewards = std::mem::take(&mut self.rewards);
+        let result = self.score_and_optimize(&rewards, items, und, gen, started, rollout_s);
+        self.rewards = rewards;
+        result
+    }
 
+    /// One GRPO step on groups the server served, scored by their stored
+    /// scores (the [`HumanFeedback`] reward), with their behaviour log-probs
+    /// as the old policy: the importance ratio and clipping make these
+    /// off-policy samples usable.
+    pub fn step_served(&mut self, groups: &[ServedGroup]) -> Result<StepMetrics, ModelError> {
+        let started = Instant::now();
+        let (items, und, gen) = served_rollouts(groups)?;
+        let rewards = [RewardTask::Understanding, RewardTask::Generation].map(|task| Weighted {
+            reward: Box::new(HumanFeedback(task)),
+            weight: 1.0,
+        });
+        self.score_and_optimize(&rewards, &items, und, gen, started, 0.0)
+    }
+
+    /// Per-token log-probs of served samples under `model` (inference pass):
+    /// one vector per sample, groups in order.
+    pub fn served_logps(
+        &self,
+        model: &Janus,
+        groups: &[ServedGroup],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let (items, und, gen) = served_rollouts(groups)?;
+        let p = self.prepare(&items, &und, &gen)?;
+        let [und_logps, gen_logps] = self.inference_logps(model, &p)?;
+        // Back to the callers' group order.
+        let (mut und_rows, mut gen_rows) = (und_logps.into_iter(), gen_logps.into_iter());
+        let mut out = Vec::new();
+        for g in groups {
+            for _ in &g.samples {
+                let next = match g.task {
+                    RewardTask::Understanding => und_rows.next(),
+                    RewardTask::Generation => gen_rows.next(),
+                };
+                out.push(next.ok_or_else(|| {
+                    ModelError::InvalidInput("served log-probs out of step".into())
+                })?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Self::served_logps`] under the reference policy (the base model).
+    pub fn served_reference_logps(
+        &self,
+        groups: &[ServedGroup],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        match &self.adaptation {
+            Adaptation::Lora(lora) => {
+                lora.set_enabled(false);
+                let out = self.served_logps(&self.bundle.model, groups);
+                lora.set_enabled(true);
+                out
+            }
+            Adaptation::Full { reference, .. } => self.served_logps(reference, groups),
+        }
+    }
+
+    /// Valid-token log-probs of every prepared row: (understanding, generation).
+    fn inference_logps(&self, model: &Janus, p: &Prepared) -> Result<[RowLogps; 2], ModelError> {
+        let dev = model.device();
+        let temperature = self.logprob_temperature();
+        let micro = self.config.micro_batch_rows.max(1);
+        let mut und = Vec::new();
+        for start in (0..p.und_ids.len()).step_by(micro) {
+            let n = micro.min(p.und_ids.len() - start);
+            let ids = Tensor::new(p.und_ids[start..start + n].to_vec(), dev)?;
+            let embeds = p
+                .und_image_embeds
+                .as_ref()
+                .map(|e| e.narrow(0, start, n))
+                .transpose()?;
+            let batch = UnderstandingBatch {
+                ids: &ids,
+                attention_mask: &p.und_attention[start..start + n],
+                images_seq_mask: &p.und_images_seq[start..start + n],
+                image_embeds: embeds.as_ref(),
+                completion_len: p.und_len,
+            };
+            let logps: Vec<Vec<f32>> =
+                understanding_logps(model, &batch, temperature, Pass::Inference)?
+                    .to_dtype(DType::F32)?
+                    .to_vec2()?;
+            for (k, row) in logps.into_iter().enumerate() {
+                let mask = &p.und_completion_mask[(start + k) * p.und_len..][..p.und_len];
+                und.push(
+                    row.into_iter()
+                        .zip(mask)
+                        .filter(|(_, &m)| m > 0.0)
+                        .map(|(l, _)| l)
+                        .collect(),
+                );
+            }
+        }
+        let mut gen = Vec::new();
+        for start in (0..p.gen_prompt.len()).step_by(micro) {
+            let n = micro.min(p.gen_prompt.len() - start);
+            let prompt = Tensor::new(p.gen_prompt[start..start + n].to_vec(), dev)?;
+            let completion = Tensor::new(p.gen_completion[start..start + n].to_vec(), dev)?;
+            let batch = GenerationBatch {
+                prompt_ids: &prompt,
+                prompt_mask: &p.gen_prompt_mask[start..start + n],
+                completion: &completion,
+            };
+            let logps = generation_logps(
+                model,
+                &batch,
+                temperature,
+                self.config.alignment,
+                Pass::Inference,
+            )?;
+            gen.extend(logps.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+        }
+        Ok([und, gen])
+    }
+
+    fn score_and_optimize(
+        &mut self,
+        rewards: &[Weighted],
+        items: &[TrainItem],
+        und: Rollouts,
+        gen: Rollouts,
+        started: Instant,
+        rollout_s: f64,
+    ) -> Result<StepMetrics, ModelError> {
         let reward_started = Instant::now();
         let TaskScores {
             total: r_und,
             mut means,
-        } = self.score(items, RewardTask::Understanding, &und)?;
+        } = self.score(rewards, items, RewardTask::Understanding, &und)?;
         let TaskScores {
             total: r_gen,
             means: gen_means,
-        } = self.score(items, RewardTask::Generation, &gen)?;
+        } = self.score(rewards, items, RewardTask::Generation, &gen)?;
         means.extend(gen_means);
         let reward_s = reward_started.elapsed().as_secs_f64();
 
@@ -415,23 +595,37 @@ impl Trainer {
         gen: &Rollouts,
         r_gen: &[f32],
     ) -> (Vec<f32>, Vec<f32>, usize) {
-        let g = self.config.group_size;
         let lambda = self.config.unified_lambda as f32;
-        let mut adv_und = group_advantages(r_und, g);
-        let mut adv_gen = group_advantages(r_gen, g);
+        let per_group = |r: &Rollouts, rewards: &[f32]| -> Vec<f32> {
+            r.ranges()
+                .into_iter()
+                .flat_map(|range| group_advantages(&rewards[range.clone()], range.len()))
+                .collect()
+        };
+        let mut adv_und = per_group(und, r_und);
+        let mut adv_gen = per_group(gen, r_gen);
+        let (und_ranges, gen_ranges) = (und.ranges(), gen.ranges());
         for (gi, &item) in gen.items.iter().enumerate() {
-            if let Some(ui) = und.items.iter().position(|&i| i == item) {
-                let unified: Vec<f32> = (0..g)
-                    .map(|k| r_gen[gi * g + k] + lambda * r_und[ui * g + k])
-                    .collect();
-                let a = group_advantages(&unified, g);
-                adv_gen[gi * g..(gi + 1) * g].copy_from_slice(&a);
-                adv_und[ui * g..(ui + 1) * g].copy_from_slice(&a);
+            let Some(ui) = und.items.iter().position(|&i| i == item) else {
+                continue;
+            };
+            let (gr, ur) = (gen_ranges[gi].clone(), und_ranges[ui].clone());
+            if gr.len() != ur.len() {
+                continue;
             }
+            let unified: Vec<f32> = gr
+                .clone()
+                .zip(ur.clone())
+                .map(|(a, b)| r_gen[a] + lambda * r_und[b])
+                .collect();
+            let a = group_advantages(&unified, unified.len());
+            adv_gen[gr].copy_from_slice(&a);
+            adv_und[ur].copy_from_slice(&a);
         }
-        let zero = adv_und
-            .chunks(g)
-            .chain(adv_gen.chunks(g))
+        let zero = und_ranges
+            .iter()
+            .map(|r| &adv_und[r.clone()])
+            .chain(gen_ranges.iter().map(|r| &adv_gen[r.clone()]))
             .filter(|c| c.iter().all(|&a| a == 0.0))
             .count();
         (adv_und, adv_gen, zero)
@@ -492,7 +686,6 @@ impl Trainer {
         gen: &Rollouts,
     ) -> Result<Prepared, ModelError> {
         let b = &self.bundle;
-        let g = self.config.group_size;
         let s = b.processor.special;
         let mut prepared = Prepared::default();
         if !und.rows.is_empty() {
@@ -513,8 +706,9 @@ impl Trainer {
                 .unwrap_or(0)
                 .max(1);
             let mut ids = Vec::new();
-            for (k, row) in und.rows.iter().enumerate() {
-                let p = &prompts[k / g];
+            let groups = und.row_groups();
+            for (row, &group) in und.rows.iter().zip(&groups) {
+                let p = &prompts[group];
                 let pad = t - p.ids.len();
                 let mut r_ids = vec![s.pad; pad];
                 r_ids.extend(&p.ids);
@@ -553,7 +747,7 @@ impl Trainer {
             let embeds = b
                 .model
                 .image_embeds(&Tensor::stack(&pixels, 0)?, Pass::Inference)?;
-            let per_row: Vec<u32> = (0..und.rows.len()).map(|k| (k / g) as u32).collect();
+            let per_row: Vec<u32> = groups.iter().map(|&g| g as u32).collect();
             prepared.und_image_embeds =
                 Some(embeds.index_select(&Tensor::new(per_row.as_slice(), b.model.device())?, 0)?);
         }
@@ -567,8 +761,8 @@ impl Trainer {
                 })
                 .collect::<Result<_, _>>()?;
             let p = prompts.iter().map(|x| x.cond_ids.len()).max().unwrap_or(0);
-            for (k, row) in gen.rows.iter().enumerate() {
-                let prompt = &prompts[k / g].cond_ids;
+            for (row, group) in gen.rows.iter().zip(gen.row_groups()) {
+                let prompt = &prompts[group].cond_ids;
                 let pad = p - prompt.len();
                 let mut ids = vec![s.pad; pad];
                 ids.extend(prompt);
@@ -750,6 +944,58 @@ impl Trainer {
     }
 }
 
+/// Served groups as rollouts: one item per group, understanding and
+/// generation apart. Generation groups must agree on their image length.
+fn served_rollouts(
+    groups: &[ServedGroup],
+) -> Result<(Vec<TrainItem>, Rollouts, Rollouts), ModelError> {
+    let mut items = Vec::with_capacity(groups.len());
+    let empty = || Rollouts::uniform(Vec::new(), 0, Vec::new());
+    let (mut und, mut gen) = (empty(), empty());
+    for (i, group) in groups.iter().enumerate() {
+        let wanted = match group.task {
+            RewardTask::Understanding => group.item.qa.is_some(),
+            RewardTask::Generation => group.item.caption.is_some(),
+        };
+        if !wanted || group.samples.len() < 2 {
+            return Err(ModelError::InvalidInput(format!(
+                "served group {i} needs its prompt and at least 2 samples"
+            )));
+        }
+        let target = match group.task {
+            RewardTask::Understanding => &mut und,
+            RewardTask::Generation => &mut gen,
+        };
+        target.items.push(i);
+        target.sizes.push(group.samples.len());
+        for sample in &group.samples {
+            if sample.tokens.len() != sample.logprobs.len() || sample.tokens.is_empty() {
+                return Err(ModelError::InvalidInput(format!(
+                    "served group {i}: every sample needs one log-prob per token"
+                )));
+            }
+            target.rows.push(Row {
+                tokens: sample.tokens.clone(),
+                logprobs: sample.logprobs.clone(),
+                text: None,
+                image: None,
+                human_score: Some(sample.score),
+            });
+        }
+        items.push(group.item.clone());
+    }
+    if gen
+        .rows
+        .windows(2)
+        .any(|w| w[0].tokens.len() != w[1].tokens.len())
+    {
+        return Err(ModelError::InvalidInput(
+            "served images differ in their number of image tokens".into(),
+        ));
+    }
+    Ok((items, und, gen))
+}
+
 fn scalar(t: &Tensor) -> candle_core::Result<f64> {
     t.to_dtype(DType::F64)?.to_scalar::<f64>()
 }
@@ -760,6 +1006,9 @@ fn all_finite(t: &Tensor) -> bool {
         .and_then(|s| s.to_scalar::<f64>())
         .is_ok_and(f64::is_finite)
 }
+
+/// Per-token log-probs of each row.
+type RowLogps = Vec<Vec<f32>>;
 
 /// Detached log-probs of the first pass: the "old" policy of later passes.
 struct OldLogps {

@@ -14,12 +14,16 @@ use sha2::{Digest, Sha256};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
+pub mod rl;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("not found")]
     NotFound,
     #[error("a different feedback item was already stored under client id {0}")]
     Conflict(String),
+    #[error("job {0} is already queued or running")]
+    JobActive(String),
     #[error("the sample {0} does not exist")]
     UnknownSample(String),
     #[error("database error: {0}")]
@@ -253,15 +257,11 @@ impl Store {
     }
 
     pub async fn get_sample(&self, id: &str) -> Result<SampleRecord, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, request_id, group_index, task, model_version, prompt, input_image_sha256, params, seed, \
-             output_text, output_image_sha256, token_ids, logprobs, finish_reason, queue_ms, compute_ms, created_at \
-             FROM samples WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or(StoreError::NotFound)?;
+        let row = sqlx::query(&format!("{SAMPLE_SELECT} WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound)?;
         sample_from_row(&row)
     }
 
@@ -340,6 +340,11 @@ impl Store {
         self.pool.close().await;
     }
 }
+
+const SAMPLE_SELECT: &str =
+    "SELECT id, request_id, group_index, task, model_version, prompt, input_image_sha256, params, seed, \
+     output_text, output_image_sha256, token_ids, logprobs, finish_reason, queue_ms, compute_ms, created_at \
+     FROM samples";
 
 const FEEDBACK_SELECT: &str =
     "SELECT id, client_id, body_sha256, sample_id, key, score, value, comment, correction, \

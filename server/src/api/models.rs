@@ -1,0 +1,87 @@
+//! Model versions: list them, activate one (promotion by hand, or rollback).
+
+use axum::extract::{Path, State};
+use axum::Json;
+
+use super::error::{ApiError, ErrorBody};
+use super::types::{ModelList, ModelView};
+use super::AppState;
+use crate::registry::RegistryError;
+use crate::store::rl::VersionRecord;
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::UnknownVersion(v) => {
+                ApiError::NotFound(format!("model version {v} does not exist"))
+            }
+            RegistryError::Store(e) => e.into(),
+            load @ RegistryError::Load { .. } => ApiError::Internal(load.to_string()),
+        }
+    }
+}
+
+fn view(state: &AppState, v: VersionRecord, active: &str) -> ModelView {
+    let info = &state.engine.info;
+    let base = v.parent.is_none();
+    ModelView {
+        description: if base {
+            info.description.clone()
+        } else {
+            format!(
+                "LoRA adapters over the base model, trained by job {}",
+                v.job_id.clone().unwrap_or_default()
+            )
+        },
+        demo: info.is_demo,
+        active: v.id == active,
+        id: v.id,
+        parent: v.parent,
+        job_id: v.job_id,
+        metrics: v.metrics,
+        created_at: v.created_at,
+        max_context_tokens: info.max_positions,
+        image_tokens_per_image: info.image_tokens_per_image,
+        generated_image_size: info.generated_image_size,
+        understanding_image_size: info.understanding_image_size,
+    }
+}
+
+/// Every model version, oldest first; `active` marks the one served.
+#[utoipa::path(get, path = "/v1/models", tag = "models",
+    responses(
+        (status = 200, description = "Model versions", body = ModelList),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+    let active = state.engine.model_version();
+    let versions = state.store.list_versions().await?;
+    Ok(Json(ModelList {
+        data: versions
+            .into_iter()
+            .map(|v| view(&state, v, &active))
+            .collect(),
+    }))
+}
+
+/// Serves this version from the next batch on (requests already running
+/// finish on theirs). Activating an earlier version is a rollback.
+#[utoipa::path(post, path = "/v1/models/{version}/activate", tag = "models",
+    params(("version" = String, Path, description = "Version id")),
+    responses(
+        (status = 200, description = "Now active", body = ModelView),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 404, description = "No such version", body = ErrorBody),
+        (status = 500, description = "The version's checkpoint does not load", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn activate(
+    State(state): State<AppState>,
+    Path(version): Path<String>,
+) -> Result<Json<ModelView>, ApiError> {
+    let record = state.registry.activate(&version).await?;
+    let active = record.id.clone();
+    Ok(Json(view(&state, record, &active)))
+}

@@ -1,0 +1,145 @@
+//! RL jobs (admin): start, list, inspect, cancel.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use super::error::{ApiError, ApiJson, ErrorBody};
+use super::types::{JobList, JobView};
+use super::AppState;
+use crate::scheduler::config::JobConfig;
+use crate::scheduler::SchedulerError;
+use crate::store::rl::JobRecord;
+use crate::store::StoreError;
+
+impl From<SchedulerError> for ApiError {
+    fn from(e: SchedulerError) -> Self {
+        match e {
+            SchedulerError::InvalidConfig(m) => ApiError::InvalidParameter(m),
+            SchedulerError::Finished(id) => {
+                ApiError::Conflict(format!("job {id} has already finished"))
+            }
+            SchedulerError::Store(StoreError::NotFound) => ApiError::NotFound("no such job".into()),
+            SchedulerError::Store(e) => e.into(),
+        }
+    }
+}
+
+fn view(j: JobRecord) -> JobView {
+    JobView {
+        id: j.id,
+        status: j.status.as_str().to_string(),
+        trigger: j.trigger,
+        config: j.config,
+        parent_version: j.parent_version,
+        candidate_version: j.candidate_version,
+        data_counts: j.data_counts,
+        metrics: j.metrics,
+        evaluation: j.evaluation,
+        error: j.error,
+        steps_done: j.steps_done,
+        created_at: j.created_at,
+        started_at: j.started_at,
+        finished_at: j.finished_at,
+    }
+}
+
+/// Queues a GRPO refinement job over the stored samples and feedback. One
+/// job at a time: while another is queued or running this is a conflict.
+#[utoipa::path(post, path = "/v1/rl/jobs", tag = "rl",
+    request_body(content = JobConfig, description = "Job configuration; `{}` for the defaults"),
+    responses(
+        (status = 202, description = "Queued", body = JobView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 409, description = "Another job is queued or running", body = ErrorBody),
+        (status = 422, description = "Invalid configuration", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn start_job(
+    State(state): State<AppState>,
+    ApiJson(config): ApiJson<JobConfig>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let job = state.scheduler.submit(config, "api").await?;
+    Ok((StatusCode::ACCEPTED, Json(view(job))))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListJobs {
+    /// At most this many jobs, newest first (1 to 500, default 50).
+    pub limit: Option<i64>,
+}
+
+/// Jobs, newest first.
+#[utoipa::path(get, path = "/v1/rl/jobs", tag = "rl",
+    params(ListJobs),
+    responses(
+        (status = 200, description = "Jobs", body = JobList),
+        (status = 400, description = "Invalid query", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 422, description = "limit out of range", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    query: Result<Query<ListJobs>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<JobList>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::InvalidParameter(e.body_text()))?;
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::InvalidParameter(
+            "limit must be between 1 and 500".into(),
+        ));
+    }
+    let jobs = state.store.list_jobs(limit).await?;
+    Ok(Json(JobList {
+        data: jobs.into_iter().map(view).collect(),
+    }))
+}
+
+/// One job: status, data counts, per-step metrics, evaluation and decision.
+#[utoipa::path(get, path = "/v1/rl/jobs/{id}", tag = "rl",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job", body = JobView),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let job = state
+        .store
+        .get_job(&id)
+        .await
+        .map_err(SchedulerError::Store)?;
+    Ok(Json(view(job)))
+}
+
+/// Cancels a job: a queued one at once, a running one before its next
+/// training step (the job then reads `cancelled`; nothing is promoted).
+#[utoipa::path(post, path = "/v1/rl/jobs/{id}/cancel", tag = "rl",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 202, description = "Cancelled, or cancelling at the next step", body = JobView),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job has already finished", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let job = state.scheduler.cancel(&id).await?;
+    Ok((StatusCode::ACCEPTED, Json(view(job))))
+}

@@ -1,0 +1,426 @@
+//! The background scheduler: starts refinement jobs (on a timer, when enough
+//! new feedback arrived, or on demand), one at a time, and carries each
+//! through its life: queued, running (training off the async runtime while
+//! serving goes on), evaluating, then promoted, rejected, failed or
+//! cancelled. Jobs are rows in the store, so they survive restarts and any
+//! replica sharing the database sees them.
+
+pub mod config;
+pub mod data;
+pub mod gate;
+pub mod job;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+
+use crate::registry::Registry;
+use crate::rl::checkpoint;
+use crate::store::rl::{JobOutcome, JobRecord, JobStatus, VersionRecord};
+use crate::store::{now_ms, Store, StoreError};
+use config::JobConfig;
+use job::{JobInputs, Progress, RunEnd, StepSummary};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Start a job when this long has passed since the last one.
+    pub interval: Option<Duration>,
+    /// Start a job when this many feedback items arrived since the last one.
+    pub min_new_feedback: Option<u64>,
+    /// Share of rated requests held out for evaluation.
+    pub holdout_fraction: f64,
+    /// How often triggers and the queue are looked at.
+    pub poll: Duration,
+    /// Configuration of jobs the scheduler starts itself.
+    pub job_defaults: JobConfig,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            interval: None,
+            min_new_feedback: None,
+            holdout_fraction: 0.2,
+            poll: Duration::from_secs(1),
+            job_defaults: JobConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("invalid job configuration: {0}")]
+    InvalidConfig(String),
+    #[error("job {0} has already finished")]
+    Finished(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    registry: Registry,
+    config: SchedulerConfig,
+    /// The job this process runs now, and its cancel flag.
+    running: Mutex<Option<(String, Arc<AtomicBool>)>>,
+    wake: Notify,
+    stopping: AtomicBool,
+}
+
+impl Scheduler {
+    /// Marks jobs a crash interrupted as failed; call before serving.
+    pub async fn new(
+        store: Store,
+        registry: Registry,
+        config: SchedulerConfig,
+    ) -> Result<Self, StoreError> {
+        let interrupted = store.fail_interrupted_jobs().await?;
+        if interrupted > 0 {
+            tracing::warn!(
+                interrupted,
+                "jobs interrupted by the last shutdown are marked failed"
+            );
+            metrics::counter!("ulm_rl_jobs_total", "status" => "failed").increment(interrupted);
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                registry,
+                config,
+                running: Mutex::new(None),
+                wake: Notify::new(),
+                stopping: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Queues a job; refused while another is queued or running.
+    pub async fn submit(
+        &self,
+        config: JobConfig,
+        trigger: &str,
+    ) -> Result<JobRecord, SchedulerError> {
+        config.validate().map_err(SchedulerError::InvalidConfig)?;
+        let job = JobRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            status: JobStatus::Queued,
+            trigger: trigger.to_string(),
+            config: serde_json::to_value(&config).unwrap_or_default(),
+            parent_version: None,
+            candidate_version: None,
+            data_counts: None,
+            metrics: None,
+            evaluation: None,
+            error: None,
+            steps_done: 0,
+            created_at: now_ms(),
+            started_at: None,
+            finished_at: None,
+        };
+        self.inner.store.create_job(&job).await?;
+        tracing::info!(job = %job.id, trigger, "job queued");
+        self.inner.wake.notify_one();
+        Ok(job)
+    }
+
+    /// Cancels a queued job at once, a running one before its next step.
+    pub async fn cancel(&self, id: &str) -> Result<JobRecord, SchedulerError> {
+        let job = self.inner.store.get_job(id).await?;
+        if !job.status.is_active() {
+            return Err(SchedulerError::Finished(id.to_string()));
+        }
+        let flag = self
+            .inner
+            .running
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().filter(|(j, _)| j == id).map(|(_, f)| f.clone()));
+        match flag {
+            Some(flag) => flag.store(true, Ordering::SeqCst),
+            None => {
+                let outcome = JobOutcome {
+                    error: Some("cancelled".into()),
+                    ..JobOutcome::default()
+                };
+                if self
+                    .inner
+                    .store
+                    .finish_job(id, JobStatus::Cancelled, outcome)
+                    .await?
+                {
+                    metrics::counter!("ulm_rl_jobs_total", "status" => "cancelled").increment(1);
+                }
+            }
+        }
+        Ok(self.inner.store.get_job(id).await?)
+    }
+
+    /// Runs triggers and queued jobs until [`Self::stop`].
+    pub fn spawn(&self) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            while !this.inner.stopping.load(Ordering::SeqCst) {
+                if let Err(error) = this.tick().await {
+                    tracing::error!(%error, "scheduler tick failed");
+                }
+                tokio::select! {
+                    _ = this.inner.wake.notified() => {}
+                    _ = tokio::time::sleep(this.inner.config.poll) => {}
+                }
+            }
+        })
+    }
+
+    /// Cancels the running job (it is recorded as cancelled) and stops.
+    pub fn stop(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        if let Ok(running) = self.inner.running.lock() {
+            if let Some((_, flag)) = running.as_ref() {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }
+        self.inner.wake.notify_one();
+    }
+
+    async fn tick(&self) -> Result<(), StoreError> {
+        self.maybe_trigger().await?;
+        if let Some(job) = self.inner.store.next_queued_job().await? {
+            self.run(job).await;
+        }
+        Ok(())
+    }
+
+    async fn maybe_trigger(&self) -> Result<(), StoreError> {
+        let c = &self.inner.config;
+        if c.interval.is_none() && c.min_new_feedback.is_none() {
+            return Ok(());
+        }
+        let store = &self.inner.store;
+        let last = store.last_job_created_at().await?;
+        let trigger = if c
+            .interval
+            .is_some_and(|i| now_ms() - last >= i.as_millis() as i64)
+        {
+            Some("timer")
+        } else {
+            match c.min_new_feedback {
+                Some(k) if store.feedback_count_since(last).await? >= k as i64 => Some("feedback"),
+                _ => None,
+            }
+        };
+        if let Some(trigger) = trigger {
+            match self.submit(c.job_defaults.clone(), trigger).await {
+                Ok(_) | Err(SchedulerError::Store(StoreError::JobActive(_))) => {}
+                Err(SchedulerError::Store(e)) => return Err(e),
+                Err(e) => tracing::error!(error = %e, "the scheduler's job defaults are invalid"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(&self, job: JobRecord) {
+        let cancel = Arc::new(AtomicBool::new(false));
+        if let Ok(mut running) = self.inner.running.lock() {
+            *running = Some((job.id.clone(), cancel.clone()));
+        }
+        let started = Instant::now();
+        let result = self.run_job(&job, cancel).await;
+        if let Ok(mut running) = self.inner.running.lock() {
+            *running = None;
+        }
+        let store = &self.inner.store;
+        let (status, outcome) = match result {
+            Ok(status) => (status, None),
+            Err(message) => {
+                tracing::error!(job = %job.id, error = %message, "job failed");
+                (
+                    JobStatus::Failed,
+                    Some(JobOutcome {
+                        error: Some(message),
+                        ..JobOutcome::default()
+                    }),
+                )
+            }
+        };
+        if let Some(outcome) = outcome {
+            if let Err(e) = store.finish_job(&job.id, status, outcome).await {
+                tracing::error!(job = %job.id, error = %e, "recording the failure failed");
+            }
+        }
+        tracing::info!(job = %job.id, status = status.as_str(), seconds = started.elapsed().as_secs_f64(), "job finished");
+        metrics::counter!("ulm_rl_jobs_total", "status" => status.as_str()).increment(1);
+        metrics::histogram!("ulm_rl_job_duration_seconds", "status" => status.as_str())
+            .record(started.elapsed().as_secs_f64());
+    }
+
+    /// The job from queued to its terminal status; an error message fails it.
+    async fn run_job(&self, job: &JobRecord, cancel: Arc<AtomicBool>) -> Result<JobStatus, String> {
+        let store = &self.inner.store;
+        let registry = &self.inner.registry;
+        let err = |e: &dyn std::fmt::Display| e.to_string();
+        if !store
+            .transition_job(&job.id, JobStatus::Queued, JobStatus::Running)
+            .await
+            .map_err(|e| err(&e))?
+        {
+            return Ok(JobStatus::Cancelled);
+        }
+        let config: JobConfig = serde_json::from_value(job.config.clone()).map_err(|e| err(&e))?;
+        let active = registry.serving();
+        let parent = store
+            .get_version(&active.version)
+            .await
+            .map_err(|e| err(&e))?;
+        store
+            .set_job_parent(&job.id, &parent.id)
+            .await
+            .map_err(|e| err(&e))?;
+        let shape = data::Shape {
+            image_tokens: registry.base().model.cfg.gen_vision.image_tokens(),
+        };
+        let data = data::gather(
+            store,
+            &config,
+            self.inner.config.holdout_fraction,
+            job.created_at,
+            shape,
+        )
+        .await
+        .map_err(|e| err(&e))?;
+        let counts = serde_json::to_value(&data.counts).unwrap_or_default();
+        store
+            .set_job_data_counts(&job.id, &counts)
+            .await
+            .map_err(|e| err(&e))?;
+        if data.eval.is_empty() {
+            return Err(format!(
+                "no evaluation data: the gate needs at least one held-out rated group with 2 or more scored samples ({counts})"
+            ));
+        }
+        let inputs = JobInputs {
+            base: registry.base().clone(),
+            parent_checkpoint: parent.checkpoint_path.clone().map(Into::into),
+            active: active.clone(),
+            config: config.clone(),
+            data,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let flag = cancel.clone();
+        let mut training = tokio::task::spawn_blocking(move || job::run(inputs, &flag, &tx));
+        let mut steps: Vec<StepSummary> = Vec::new();
+        let end = loop {
+            tokio::select! {
+                Some(progress) = rx.recv() => match progress {
+                    Progress::Step(summary) => {
+                        metrics::counter!("ulm_rl_training_steps_total").increment(1);
+                        steps.push(summary);
+                        let metrics = serde_json::json!({ "steps": steps });
+                        if let Err(e) = store.set_job_progress(&job.id, steps.len() as i64, &metrics).await {
+                            tracing::warn!(job = %job.id, error = %e, "recording progress failed");
+                        }
+                    }
+                    Progress::Evaluating => {
+                        let _ = store.transition_job(&job.id, JobStatus::Running, JobStatus::Evaluating).await;
+                    }
+                },
+                joined = &mut training => break joined,
+            }
+        };
+        // Progress sent just before the end.
+        while let Ok(Progress::Step(summary)) = rx.try_recv() {
+            steps.push(summary);
+        }
+        let metrics = serde_json::json!({ "steps": steps });
+        let _ = store
+            .set_job_progress(&job.id, steps.len() as i64, &metrics)
+            .await;
+        let trained = match end.map_err(|e| err(&e))?.map_err(|e| err(&e))? {
+            RunEnd::Cancelled => {
+                let outcome = JobOutcome {
+                    error: Some(format!("cancelled after {} steps", steps.len())),
+                    ..JobOutcome::default()
+                };
+                store
+                    .finish_job(&job.id, JobStatus::Cancelled, outcome)
+                    .await
+                    .map_err(|e| err(&e))?;
+                return Ok(JobStatus::Cancelled);
+            }
+            RunEnd::Trained(trained) => trained,
+        };
+        let eval = &trained.evaluation;
+        metrics::gauge!("ulm_rl_eval_reward", "policy" => "active").set(eval.active.reward);
+        metrics::gauge!("ulm_rl_eval_reward", "policy" => "candidate").set(eval.candidate.reward);
+        metrics::gauge!("ulm_rl_eval_kl_to_base").set(eval.candidate.kl_to_base);
+        let decision = gate::decide(eval, config.max_reward_drop, config.max_kl);
+        let evaluation = serde_json::json!({
+            "evaluation": eval,
+            "decision": decision,
+            "max_reward_drop": config.max_reward_drop,
+            "max_kl": config.max_kl,
+        });
+        if cancel.load(Ordering::SeqCst) {
+            store
+                .finish_job(
+                    &job.id,
+                    JobStatus::Cancelled,
+                    JobOutcome {
+                        evaluation: Some(evaluation),
+                        error: Some("cancelled during evaluation".into()),
+                    },
+                )
+                .await
+                .map_err(|e| err(&e))?;
+            return Ok(JobStatus::Cancelled);
+        }
+        if !decision.promote {
+            tracing::info!(job = %job.id, reason = %decision.reason, "candidate rejected");
+            store
+                .finish_job(
+                    &job.id,
+                    JobStatus::Rejected,
+                    JobOutcome {
+                        evaluation: Some(evaluation),
+                        error: None,
+                    },
+                )
+                .await
+                .map_err(|e| err(&e))?;
+            return Ok(JobStatus::Rejected);
+        }
+        let version = registry.next_version_id().await.map_err(|e| err(&e))?;
+        let dir = registry.checkpoint_dir(&version);
+        let record = VersionRecord {
+            id: version.clone(),
+            parent: Some(parent.id.clone()),
+            job_id: Some(job.id.clone()),
+            checkpoint_path: Some(dir.to_string_lossy().into_owned()),
+            metrics: evaluation.clone(),
+            created_at: now_ms(),
+        };
+        // The checkpoint is durable before any row names it.
+        let loader = registry.clone();
+        let to_load = record.clone();
+        let serving = tokio::task::spawn_blocking(move || {
+            checkpoint::save(&trained.trainer, &dir, None, &[])?;
+            loader.load(&to_load)
+        })
+        .await
+        .map_err(|e| err(&e))?
+        .map_err(|e| err(&e))?;
+        registry
+            .promote(&record, &evaluation, serving)
+            .await
+            .map_err(|e| err(&e))?;
+        tracing::info!(job = %job.id, version, reason = %decision.reason, "candidate promoted");
+        metrics::counter!("ulm_rl_promotions_total").increment(1);
+        Ok(JobStatus::Promoted)
+    }
+}

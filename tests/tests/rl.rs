@@ -1,0 +1,335 @@
+//! The online loop on the real binary with the demo model: served groups
+//! and feedback become a GRPO job, the evaluation gate promotes or rejects
+//! its candidate, the promoted version is served (and can be rolled back),
+//! and jobs survive cancellation and kill -9.
+//!
+//! The favoured property is measurable on the demo model: the share of
+//! ASCII letters in an answer. Each answer's feedback score is that share.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use ulm_e2e::{png_base64, Server, ADMIN_KEY, USER_KEY};
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no code>")
+}
+
+fn letter_share(text: &str) -> f64 {
+    let total = text.chars().count().max(1);
+    text.chars().filter(|c| c.is_ascii_alphabetic()).count() as f64 / total as f64
+}
+
+/// What one round of serving produced.
+struct Round {
+    mean_share: f64,
+    versions: Vec<String>,
+    texts: Vec<String>,
+    sample_ids: Vec<String>,
+}
+
+/// `requests` questions (fixed seeds, so a round is reproducible on one
+/// version), 8 answers each; with `rate`, every answer gets its letter share
+/// as feedback.
+async fn serve_round(server: &Server, requests: usize, rate: bool) -> Round {
+    let mut round = Round {
+        mean_share: 0.0,
+        versions: Vec::new(),
+        texts: Vec::new(),
+        sample_ids: Vec::new(),
+    };
+    for i in 0..requests {
+        let body = json!({
+            "image": png_base64(32 + i as u32, 24), "question": format!("What is in picture {i}?"),
+            "n": 8, "max_new_tokens": 6, "temperature": 1.0, "seed": 1000 * i,
+        });
+        let (status, answer) = server.post("/v1/answer", &body).await;
+        assert_eq!(status, 200, "{answer}");
+        round
+            .versions
+            .push(answer["model_version"].as_str().unwrap().to_string());
+        for sample in answer["samples"].as_array().unwrap() {
+            let text = sample["text"].as_str().unwrap().to_string();
+            let id = sample["sample_id"].as_str().unwrap().to_string();
+            if rate {
+                let feedback =
+                    json!({"sample_id": id, "key": "letters", "score": letter_share(&text)});
+                let (status, body) = server.post("/v1/feedback", &feedback).await;
+                assert_eq!(status, 201, "{body}");
+            }
+            round.mean_share += letter_share(&text);
+            round.texts.push(text);
+            round.sample_ids.push(id);
+        }
+    }
+    round.mean_share /= round.texts.len() as f64;
+    round.versions.dedup();
+    round
+}
+
+/// Polls a job until `done` holds for it.
+async fn wait_job(server: &Server, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (status, job) = server.get(&format!("/v1/rl/jobs/{id}")).await;
+        assert_eq!(status, 200, "{job}");
+        if done(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} stuck: {job}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn finished(job: &Value) -> bool {
+    ["promoted", "rejected", "failed", "cancelled"].contains(&job["status"].as_str().unwrap())
+}
+
+async fn start_job(server: &Server, config: Value) -> String {
+    let (status, job) = server.post("/v1/rl/jobs", &config).await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["status"], "queued");
+    job["id"].as_str().unwrap().to_string()
+}
+
+/// Learns fast enough to see on the demo model in a few seconds: a high
+/// learning rate and wide clipping, since the stored groups are reused.
+fn learning_job(steps: u32) -> Value {
+    json!({
+        "steps": steps, "lr": 0.02, "beta": 0.0, "lora_rank": 8, "lora_alpha": 16.0,
+        "epsilon_high": 10.0, "max_kl": 20.0, "max_reward_drop": 0.1,
+    })
+}
+
+async fn active_version(server: &Server) -> String {
+    let (status, models) = server.get("/v1/models").await;
+    assert_eq!(status, 200, "{models}");
+    let active: Vec<&Value> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["active"] == true)
+        .collect();
+    assert_eq!(active.len(), 1, "{models}");
+    active[0]["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_trains_a_promoted_version_that_serves_and_rolls_back() {
+    let server = Server::start_with(&["--no-auth", "--rl-holdout-fraction", "0.25"]).await;
+    let before = serve_round(&server, 16, true).await;
+    assert_eq!(before.versions, ["demo-base"]);
+
+    let id = start_job(&server, learning_job(30)).await;
+    let job = wait_job(&server, &id, finished).await;
+    assert_eq!(job["status"], "promoted", "{job}");
+    assert_eq!(job["parent_version"], "demo-base");
+    assert_eq!(job["candidate_version"], "v1");
+    assert_eq!(job["steps_done"], 30);
+    let counts = &job["data_counts"];
+    assert_eq!(counts["rated_requests"], 16, "{counts}");
+    let (train, eval) = (
+        counts["train_groups"].as_u64().unwrap(),
+        counts["eval_groups"].as_u64().unwrap(),
+    );
+    assert!(train > 0 && eval > 0 && train + eval == 16, "{counts}");
+    let evaluation = &job["evaluation"];
+    assert_eq!(evaluation["decision"]["promote"], true, "{evaluation}");
+    assert!(evaluation["evaluation"]["candidate"]["reward"].is_number());
+    assert!(
+        evaluation["evaluation"]["candidate"]["kl_to_base"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+
+    assert_eq!(active_version(&server).await, "v1");
+    let (_, models) = server.get("/v1/models").await;
+    let v1 = &models["data"][1];
+    assert_eq!(
+        (
+            v1["id"].as_str(),
+            v1["parent"].as_str(),
+            v1["job_id"].as_str()
+        ),
+        (Some("v1"), Some("demo-base"), Some(id.as_str()))
+    );
+
+    // New samples carry the new version, and the favoured property moved.
+    let after = serve_round(&server, 16, false).await;
+    assert_eq!(after.versions, ["v1"]);
+    let (_, sample) = server
+        .get(&format!("/v1/samples/{}", after.sample_ids[0]))
+        .await;
+    assert_eq!(sample["model_version"], "v1");
+    println!(
+        "letter share: {:.3} on demo-base, {:.3} on v1",
+        before.mean_share, after.mean_share
+    );
+    assert!(
+        after.mean_share > before.mean_share + 0.05,
+        "letter share {:.3} -> {:.3}",
+        before.mean_share,
+        after.mean_share
+    );
+
+    // Rolling back serves the base again: the same seeds give the same answers.
+    let (status, activated) = server
+        .post("/v1/models/demo-base/activate", &json!({}))
+        .await;
+    assert_eq!(status, 200, "{activated}");
+    assert_eq!(activated["active"], true);
+    assert_eq!(active_version(&server).await, "demo-base");
+    let rolled_back = serve_round(&server, 16, false).await;
+    assert_eq!(rolled_back.versions, ["demo-base"]);
+    assert_eq!(rolled_back.texts, before.texts);
+
+    let (status, body) = server.post("/v1/models/v9/activate", &json!({})).await;
+    assert_eq!((status, code(&body)), (404, "not_found"));
+    let (_, metrics) = server.get("/metrics").await;
+    let metrics = metrics.as_str().unwrap();
+    assert!(metrics.contains("ulm_rl_promotions_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("ulm_model_active{version=\"demo-base\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worse_candidate_is_rejected_and_changes_nothing_served() {
+    let server = Server::start_with(&["--no-auth", "--rl-holdout-fraction", "0.25"]).await;
+    let before = serve_round(&server, 8, true).await;
+    // A learning rate that wrecks the policy: far from the base, and no better.
+    let id = start_job(
+        &server,
+        json!({"steps": 6, "lr": 0.5, "beta": 0.0, "epsilon_high": 10.0, "max_kl": 0.5}),
+    )
+    .await;
+    let job = wait_job(&server, &id, finished).await;
+    assert_eq!(job["status"], "rejected", "{job}");
+    let decision = &job["evaluation"]["decision"];
+    assert_eq!(decision["promote"], false);
+    assert!(
+        decision["reason"].as_str().unwrap().contains("exceeds"),
+        "{decision}"
+    );
+    assert!(job["candidate_version"].is_null());
+
+    assert_eq!(active_version(&server).await, "demo-base");
+    let (_, models) = server.get("/v1/models").await;
+    assert_eq!(models["data"].as_array().unwrap().len(), 1, "{models}");
+    let again = serve_round(&server, 8, false).await;
+    assert_eq!(again.versions, ["demo-base"]);
+    assert_eq!(again.texts, before.texts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_a_job_loses_nothing_and_the_next_job_runs() {
+    let mut server = Server::start_with(&["--no-auth", "--rl-holdout-fraction", "0.25"]).await;
+    let round = serve_round(&server, 8, true).await;
+    let promote = json!({"steps": 3, "lr": 0.02, "beta": 0.0, "lora_rank": 8, "max_kl": 100.0, "max_reward_drop": 10.0});
+    let first = start_job(&server, promote.clone()).await;
+    let job = wait_job(&server, &first, finished).await;
+    assert_eq!(job["status"], "promoted", "{job}");
+
+    // A long job, killed while it trains.
+    let long = start_job(&server, json!({"steps": 1000, "lr": 0.001})).await;
+    wait_job(&server, &long, |j| j["steps_done"].as_i64().unwrap() >= 2).await;
+    server.kill9();
+    server.restart();
+
+    let job = wait_job(&server, &long, |_| true).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["error"].as_str().unwrap().contains("interrupted"),
+        "{job}"
+    );
+    assert_eq!(active_version(&server).await, "v1");
+    for id in &round.sample_ids {
+        let (status, sample) = server.get(&format!("/v1/samples/{id}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(sample["feedback"].as_array().unwrap().len(), 1, "{sample}");
+    }
+    let served = serve_round(&server, 1, false).await;
+    assert_eq!(served.versions, ["v1"]);
+
+    // The next job runs normally, from v1.
+    let next = start_job(&server, promote).await;
+    let job = wait_job(&server, &next, finished).await;
+    assert_eq!(job["status"], "promoted", "{job}");
+    assert_eq!(job["parent_version"], "v1");
+    assert_eq!(job["candidate_version"], "v2");
+    assert_eq!(active_version(&server).await, "v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_need_an_admin_run_one_at_a_time_and_cancel_within_a_step() {
+    let keys = format!("user:{USER_KEY},admin:{ADMIN_KEY}");
+    let mut server =
+        Server::start_with(&["--api-keys", &keys, "--rl-holdout-fraction", "0.25"]).await;
+    server.key = Some(USER_KEY.into());
+    serve_round(&server, 6, true).await;
+    let (status, body) = server.post("/v1/rl/jobs", &json!({})).await;
+    assert_eq!((status, code(&body)), (403, "forbidden"));
+    let (status, body) = server
+        .post("/v1/models/demo-base/activate", &json!({}))
+        .await;
+    assert_eq!((status, code(&body)), (403, "forbidden"));
+    assert_eq!(server.get("/v1/rl/jobs").await.0, 403);
+
+    server.key = Some(ADMIN_KEY.into());
+    for (bad, why) in [
+        (json!({"steps": 0}), "steps"),
+        (json!({"lr": -1.0}), "lr"),
+        (
+            json!({"mix": {"feedback": 0.0, "reference_answers": 0.0, "prompts": 0.0}}),
+            "mix",
+        ),
+    ] {
+        let (status, body) = server.post("/v1/rl/jobs", &bad).await;
+        assert_eq!((status, code(&body)), (422, "invalid_parameter"), "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(why),
+            "{body}"
+        );
+    }
+    let (status, body) = server.post("/v1/rl/jobs", &json!({"stepz": 3})).await;
+    assert_eq!((status, code(&body)), (422, "invalid_body"), "{body}");
+    assert_eq!(server.get("/v1/rl/jobs/nope").await.0, 404);
+    assert_eq!(
+        server.post("/v1/rl/jobs/nope/cancel", &json!({})).await.0,
+        404
+    );
+    let (status, body) = server.get("/v1/rl/jobs?limit=0").await;
+    assert_eq!((status, code(&body)), (422, "invalid_parameter"));
+
+    let id = start_job(&server, json!({"steps": 1000, "lr": 0.001})).await;
+    let (status, body) = server.post("/v1/rl/jobs", &json!({})).await;
+    assert_eq!((status, code(&body)), (409, "conflict"), "{body}");
+
+    let running = wait_job(&server, &id, |j| j["steps_done"].as_i64().unwrap() >= 2).await;
+    assert_eq!(running["status"], "running");
+    let (status, _) = server
+        .post(&format!("/v1/rl/jobs/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 202);
+    let steps_at_cancel = server.get(&format!("/v1/rl/jobs/{id}")).await.1["steps_done"]
+        .as_i64()
+        .unwrap();
+    let job = wait_job(&server, &id, finished).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    // The step in flight when the request came may finish; no other starts.
+    assert!(
+        job["steps_done"].as_i64().unwrap() <= steps_at_cancel + 1,
+        "{job}"
+    );
+    let (status, body) = server
+        .post(&format!("/v1/rl/jobs/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!((status, code(&body)), (409, "conflict"));
+
+    let (status, list) = server.get("/v1/rl/jobs?limit=10").await;
+    assert_eq!(status, 200);
+    assert_eq!(list["data"][0]["id"], id.as_str());
+    assert_eq!(active_version(&server).await, "demo-base");
+}
