@@ -54,6 +54,11 @@ struct Args {
     /// Where to write the JSON report.
     #[arg(long, default_value = "load-report.json")]
     report: String,
+    /// Benchmark serving while an RL job trains: run the scenario once idle,
+    /// then again while a job (this JSON config, admin key needed unless the
+    /// server runs --no-auth) trains, and report the latency ratios.
+    #[arg(long)]
+    while_training: Option<String>,
 }
 
 /// Only loopback targets: 127.0.0.0/8, localhost, [::1].
@@ -153,6 +158,220 @@ fn status_class(result: &std::result::Result<(u16, Value), String>) -> String {
     }
 }
 
+/// One load configuration, run for one or more phases.
+struct Load {
+    client: Arc<Client>,
+    png: Arc<String>,
+    /// Samples that feedback is attached to.
+    sample_ids: Arc<Vec<String>>,
+    scenario: Scenario,
+    concurrency: usize,
+    max_requests: u64,
+}
+
+/// What one phase measured.
+struct Phase {
+    ops: BTreeMap<String, OpReport>,
+    /// (sample id, feedback id) of every acknowledged feedback item.
+    acked: Vec<(String, String)>,
+    elapsed_s: f64,
+    job: Option<Value>,
+}
+
+impl Load {
+    async fn run(&self, duration: Duration) -> Phase {
+        let stats: Arc<Mutex<BTreeMap<&'static str, Stats>>> = Arc::default();
+        let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let issued = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + duration;
+        let started = Instant::now();
+        let workers = (0..self.concurrency).map(|w| {
+            let (client, png, stats, acked, issued, sample_ids) = (
+                self.client.clone(),
+                self.png.clone(),
+                stats.clone(),
+                acked.clone(),
+                issued.clone(),
+                self.sample_ids.clone(),
+            );
+            let scenario = self.scenario;
+            let max = self.max_requests;
+            async move {
+                let mut k: u64 = 0;
+                while Instant::now() < deadline && issued.fetch_add(1, Ordering::SeqCst) < max {
+                    k += 1;
+                    let op = match scenario {
+                        Scenario::Mix => match (w as u64 * 7 + k) % 5 {
+                            0 | 1 => Scenario::Answer,
+                            2 => Scenario::Generate,
+                            _ => Scenario::Feedback,
+                        },
+                        s => s,
+                    };
+                    let t = Instant::now();
+                    let (name, result) = match op {
+                        Scenario::Answer => (
+                            "answer",
+                            client
+                                .post("/v1/answer", &json!({"image": *png, "question": "What is in the picture?", "n": 2, "max_new_tokens": 16}))
+                                .await,
+                        ),
+                        Scenario::Generate => ("generate", client.post("/v1/generate", &json!({"prompt": format!("load {w} {k}"), "n": 2})).await),
+                        _ => {
+                            let sample = &sample_ids[(k as usize) % sample_ids.len().max(1)];
+                            let client_id = uuid_like(w, k);
+                            let r = client
+                                .post("/v1/feedback", &json!({"sample_id": sample, "key": "quality", "score": (k % 10) as f64 / 10.0, "client_id": client_id}))
+                                .await;
+                            if let Ok((201, body)) = &r {
+                                if let Some(id) = body["items"][0]["feedback"]["id"].as_str() {
+                                    acked.lock().expect("ack lock").push((sample.clone(), id.to_string()));
+                                }
+                            }
+                            ("feedback", r)
+                        }
+                    };
+                    let ms = t.elapsed().as_secs_f64() * 1000.0;
+                    let mut all = stats.lock().expect("stats lock");
+                    let s = all.entry(name).or_default();
+                    s.latencies_ms.push(ms);
+                    *s.statuses.entry(status_class(&result)).or_default() += 1;
+                }
+            }
+        });
+        futures::future::join_all(workers).await;
+        let elapsed_s = started.elapsed().as_secs_f64();
+        let mut ops = BTreeMap::new();
+        for (name, s) in stats.lock().expect("stats lock").iter() {
+            let mut lat = s.latencies_ms.clone();
+            lat.sort_by(f64::total_cmp);
+            ops.insert(
+                name.to_string(),
+                OpReport {
+                    requests: lat.len() as u64,
+                    ok: s.statuses.get("2xx").copied().unwrap_or(0),
+                    status_counts: s.statuses.clone(),
+                    server_errors: s.statuses.get("5xx").copied().unwrap_or(0),
+                    throughput_rps: lat.len() as f64 / elapsed_s,
+                    p50_ms: percentile(&lat, 50.0),
+                    p95_ms: percentile(&lat, 95.0),
+                    p99_ms: percentile(&lat, 99.0),
+                },
+            );
+        }
+        let acked = acked.lock().expect("ack lock").clone();
+        Phase {
+            ops,
+            acked,
+            elapsed_s,
+            job: None,
+        }
+    }
+}
+
+/// Feedback client ids unique across phases and runs.
+fn uuid_like(worker: usize, k: u64) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("load-{nanos}-{worker}-{k}")
+}
+
+/// Rates a few served answer groups so the job has data, starts the job,
+/// runs the load while it trains, then cancels it.
+async fn while_training(load: &Load, config: &str, duration: Duration) -> Result<Phase> {
+    let config: Value = serde_json::from_str(config).context("--while-training is not JSON")?;
+    let client = &load.client;
+    for i in 0..8 {
+        let body = json!({"image": *load.png, "question": format!("Training data {i}?"), "n": 4, "max_new_tokens": 8, "seed": i});
+        let (status, answer) = client
+            .post("/v1/answer", &body)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        if status != 200 {
+            bail!("seeding training data: {status} {answer}");
+        }
+        for (k, sample) in answer["samples"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let feedback = json!({"sample_id": sample["sample_id"], "key": "quality", "score": k as f64 / 4.0});
+            client
+                .post("/v1/feedback", &feedback)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
+    }
+    let (status, job) = client
+        .post("/v1/rl/jobs", &config)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if status != 202 {
+        bail!("starting the job: {status} {job}");
+    }
+    let id = job["id"].as_str().unwrap_or_default().to_string();
+    let path = format!("/v1/rl/jobs/{id}");
+    loop {
+        let (_, job) = client.get(&path).await.map_err(anyhow::Error::msg)?;
+        match job["status"].as_str() {
+            Some("running") if job["steps_done"].as_i64().unwrap_or(0) >= 1 => break,
+            Some("queued" | "running") => tokio::time::sleep(Duration::from_millis(200)).await,
+            _ => bail!("the job ended before the load started: {job}"),
+        }
+    }
+    let mut phase = load.run(duration).await;
+    let (_, job) = client.get(&path).await.map_err(anyhow::Error::msg)?;
+    if job["status"] != "running" {
+        eprintln!(
+            "warning: the job was no longer training at the end of the phase: {}",
+            job["status"]
+        );
+    }
+    client
+        .post(&format!("{path}/cancel"), &json!({}))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    phase.job = Some(
+        json!({"id": id, "steps_done_during_phase": job["steps_done"], "status_at_end": job["status"]}),
+    );
+    Ok(phase)
+}
+
+/// Acknowledged feedback items that are not stored.
+async fn missing_feedback(
+    client: &Client,
+    sample_ids: &[String],
+    acked: &[(String, String)],
+) -> usize {
+    let mut stored = std::collections::HashSet::new();
+    for id in sample_ids {
+        if let Ok((200, sample)) = client.get(&format!("/v1/samples/{id}")).await {
+            for f in sample["feedback"].as_array().into_iter().flatten() {
+                if let Some(fid) = f["id"].as_str() {
+                    stored.insert(fid.to_string());
+                }
+            }
+        }
+    }
+    acked.iter().filter(|(_, id)| !stored.contains(id)).count()
+}
+
+fn print_table(title: &str, ops: &BTreeMap<String, OpReport>) {
+    println!("{title}:");
+    println!(
+        "{:<10} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9}  statuses",
+        "op", "requests", "ok", "req/s", "p50 ms", "p95 ms", "p99 ms"
+    );
+    for (name, r) in ops {
+        println!(
+            "{name:<10} {:>8} {:>8} {:>10.2} {:>9.1} {:>9.1} {:>9.1}  {:?}",
+            r.requests, r.ok, r.throughput_rps, r.p50_ms, r.p95_ms, r.p99_ms, r.status_counts
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -164,7 +383,6 @@ async fn main() -> Result<()> {
         base: args.url.trim_end_matches('/').to_string(),
         key: args.api_key.clone(),
     });
-    let png = Arc::new(test_png());
 
     // A few samples to attach feedback to.
     let (status, seed) = client
@@ -188,16 +406,20 @@ async fn main() -> Result<()> {
             .unwrap_or_default(),
     );
 
-    let stats: Arc<Mutex<BTreeMap<&'static str, Stats>>> = Arc::default();
-    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-    let issued = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(args.duration);
-    let started = Instant::now();
+    let load = Load {
+        client: client.clone(),
+        png: Arc::new(test_png()),
+        sample_ids: sample_ids.clone(),
+        scenario: args.scenario,
+        concurrency: args.concurrency,
+        max_requests: args.max_requests,
+    };
+    let duration = Duration::from_secs(args.duration);
     let rss_samples: Arc<Mutex<Vec<u64>>> = Arc::default();
     if let Some(pid) = args.server_pid {
         let samples = rss_samples.clone();
         tokio::spawn(async move {
-            while Instant::now() < deadline {
+            loop {
                 if let Some(kib) = rss_kib(pid) {
                     samples.lock().expect("rss lock").push(kib);
                 }
@@ -205,114 +427,50 @@ async fn main() -> Result<()> {
             }
         });
     }
-
-    let workers = (0..args.concurrency).map(|w| {
-        let (client, png, stats, acked, issued, sample_ids) =
-            (client.clone(), png.clone(), stats.clone(), acked.clone(), issued.clone(), sample_ids.clone());
-        let scenario = args.scenario;
-        let max = args.max_requests;
-        async move {
-            let mut k: u64 = 0;
-            while Instant::now() < deadline && issued.fetch_add(1, Ordering::SeqCst) < max {
-                k += 1;
-                let op = match scenario {
-                    Scenario::Mix => match (w as u64 * 7 + k) % 5 {
-                        0 | 1 => Scenario::Answer,
-                        2 => Scenario::Generate,
-                        _ => Scenario::Feedback,
-                    },
-                    s => s,
-                };
-                let t = Instant::now();
-                let (name, result) = match op {
-                    Scenario::Answer => (
-                        "answer",
-                        client
-                            .post("/v1/answer", &json!({"image": *png, "question": "What is in the picture?", "n": 2, "max_new_tokens": 16}))
-                            .await,
-                    ),
-                    Scenario::Generate => ("generate", client.post("/v1/generate", &json!({"prompt": format!("load {w} {k}"), "n": 2})).await),
-                    _ => {
-                        let sample = &sample_ids[(k as usize) % sample_ids.len().max(1)];
-                        let client_id = format!("load-{w}-{k}");
-                        let r = client
-                            .post("/v1/feedback", &json!({"sample_id": sample, "key": "quality", "score": (k % 10) as f64 / 10.0, "client_id": client_id}))
-                            .await;
-                        if let Ok((201, body)) = &r {
-                            if let Some(id) = body["items"][0]["feedback"]["id"].as_str() {
-                                acked.lock().expect("ack lock").push((sample.clone(), id.to_string()));
-                            }
-                        }
-                        ("feedback", r)
-                    }
-                };
-                let ms = t.elapsed().as_secs_f64() * 1000.0;
-                let mut all = stats.lock().expect("stats lock");
-                let s = all.entry(name).or_default();
-                s.latencies_ms.push(ms);
-                *s.statuses.entry(status_class(&result)).or_default() += 1;
-            }
-        }
-    });
-    futures::future::join_all(workers).await;
-    let elapsed = started.elapsed().as_secs_f64();
-
-    // Every acknowledged feedback item must be stored.
-    let acked = acked.lock().expect("ack lock").clone();
-    let mut stored = std::collections::HashSet::new();
-    for id in sample_ids.iter() {
-        if let Ok((200, sample)) = client.get(&format!("/v1/samples/{id}")).await {
-            for f in sample["feedback"].as_array().into_iter().flatten() {
-                if let Some(fid) = f["id"].as_str() {
-                    stored.insert(fid.to_string());
-                }
-            }
-        }
-    }
-    let missing = acked.iter().filter(|(_, id)| !stored.contains(id)).count();
-
-    let mut ops = BTreeMap::new();
-    let mut total_5xx = 0;
-    for (name, s) in stats.lock().expect("stats lock").iter() {
-        let mut lat = s.latencies_ms.clone();
-        lat.sort_by(f64::total_cmp);
-        let server_errors = s.statuses.get("5xx").copied().unwrap_or(0);
-        total_5xx += server_errors;
-        ops.insert(
-            name.to_string(),
-            OpReport {
-                requests: lat.len() as u64,
-                ok: s.statuses.get("2xx").copied().unwrap_or(0),
-                status_counts: s.statuses.clone(),
-                server_errors,
-                throughput_rps: lat.len() as f64 / elapsed,
-                p50_ms: percentile(&lat, 50.0),
-                p95_ms: percentile(&lat, 95.0),
-                p99_ms: percentile(&lat, 99.0),
-            },
+    let idle = load.run(duration).await;
+    let training = match &args.while_training {
+        Some(config) => Some(while_training(&load, config, duration).await?),
+        None => None,
+    };
+    let mut acked = idle.acked.clone();
+    acked.extend(training.iter().flat_map(|t| t.acked.iter().cloned()));
+    let missing = missing_feedback(&client, &sample_ids, &acked).await;
+    let total_5xx: u64 = idle
+        .ops
+        .values()
+        .chain(training.iter().flat_map(|t| t.ops.values()))
+        .map(|o| o.server_errors)
+        .sum();
+    print_table("idle", &idle.ops);
+    if let Some(t) = &training {
+        print_table("while a job trains", &t.ops);
+        println!(
+            "{:<10} {:>12} {:>12} {:>12}",
+            "op", "p50 ratio", "p95 ratio", "req/s ratio"
         );
+        for (name, busy) in &t.ops {
+            if let Some(calm) = idle.ops.get(name) {
+                println!(
+                    "{name:<10} {:>12.2} {:>12.2} {:>12.2}",
+                    busy.p50_ms / calm.p50_ms.max(1e-9),
+                    busy.p95_ms / calm.p95_ms.max(1e-9),
+                    busy.throughput_rps / calm.throughput_rps.max(1e-9)
+                );
+            }
+        }
     }
     let rss = rss_samples.lock().expect("rss lock").clone();
     let report = json!({
         "scenario": args.scenario,
         "concurrency": args.concurrency,
-        "duration_s": elapsed,
-        "operations": ops,
+        "duration_s": idle.elapsed_s,
+        "operations": idle.ops,
+        "while_training": training.as_ref().map(|t| json!({"duration_s": t.elapsed_s, "operations": t.ops, "job": t.job})),
         "server_5xx": total_5xx,
         "feedback_acknowledged": acked.len(),
         "feedback_missing_after_run": missing,
         "server_rss_kib": {"first": rss.first(), "max": rss.iter().max(), "last": rss.last()},
     });
-    println!(
-        "{:<10} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9}  statuses",
-        "op", "requests", "ok", "req/s", "p50 ms", "p95 ms", "p99 ms"
-    );
-    for (name, r) in &ops {
-        println!(
-            "{name:<10} {:>8} {:>8} {:>10.2} {:>9.1} {:>9.1} {:>9.1}  {:?}",
-            r.requests, r.ok, r.throughput_rps, r.p50_ms, r.p95_ms, r.p99_ms, r.status_counts
-        );
-    }
     println!(
         "5xx: {total_5xx}; feedback acknowledged {}, missing afterwards {missing}; server RSS KiB first/max/last {:?}/{:?}/{:?}",
         acked.len(),
