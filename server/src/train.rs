@@ -1,4 +1,4 @@
-//! `ulm-server train`: offline CoRL GRPO over a JSONL dataset.
+//! `ulm-server train`: offline CoRL GRPO over a JSONL or Parquet dataset.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use clap::Args;
 
 use crate::model::bundle::{parse_device, parse_dtype, ModelBundle};
 use crate::rl::checkpoint::{read_state, restore_optimizer, save};
-use crate::rl::dataset::read_jsonl;
+use crate::rl::dataset::read_dataset;
 use crate::rl::grpo::T2iAlignment;
 use crate::rl::lora::{self, LoraConfig};
 use crate::rl::policy::{build_trainable, is_language_model};
@@ -20,7 +20,7 @@ use crate::rl::trainer::{Adaptation, Schedule, Trainer, TrainerConfig};
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
-    /// JSONL dataset in the CoRL format (caption, image, qa_problem, qa_solution, qa_type).
+    /// JSONL or Parquet (`.parquet`) dataset in the CoRL format (caption, image, qa_problem, qa_solution, qa_type).
     #[arg(long)]
     pub data: PathBuf,
     /// Checkpoint to train; absent: the demo model.
@@ -127,7 +127,7 @@ fn parse_rewards(spec: &str) -> Result<Vec<Weighted>> {
 pub fn train(args: TrainArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let dtype: DType = parse_dtype(&args.dtype)?;
-    let items = read_jsonl(&args.data)?;
+    let items = read_dataset(&args.data)?;
     let mut rewards = parse_rewards(&args.rewards)?;
     for spec in &args.http_reward {
         let (task, url) = spec
