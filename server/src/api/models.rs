@@ -38,6 +38,7 @@ fn view(state: &AppState, v: VersionRecord, active: &str) -> ModelView {
         id: v.id,
         parent: v.parent,
         job_id: v.job_id,
+        checkpoint_path: v.checkpoint_path,
         metrics: v.metrics,
         created_at: v.created_at,
         max_context_tokens: info.max_positions,

@@ -189,13 +189,15 @@ pub fn read_parquet(path: &Path) -> Result<Vec<TrainItem>, ModelError> {
                             image
                         }
                         Field::Null => None,
-                        other => return Err(bad(
-                            path,
-                            n,
-                            format!(
+                        other => {
+                            return Err(bad(
+                                path,
+                                n,
+                                format!(
                                 "image must be binary, a string or {{bytes, path}}, got {other}"
                             ),
-                        )),
+                            ))
+                        }
                     }
                 }
                 _ => {}

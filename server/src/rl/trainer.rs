@@ -452,19 +452,8 @@ impl Trainer {
         let mut und = Vec::new();
         for start in (0..p.und_ids.len()).step_by(micro) {
             let n = micro.min(p.und_ids.len() - start);
-            let ids = Tensor::new(p.und_ids[start..start + n].to_vec(), dev)?;
-            let embeds = p
-                .und_image_embeds
-                .as_ref()
-                .map(|e| e.narrow(0, start, n))
-                .transpose()?;
-            let batch = UnderstandingBatch {
-                ids: &ids,
-                attention_mask: &p.und_attention[start..start + n],
-                images_seq_mask: &p.und_images_seq[start..start + n],
-                image_embeds: embeds.as_ref(),
-                completion_len: p.und_len,
-            };
+            let tensors = p.und_tensors(start, n, dev)?;
+            let batch = p.und_batch(&tensors, start, n);
             let logps: Vec<Vec<f32>> =
                 understanding_logps(model, &batch, temperature, Pass::Inference)?
                     .to_dtype(DType::F32)?
@@ -483,13 +472,8 @@ impl Trainer {
         let mut gen = Vec::new();
         for start in (0..p.gen_prompt.len()).step_by(micro) {
             let n = micro.min(p.gen_prompt.len() - start);
-            let prompt = Tensor::new(p.gen_prompt[start..start + n].to_vec(), dev)?;
-            let completion = Tensor::new(p.gen_completion[start..start + n].to_vec(), dev)?;
-            let batch = GenerationBatch {
-                prompt_ids: &prompt,
-                prompt_mask: &p.gen_prompt_mask[start..start + n],
-                completion: &completion,
-            };
+            let tensors = p.gen_tensors(start, n, dev)?;
+            let batch = p.gen_batch(&tensors, start, n);
             let logps = generation_logps(
                 model,
                 &batch,
@@ -803,19 +787,8 @@ impl Trainer {
         // Each task's loss is a mean over its rows; micro-batches weigh by their share.
         for start in (0..und_rows).step_by(micro) {
             let n = micro.min(und_rows - start);
-            let ids = Tensor::new(p.und_ids[start..start + n].to_vec(), dev)?;
-            let embeds = p
-                .und_image_embeds
-                .as_ref()
-                .map(|e| e.narrow(0, start, n))
-                .transpose()?;
-            let batch = UnderstandingBatch {
-                ids: &ids,
-                attention_mask: &p.und_attention[start..start + n],
-                images_seq_mask: &p.und_images_seq[start..start + n],
-                image_embeds: embeds.as_ref(),
-                completion_len: p.und_len,
-            };
+            let tensors = p.und_tensors(start, n, dev)?;
+            let batch = p.und_batch(&tensors, start, n);
             let logps = understanding_logps(model, &batch, temperature, Pass::Training)?;
             let reference = if self.config.beta != 0.0 {
                 Some(self.with_reference(|m| {
@@ -844,13 +817,8 @@ impl Trainer {
         }
         for start in (0..gen_rows).step_by(micro) {
             let n = micro.min(gen_rows - start);
-            let prompt = Tensor::new(p.gen_prompt[start..start + n].to_vec(), dev)?;
-            let completion = Tensor::new(p.gen_completion[start..start + n].to_vec(), dev)?;
-            let batch = GenerationBatch {
-                prompt_ids: &prompt,
-                prompt_mask: &p.gen_prompt_mask[start..start + n],
-                completion: &completion,
-            };
+            let tensors = p.gen_tensors(start, n, dev)?;
+            let batch = p.gen_batch(&tensors, start, n);
             let align = self.config.alignment;
             let logps = generation_logps(model, &batch, temperature, align, Pass::Training)?;
             let reference = if self.config.beta != 0.0 {
@@ -1038,4 +1006,63 @@ struct Prepared {
     gen_prompt: Vec<Vec<u32>>,
     gen_prompt_mask: Vec<Vec<bool>>,
     gen_completion: Vec<Vec<u32>>,
+}
+
+impl Prepared {
+    /// Token ids and image embeddings of understanding rows `start..start + n`.
+    fn und_tensors(
+        &self,
+        start: usize,
+        n: usize,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let ids = Tensor::new(self.und_ids[start..start + n].to_vec(), dev)?;
+        let embeds = self
+            .und_image_embeds
+            .as_ref()
+            .map(|e| e.narrow(0, start, n))
+            .transpose()?;
+        Ok((ids, embeds))
+    }
+
+    fn und_batch<'a>(
+        &'a self,
+        (ids, embeds): &'a (Tensor, Option<Tensor>),
+        start: usize,
+        n: usize,
+    ) -> UnderstandingBatch<'a> {
+        UnderstandingBatch {
+            ids,
+            attention_mask: &self.und_attention[start..start + n],
+            images_seq_mask: &self.und_images_seq[start..start + n],
+            image_embeds: embeds.as_ref(),
+            completion_len: self.und_len,
+        }
+    }
+
+    /// Prompt and image-token ids of generation rows `start..start + n`.
+    fn gen_tensors(
+        &self,
+        start: usize,
+        n: usize,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            Tensor::new(self.gen_prompt[start..start + n].to_vec(), dev)?,
+            Tensor::new(self.gen_completion[start..start + n].to_vec(), dev)?,
+        ))
+    }
+
+    fn gen_batch<'a>(
+        &'a self,
+        (prompt, completion): &'a (Tensor, Tensor),
+        start: usize,
+        n: usize,
+    ) -> GenerationBatch<'a> {
+        GenerationBatch {
+            prompt_ids: prompt,
+            prompt_mask: &self.gen_prompt_mask[start..start + n],
+            completion,
+        }
+    }
 }
