@@ -724,3 +724,15 @@ fn generated_images_have_the_configured_size_and_encode_back_to_a_full_grid() {
     let codes = ulm_server::model::generate::encode_image(&bundle.model, &pixels).unwrap();
     assert_eq!(codes.len(), sample.tokens.len());
 }
+
+#[test]
+fn decoded_text_never_holds_nul() {
+    let bundle = demo();
+    let p = &bundle.processor;
+    // Every byte token of the demo's byte-level tokenizer, NUL included.
+    let ids: Vec<u32> = (0..256).collect();
+    let text = p.decode(&ids);
+    assert!(!text.contains('\0'));
+    assert!(text.contains('\u{FFFD}'));
+    assert!(text.contains("abc"));
+}

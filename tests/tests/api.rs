@@ -273,6 +273,10 @@ async fn every_bad_input_gets_its_documented_error_and_nothing_breaks() {
         ("feedback: bad source", "/v1/feedback", serde_json::to_vec(&json!({"sample_id": kept_id, "key": "k", "score": 1, "source": {"type": "alien"}})).unwrap(), "application/json", 422, "invalid_body"),
         ("feedback: empty batch", "/v1/feedback", b"[]".to_vec(), "application/json", 422, "invalid_parameter"),
         ("feedback: scalar body", "/v1/feedback", b"42".to_vec(), "application/json", 422, "invalid_body"),
+        // PostgreSQL text cannot hold NUL: refused on every database alike.
+        ("generate: NUL in prompt", "/v1/generate", br#"{"prompt": "a\u0000b"}"#.to_vec(), "application/json", 422, "invalid_parameter"),
+        ("answer: NUL in question", "/v1/answer", serde_json::to_vec(&json!({"image": png_base64(8, 8), "question": "q\u{0}"})).unwrap(), "application/json", 422, "invalid_parameter"),
+        ("feedback: NUL in comment", "/v1/feedback", serde_json::to_vec(&json!({"sample_id": kept_id, "key": "k", "score": 1, "comment": "x\u{0}"})).unwrap(), "application/json", 422, "invalid_parameter"),
     ];
     for (what, path, body, content_type, status, expected_code) in cases {
         let (got, body) = server.post_raw(path, body, content_type).await;

@@ -194,11 +194,12 @@ fn event_stream(
             }
             tokens[t.sample].push(t.token);
             // Emit only complete characters: decode the whole answer and send
-            // the new suffix.
+            // the new suffix, holding back a trailing replacement character
+            // (a multi-byte character whose bytes have not all arrived).
             let text = processor.decode(&tokens[t.sample]);
             let delta = text
                 .strip_prefix(sent_text[t.sample].as_str())
-                .filter(|d| !d.contains('\u{FFFD}'))
+                .filter(|d| !d.ends_with('\u{FFFD}'))
                 .unwrap_or_default()
                 .to_string();
             if !delta.is_empty() {

@@ -41,6 +41,11 @@ pub async fn post_feedback(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<(StatusCode, Json<FeedbackResponse>), ApiError> {
+    if super::limits::contains_nul(&body) {
+        return Err(ApiError::InvalidParameter(
+            "feedback text must not contain NUL characters".into(),
+        ));
+    }
     let (values, batch) = match body {
         Value::Array(items) => (items, true),
         other => (vec![other], false),

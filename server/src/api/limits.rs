@@ -51,6 +51,9 @@ impl Limits {
         if value.trim().is_empty() {
             return Err(bad(format!("{field} must not be empty")));
         }
+        if value.contains('\0') {
+            return Err(bad(format!("{field} must not contain NUL characters")));
+        }
         let chars = value.chars().count();
         if chars > self.max_prompt_chars {
             return Err(bad(format!(
@@ -106,5 +109,17 @@ impl Limits {
             None => rand::random::<u64>() % (MAX_SEED - n as u64),
         };
         Ok((0..n as u64).map(|i| first + i).collect())
+    }
+}
+
+/// Whether any string in a JSON value (keys included) holds a NUL character,
+/// which PostgreSQL text cannot store.
+pub fn contains_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
     }
 }

@@ -220,9 +220,17 @@ impl Processor {
 
     /// Text of generated ids, special tokens removed. Ids the tokenizer does
     /// not know (the LM vocabulary can be larger) are skipped.
+    /// Text of token ids. A decoded NUL (byte-level tokens can produce one)
+    /// becomes U+FFFD: text holds no NUL, which PostgreSQL cannot store and
+    /// most clients mishandle; the token ids keep the exact output.
     pub fn decode(&self, ids: &[u32]) -> String {
         let vocab = self.tokenizer.get_vocab_size(true) as u32;
         let known: Vec<u32> = ids.iter().copied().filter(|&id| id < vocab).collect();
-        self.tokenizer.decode(&known, true).unwrap_or_default()
+        let text = self.tokenizer.decode(&known, true).unwrap_or_default();
+        if text.contains('\0') {
+            text.replace('\0', "\u{FFFD}")
+        } else {
+            text
+        }
     }
 }

@@ -49,6 +49,10 @@ pub struct JobConfig {
     pub beta: f64,
     pub epsilon_low: f64,
     pub epsilon_high: f64,
+    /// Rows per forward/backward pass; gradients accumulate over them.
+    /// Bounds the job's activation memory next to the serving model.
+    #[schema(minimum = 1, maximum = 256)]
+    pub micro_batch_rows: u32,
     /// Passes over each step's samples (mu).
     #[schema(minimum = 1, maximum = 8)]
     pub num_iterations: u32,
@@ -86,6 +90,7 @@ impl Default for JobConfig {
             beta: 0.04,
             epsilon_low: 0.2,
             epsilon_high: 0.2,
+            micro_batch_rows: 8,
             num_iterations: 1,
             lora_rank: 16,
             lora_alpha: 32.0,
@@ -120,6 +125,7 @@ impl JobConfig {
         range("beta", self.beta, 0.0, 10.0)?;
         range("epsilon_low", self.epsilon_low, 0.0, 1.0)?;
         range("epsilon_high", self.epsilon_high, 0.0, 10.0)?;
+        range("micro_batch_rows", self.micro_batch_rows as f64, 1.0, 256.0)?;
         range("num_iterations", self.num_iterations as f64, 1.0, 8.0)?;
         range("lora_rank", self.lora_rank as f64, 1.0, 256.0)?;
         range("lora_alpha", self.lora_alpha, 0.0, 1e4)?;

@@ -176,6 +176,7 @@ pub fn run(
         epsilon_low: config.epsilon_low,
         epsilon_high: config.epsilon_high,
         num_iterations: config.num_iterations as usize,
+        micro_batch_rows: config.micro_batch_rows as usize,
         lr: config.lr,
         total_steps: config.steps as u64,
         seed: config.seed,
