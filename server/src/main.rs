@@ -42,7 +42,7 @@ impl ModelArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Run the HTTP server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the OpenAPI document.
     Openapi,
     /// Offline GRPO over a JSONL dataset.
@@ -110,7 +110,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => {
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(serve(args))?;
+            runtime.block_on(serve(*args))?;
         }
         Command::Openapi => println!("{}", ulm_server::api::openapi_json()),
         Command::Train(args) => train(*args)?,

@@ -17,6 +17,7 @@ use crate::api::{router, AppState};
 use crate::engine::{Engine, EngineConfig};
 use crate::model::bundle::{parse_device, parse_dtype, ModelBundle};
 use crate::registry::Registry;
+use crate::scheduler::config::JobConfig;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::store::Store;
 
@@ -86,6 +87,10 @@ pub struct ServeArgs {
     /// the last one [default: no feedback trigger].
     #[arg(long, env = "ULM_RL_MIN_NEW_FEEDBACK")]
     pub rl_min_new_feedback: Option<u64>,
+    /// JSON configuration of the jobs the triggers start (the body of
+    /// `POST /v1/rl/jobs`) [default: `{}`].
+    #[arg(long, env = "ULM_RL_JOB_CONFIG")]
+    pub rl_job_config: Option<String>,
     /// Share of rated requests held out to evaluate candidates [default: 0.2].
     #[arg(long, env = "ULM_RL_HOLDOUT_FRACTION")]
     pub rl_holdout_fraction: Option<f64>,
@@ -132,6 +137,7 @@ impl ServeArgs {
             max_image_pixels,
             rl_interval_secs,
             rl_min_new_feedback,
+            rl_job_config,
             rl_holdout_fraction
         );
         self.no_auth |= file.no_auth;
@@ -166,10 +172,18 @@ impl ServeArgs {
         if self.rl_interval_secs == Some(0) || self.rl_min_new_feedback == Some(0) {
             bail!("--rl-interval-secs and --rl-min-new-feedback must be positive");
         }
+        let job_defaults: JobConfig = match &self.rl_job_config {
+            Some(json) => serde_json::from_str(json).context("--rl-job-config")?,
+            None => JobConfig::default(),
+        };
+        job_defaults
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--rl-job-config: {e}"))?;
         Ok(SchedulerConfig {
             interval: self.rl_interval_secs.map(Duration::from_secs),
             min_new_feedback: self.rl_min_new_feedback,
             holdout_fraction: holdout,
+            job_defaults,
             ..defaults
         })
     }

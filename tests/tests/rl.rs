@@ -345,3 +345,42 @@ async fn jobs_need_an_admin_run_one_at_a_time_and_cancel_within_a_step() {
     assert_eq!(list["data"][0]["id"], id.as_str());
     assert_eq!(active_version(&server).await, "demo-base");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enough_new_feedback_starts_a_job_with_the_configured_defaults() {
+    let server = Server::start_with(&[
+        "--no-auth",
+        "--rl-min-new-feedback",
+        "16",
+        "--rl-job-config",
+        r#"{"steps": 1000, "lr": 0.001}"#,
+    ])
+    .await;
+    serve_round(&server, 1, true).await;
+    // 8 items: not yet.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, jobs) = server.get("/v1/rl/jobs").await;
+    assert_eq!(jobs["data"].as_array().unwrap().len(), 0, "{jobs}");
+    serve_round(&server, 1, true).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        let (_, jobs) = server.get("/v1/rl/jobs").await;
+        if let Some(job) = jobs["data"].as_array().unwrap().first() {
+            break job.clone();
+        }
+        assert!(Instant::now() < deadline, "no job was started");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(job["trigger"], "feedback");
+    assert_eq!(job["config"]["steps"], 1000);
+    let id = job["id"].as_str().unwrap();
+    let (status, _) = server
+        .post(&format!("/v1/rl/jobs/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 202);
+    wait_job(&server, id, finished).await;
+    // The count starts again from the last job: no second job.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, jobs) = server.get("/v1/rl/jobs").await;
+    assert_eq!(jobs["data"].as_array().unwrap().len(), 1, "{jobs}");
+}
