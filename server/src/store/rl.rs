@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{corrupt, now_ms, sample_from_row, SampleRecord, Store, StoreError, SAMPLE_SELECT};
+use super::{
+    corrupt, feedback_from_row, now_ms, sample_from_row, FeedbackRecord, SampleRecord, Store,
+    StoreError, FEEDBACK_SELECT, SAMPLE_SELECT,
+};
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -441,28 +444,32 @@ impl Store {
         .bind(request_id)
         .fetch_all(&self.pool)
         .await?;
-        let mut group = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let sample = sample_from_row(row)?;
-            let mut rated = RatedSample {
-                sample,
-                scores: Vec::new(),
-                corrections: Vec::new(),
-            };
-            for f in self.feedback_for_sample(&rated.sample.id).await? {
-                if f.created_at > until_ms {
-                    continue;
-                }
-                if let Some(score) = f.score {
-                    rated.scores.push((f.key.clone(), score));
-                }
-                if let Some(c) = f.correction {
-                    rated.corrections.push(c);
-                }
-            }
-            group.push(rated);
-        }
-        Ok(group)
+        let feedback = sqlx::query(&format!(
+            "{FEEDBACK_SELECT} WHERE sample_id IN (SELECT id FROM samples WHERE request_id = $1) \
+             AND created_at <= $2 ORDER BY created_at, id"
+        ))
+        .bind(request_id)
+        .bind(until_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let feedback: Vec<FeedbackRecord> = feedback
+            .iter()
+            .map(feedback_from_row)
+            .collect::<Result<_, _>>()?;
+        rows.iter()
+            .map(|row| {
+                let sample = sample_from_row(row)?;
+                let mine = feedback.iter().filter(|f| f.sample_id == sample.id);
+                Ok(RatedSample {
+                    scores: mine
+                        .clone()
+                        .filter_map(|f| f.score.map(|s| (f.key.clone(), s)))
+                        .collect(),
+                    corrections: mine.filter_map(|f| f.correction.clone()).collect(),
+                    sample,
+                })
+            })
+            .collect()
     }
 
     /// Prompts of generation requests that received no feedback, newest first.
