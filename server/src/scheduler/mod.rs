@@ -136,30 +136,27 @@ impl Scheduler {
         if !job.status.is_active() {
             return Err(SchedulerError::Finished(id.to_string()));
         }
-        let flag = self
-            .inner
-            .running
-            .lock()
-            .ok()
-            .and_then(|r| r.as_ref().filter(|(j, _)| j == id).map(|(_, f)| f.clone()));
-        match flag {
+        match self.running_flag(id) {
             Some(flag) => flag.store(true, Ordering::SeqCst),
             None => {
-                let outcome = JobOutcome {
-                    error: Some("cancelled".into()),
-                    ..JobOutcome::default()
-                };
-                if self
-                    .inner
-                    .store
-                    .finish_job(id, JobStatus::Cancelled, outcome)
-                    .await?
-                {
+                if self.inner.store.cancel_queued_job(id).await? {
                     metrics::counter!("ulm_rl_jobs_total", "status" => "cancelled").increment(1);
+                } else if let Some(flag) = self.running_flag(id) {
+                    // It started between the two looks.
+                    flag.store(true, Ordering::SeqCst);
                 }
             }
         }
         Ok(self.inner.store.get_job(id).await?)
+    }
+
+    /// The cancel flag of `id` when this process runs it now.
+    fn running_flag(&self, id: &str) -> Option<Arc<AtomicBool>> {
+        let running = self.inner.running.lock().ok()?;
+        running
+            .as_ref()
+            .filter(|(job, _)| job == id)
+            .map(|(_, flag)| flag.clone())
     }
 
     /// Runs triggers and queued jobs until [`Self::stop`].
@@ -229,6 +226,9 @@ impl Scheduler {
         let cancel = Arc::new(AtomicBool::new(false));
         if let Ok(mut running) = self.inner.running.lock() {
             *running = Some((job.id.clone(), cancel.clone()));
+        }
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            cancel.store(true, Ordering::SeqCst);
         }
         let started = Instant::now();
         let result = self.run_job(&job, cancel).await;

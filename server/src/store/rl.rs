@@ -291,6 +291,19 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Cancels a job that has not started; false when it is not queued.
+    pub async fn cancel_queued_job(&self, id: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE rl_jobs SET status = 'cancelled', error = 'cancelled before it started', finished_at = $1 \
+             WHERE id = $2 AND status = 'queued'",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// After a crash: jobs that were running or evaluating cannot resume
     /// (their in-memory policy is gone) and are marked failed.
     pub async fn fail_interrupted_jobs(&self) -> Result<u64, StoreError> {
