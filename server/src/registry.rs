@@ -33,7 +33,6 @@ struct Inner {
     engine: Engine,
     /// The base weights; every version shares their storage.
     base: ModelBundle,
-    base_version: String,
     versions_dir: PathBuf,
     /// Activations (promotions, rollbacks) one at a time.
     switching: tokio::sync::Mutex<()>,
@@ -56,7 +55,6 @@ impl Registry {
                 store: store.clone(),
                 engine,
                 base,
-                base_version: base_version.clone(),
                 versions_dir: data_dir.join("versions"),
                 switching: tokio::sync::Mutex::new(()),
             }),
@@ -77,10 +75,6 @@ impl Registry {
 
     pub fn base(&self) -> &ModelBundle {
         &self.inner.base
-    }
-
-    pub fn base_version(&self) -> &str {
-        &self.inner.base_version
     }
 
     /// Where a version's adapters live.

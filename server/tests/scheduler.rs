@@ -11,7 +11,7 @@ use ulm_server::engine::ServingModel;
 use ulm_server::model::bundle::ModelBundle;
 use ulm_server::model::demo::DEFAULT_SEED;
 use ulm_server::scheduler::config::JobConfig;
-use ulm_server::scheduler::data::{gather, Shape};
+use ulm_server::scheduler::data::{gather, JobData, Shape};
 use ulm_server::scheduler::job::{self, JobInputs, Progress, RunEnd};
 use ulm_server::store::{now_ms, FeedbackRecord, SampleRecord, Store, Task};
 
@@ -126,6 +126,22 @@ async fn fixture() -> Fixture {
     Fixture { store, _dir: dir }
 }
 
+/// A job on the demo model, starting from the base, which is also served.
+fn inputs_on_the_demo(config: JobConfig, data: JobData) -> JobInputs {
+    let base = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
+    let active = Arc::new(ServingModel {
+        version: "demo-base".into(),
+        model: base.model.clone(),
+    });
+    JobInputs {
+        base,
+        parent_checkpoint: None,
+        active,
+        config,
+        data,
+    }
+}
+
 fn shape() -> Shape {
     Shape {
         image_tokens: IMAGE_TOKENS,
@@ -199,18 +215,7 @@ async fn a_job_run_draws_on_every_source_and_evaluates() {
         .await
         .unwrap();
     let has_reference = data.counts.reference_answers > 0;
-    let base = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
-    let active = Arc::new(ServingModel {
-        version: "demo-base".into(),
-        model: base.model.clone(),
-    });
-    let inputs = JobInputs {
-        base,
-        parent_checkpoint: None,
-        active,
-        config,
-        data,
-    };
+    let inputs = inputs_on_the_demo(config, data);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let end = tokio::task::spawn_blocking(move || job::run(inputs, &AtomicBool::new(false), &tx))
         .await
@@ -249,18 +254,7 @@ async fn a_cancelled_run_stops_before_its_first_step() {
     let data = gather(&f.store, &config, 0.3, now_ms(), shape())
         .await
         .unwrap();
-    let base = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
-    let active = Arc::new(ServingModel {
-        version: "demo-base".into(),
-        model: base.model.clone(),
-    });
-    let inputs = JobInputs {
-        base,
-        parent_checkpoint: None,
-        active,
-        config,
-        data,
-    };
+    let inputs = inputs_on_the_demo(config, data);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let end = tokio::task::spawn_blocking(move || job::run(inputs, &AtomicBool::new(true), &tx))
         .await
