@@ -306,11 +306,7 @@ fn t2i_match_reward_matches_the_reference() {
             continue;
         };
         let bundle = ModelBundle::load(&dir, DType::F32, &Device::Cpu).unwrap();
-        let ctx = RewardContext {
-            model: &bundle.model,
-            processor: &bundle.processor,
-            image_processor: &bundle.image_processor,
-        };
+        let ctx = RewardContext::of(&bundle);
         let prompt = bundle
             .processor
             .understanding_prompt(case.str("caption"))

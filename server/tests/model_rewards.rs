@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use candle_core::{DType, Device};
+use image::RgbImage;
 use ulm_server::model::bundle::ModelBundle;
 use ulm_server::model::demo::DEFAULT_SEED;
 use ulm_server::model::generate::{generate_images_batch, ImageItem};
@@ -35,14 +36,25 @@ fn images(bundle: &ModelBundle) -> Vec<image::RgbImage> {
     .collect()
 }
 
+/// A sample as the rewards see it: an answer text or an image.
+fn scored<'a>(
+    item: &'a TrainItem,
+    text: Option<&'a str>,
+    image: Option<&'a RgbImage>,
+) -> Scored<'a> {
+    Scored {
+        item,
+        text,
+        image,
+        tokens: &[],
+        human_score: None,
+    }
+}
+
 #[test]
 fn self_cycle_scores_are_bounded_and_deterministic() {
     let bundle = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
-    let ctx = RewardContext {
-        model: &bundle.model,
-        processor: &bundle.processor,
-        image_processor: &bundle.image_processor,
-    };
+    let ctx = RewardContext::of(&bundle);
     let item = TrainItem {
         qa: None,
         caption: Some("a red square".into()),
@@ -50,13 +62,7 @@ fn self_cycle_scores_are_bounded_and_deterministic() {
     let imgs = images(&bundle);
     let samples: Vec<Scored> = imgs
         .iter()
-        .map(|img| Scored {
-            item: &item,
-            text: None,
-            image: Some(img),
-            tokens: &[],
-            human_score: None,
-        })
+        .map(|img| scored(&item, None, Some(img)))
         .collect();
     let reward = SelfCycle {
         max_new_tokens: 8,
@@ -106,41 +112,19 @@ fn start_service(wrong_count: bool) -> String {
 #[test]
 fn http_reward_posts_samples_and_validates_the_answer() {
     let bundle = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
-    let ctx = RewardContext {
-        model: &bundle.model,
-        processor: &bundle.processor,
-        image_processor: &bundle.image_processor,
-    };
+    let ctx = RewardContext::of(&bundle);
     let item = TrainItem {
         qa: None,
         caption: Some("a cat".into()),
     };
     let imgs = images(&bundle);
     let text = [
-        Scored {
-            item: &item,
-            text: Some("abc"),
-            image: None,
-            tokens: &[],
-            human_score: None,
-        },
-        Scored {
-            item: &item,
-            text: Some("hello"),
-            image: None,
-            tokens: &[],
-            human_score: None,
-        },
+        scored(&item, Some("abc"), None),
+        scored(&item, Some("hello"), None),
     ];
     let pics: Vec<Scored> = imgs
         .iter()
-        .map(|img| Scored {
-            item: &item,
-            text: None,
-            image: Some(img),
-            tokens: &[],
-            human_score: None,
-        })
+        .map(|img| scored(&item, None, Some(img)))
         .collect();
     let reward = |url: String, task| HttpReward {
         name: "external".into(),

@@ -136,7 +136,8 @@ fn served_samples_are_scored_as_sampled_and_train() {
     // The training forward reproduces the behaviour log-probs of every
     // sample (answers through their EOS; image tokens at the predicting
     // position, conditional rows, no CFG).
-    let logps = t.served_logps(&t.bundle.model, &groups).unwrap();
+    let served = t.prepare_served(&groups).unwrap();
+    let logps = t.served_logps(&t.bundle.model, &served).unwrap();
     let stored: Vec<&Vec<f32>> = groups
         .iter()
         .flat_map(|g| g.samples.iter().map(|s| &s.logprobs))

@@ -99,9 +99,10 @@ pub fn evaluate(
     active: &Janus,
     groups: &[ServedGroup],
 ) -> Result<Evaluation, ModelError> {
-    let candidate = trainer.served_logps(&trainer.bundle.model, groups)?;
-    let current = trainer.served_logps(active, groups)?;
-    let reference = trainer.served_reference_logps(groups)?;
+    let served = trainer.prepare_served(groups)?;
+    let candidate = trainer.served_logps(&trainer.bundle.model, &served)?;
+    let current = trainer.served_logps(active, &served)?;
+    let reference = trainer.served_reference_logps(&served)?;
     let samples: usize = groups.iter().map(|g| g.samples.len()).sum();
     let behaviour_reward = groups
         .iter()

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::rewards::{
     format_reward, format_tag_reward, max_match_similarity, qa_accuracy, soft_jaccard, QaType,
 };
+use crate::model::bundle::ModelBundle;
 use crate::model::generate::{answer_batch, AnswerItem, TextPrompt};
 use crate::model::image_processor::ImageProcessorConfig;
 use crate::model::ops::Pass;
@@ -57,6 +58,17 @@ pub struct RewardContext<'a> {
     pub model: &'a Janus,
     pub processor: &'a Processor,
     pub image_processor: &'a ImageProcessorConfig,
+}
+
+impl<'a> RewardContext<'a> {
+    /// The context of a loaded model.
+    pub fn of(bundle: &'a ModelBundle) -> Self {
+        Self {
+            model: &bundle.model,
+            processor: &bundle.processor,
+            image_processor: &bundle.image_processor,
+        }
+    }
 }
 
 pub trait Reward: Send + Sync {

@@ -367,11 +367,7 @@ impl Trainer {
                 human_score: row.human_score,
             })
             .collect();
-        let ctx = RewardContext {
-            model: &self.bundle.model,
-            processor: &self.bundle.processor,
-            image_processor: &self.bundle.image_processor,
-        };
+        let ctx = RewardContext::of(&self.bundle);
         score_task(rewards, task, &ctx, &samples)
     }
 
@@ -401,47 +397,49 @@ impl Trainer {
         self.score_and_optimize(&rewards, &items, und, gen, started, 0.0)
     }
 
-    /// Per-token log-probs of served samples under `model` (inference pass):
-    /// one vector per sample, groups in order.
+    /// Served groups in the shape of the training forward, prepared once
+    /// (prompts tokenized, images through the frozen vision tower) to be
+    /// scored under several policies.
+    pub fn prepare_served(&self, groups: &[ServedGroup]) -> Result<PreparedServed, ModelError> {
+        let (items, und, gen) = served_rollouts(groups)?;
+        Ok(PreparedServed {
+            prepared: self.prepare(&items, &und, &gen)?,
+            order: groups
+                .iter()
+                .flat_map(|g| std::iter::repeat_n(g.task, g.samples.len()))
+                .collect(),
+        })
+    }
+
+    /// Per-token log-probs of prepared served samples under `model`
+    /// (inference pass): one vector per sample, groups in order.
     pub fn served_logps(
         &self,
         model: &Janus,
-        groups: &[ServedGroup],
+        served: &PreparedServed,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let (items, und, gen) = served_rollouts(groups)?;
-        let p = self.prepare(&items, &und, &gen)?;
-        let [und_logps, gen_logps] = self.inference_logps(model, &p)?;
+        let [und_logps, gen_logps] = self.inference_logps(model, &served.prepared)?;
         // Back to the callers' group order.
         let (mut und_rows, mut gen_rows) = (und_logps.into_iter(), gen_logps.into_iter());
-        let mut out = Vec::new();
-        for g in groups {
-            for _ in &g.samples {
-                let next = match g.task {
+        served
+            .order
+            .iter()
+            .map(|task| {
+                let next = match task {
                     RewardTask::Understanding => und_rows.next(),
                     RewardTask::Generation => gen_rows.next(),
                 };
-                out.push(next.ok_or_else(|| {
-                    ModelError::InvalidInput("served log-probs out of step".into())
-                })?);
-            }
-        }
-        Ok(out)
+                next.ok_or_else(|| ModelError::InvalidInput("served log-probs out of step".into()))
+            })
+            .collect()
     }
 
     /// [`Self::served_logps`] under the reference policy (the base model).
     pub fn served_reference_logps(
         &self,
-        groups: &[ServedGroup],
+        served: &PreparedServed,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        match &self.adaptation {
-            Adaptation::Lora(lora) => {
-                lora.set_enabled(false);
-                let out = self.served_logps(&self.bundle.model, groups);
-                lora.set_enabled(true);
-                out
-            }
-            Adaptation::Full { reference, .. } => self.served_logps(reference, groups),
-        }
+        self.with_reference(|m| self.served_logps(m, served))
     }
 
     /// Valid-token log-probs of every prepared row: (understanding, generation).
@@ -863,10 +861,7 @@ impl Trainer {
     }
 
     /// Runs `f` on the reference policy.
-    fn with_reference<T>(
-        &self,
-        f: impl FnOnce(&Janus) -> candle_core::Result<T>,
-    ) -> candle_core::Result<T> {
+    fn with_reference<T, E>(&self, f: impl FnOnce(&Janus) -> Result<T, E>) -> Result<T, E> {
         match &self.adaptation {
             Adaptation::Lora(lora) => {
                 lora.set_enabled(false);
@@ -973,6 +968,13 @@ fn all_finite(t: &Tensor) -> bool {
         .and_then(|t| t.sum_all())
         .and_then(|s| s.to_scalar::<f64>())
         .is_ok_and(f64::is_finite)
+}
+
+/// Served samples ready for [`Trainer::served_logps`].
+pub struct PreparedServed {
+    prepared: Prepared,
+    /// The task of each sample, in the callers' order.
+    order: Vec<RewardTask>,
 }
 
 /// Per-token log-probs of each row.

@@ -152,7 +152,8 @@ pub async fn gather(
                 continue;
             }
         };
-        let held_out = hash_unit(request_id) < holdout_fraction;
+        let hash = hash_unit(request_id);
+        let held_out = hash < holdout_fraction;
         if reference.is_some() && !held_out {
             data.reference_answers.push(item.clone());
         }
@@ -196,7 +197,7 @@ pub async fn gather(
             Task::Generate => RewardTask::Generation,
         };
         groups.push((
-            hash_unit(request_id),
+            hash,
             ServedGroup {
                 item,
                 task,

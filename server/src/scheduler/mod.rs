@@ -237,7 +237,9 @@ impl Scheduler {
         }
         let store = &self.inner.store;
         let (status, outcome) = match result {
-            Ok(status) => (status, None),
+            // Whoever cancelled it recorded it.
+            Ok(None) => return,
+            Ok(Some(status)) => (status, None),
             Err(message) => {
                 tracing::error!(job = %job.id, error = %message, "job failed");
                 (
@@ -260,8 +262,26 @@ impl Scheduler {
             .record(started.elapsed().as_secs_f64());
     }
 
+    /// Per-step metrics so far, on the job's record.
+    async fn record_progress(&self, job: &str, steps: &[StepSummary]) {
+        let metrics = serde_json::json!({ "steps": steps });
+        let recorded = self
+            .inner
+            .store
+            .set_job_progress(job, steps.len() as i64, &metrics)
+            .await;
+        if let Err(e) = recorded {
+            tracing::warn!(job, error = %e, "recording progress failed");
+        }
+    }
+
     /// The job from queued to its terminal status; an error message fails it.
-    async fn run_job(&self, job: &JobRecord, cancel: Arc<AtomicBool>) -> Result<JobStatus, String> {
+    /// `None` when it was no longer queued (cancelled before it started).
+    async fn run_job(
+        &self,
+        job: &JobRecord,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<Option<JobStatus>, String> {
         let store = &self.inner.store;
         let registry = &self.inner.registry;
         let err = |e: &dyn std::fmt::Display| e.to_string();
@@ -270,7 +290,7 @@ impl Scheduler {
             .await
             .map_err(|e| err(&e))?
         {
-            return Ok(JobStatus::Cancelled);
+            return Ok(None);
         }
         let config: JobConfig = serde_json::from_value(job.config.clone()).map_err(|e| err(&e))?;
         let active = registry.serving();
@@ -319,12 +339,8 @@ impl Scheduler {
             tokio::select! {
                 Some(progress) = rx.recv() => match progress {
                     Progress::Step(summary) => {
-                        metrics::counter!("ulm_rl_training_steps_total").increment(1);
-                        steps.push(summary);
-                        let metrics = serde_json::json!({ "steps": steps });
-                        if let Err(e) = store.set_job_progress(&job.id, steps.len() as i64, &metrics).await {
-                            tracing::warn!(job = %job.id, error = %e, "recording progress failed");
-                        }
+                        push_step(&mut steps, summary);
+                        self.record_progress(&job.id, &steps).await;
                     }
                     Progress::Evaluating => {
                         let _ = store.transition_job(&job.id, JobStatus::Running, JobStatus::Evaluating).await;
@@ -335,12 +351,9 @@ impl Scheduler {
         };
         // Progress sent just before the end.
         while let Ok(Progress::Step(summary)) = rx.try_recv() {
-            steps.push(summary);
+            push_step(&mut steps, summary);
         }
-        let metrics = serde_json::json!({ "steps": steps });
-        let _ = store
-            .set_job_progress(&job.id, steps.len() as i64, &metrics)
-            .await;
+        self.record_progress(&job.id, &steps).await;
         let trained = match end.map_err(|e| err(&e))?.map_err(|e| err(&e))? {
             RunEnd::Cancelled => {
                 let outcome = JobOutcome {
@@ -351,7 +364,7 @@ impl Scheduler {
                     .finish_job(&job.id, JobStatus::Cancelled, outcome)
                     .await
                     .map_err(|e| err(&e))?;
-                return Ok(JobStatus::Cancelled);
+                return Ok(Some(JobStatus::Cancelled));
             }
             RunEnd::Trained(trained) => trained,
         };
@@ -378,7 +391,7 @@ impl Scheduler {
                 )
                 .await
                 .map_err(|e| err(&e))?;
-            return Ok(JobStatus::Cancelled);
+            return Ok(Some(JobStatus::Cancelled));
         }
         if !decision.promote {
             tracing::info!(job = %job.id, reason = %decision.reason, "candidate rejected");
@@ -393,7 +406,7 @@ impl Scheduler {
                 )
                 .await
                 .map_err(|e| err(&e))?;
-            return Ok(JobStatus::Rejected);
+            return Ok(Some(JobStatus::Rejected));
         }
         let version = registry.next_version_id().await.map_err(|e| err(&e))?;
         let dir = registry.checkpoint_dir(&version);
@@ -421,6 +434,11 @@ impl Scheduler {
             .map_err(|e| err(&e))?;
         tracing::info!(job = %job.id, version, reason = %decision.reason, "candidate promoted");
         metrics::counter!("ulm_rl_promotions_total").increment(1);
-        Ok(JobStatus::Promoted)
+        Ok(Some(JobStatus::Promoted))
     }
+}
+
+fn push_step(steps: &mut Vec<StepSummary>, summary: StepSummary) {
+    metrics::counter!("ulm_rl_training_steps_total").increment(1);
+    steps.push(summary);
 }
