@@ -2,9 +2,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use ulm_server::model::bundle::{parse_device, parse_dtype, ModelBundle};
-use ulm_server::model::demo::{save_demo_checkpoint, DEFAULT_SEED};
-use ulm_server::model::sampling::SamplingParams;
+use ulm_model::bundle::ModelBundle;
+use ulm_model::demo::{save_demo_checkpoint, DEFAULT_SEED};
+use ulm_model::sampling::SamplingParams;
 use ulm_server::oneshot;
 use ulm_server::serve::{serve, ServeArgs};
 use ulm_server::train::{train, TrainArgs};
@@ -32,8 +32,7 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn open(&self) -> Result<ModelBundle> {
-        let device = parse_device(&self.device)?;
-        let bundle = ModelBundle::open(self.model.as_deref(), parse_dtype(&self.dtype)?, &device)?;
+        let bundle = ModelBundle::open_named(self.model.as_deref(), &self.device, &self.dtype)?;
         eprintln!("model: {}", bundle.describe());
         Ok(bundle)
     }

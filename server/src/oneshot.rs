@@ -5,12 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::model::bundle::ModelBundle;
-use crate::model::generate::{
-    answer_batch, generate_images_batch, AnswerItem, ImageItem, TextPrompt,
-};
-use crate::model::image_processor::decode_image;
-use crate::model::sampling::SamplingParams;
+use ulm_model::bundle::ModelBundle;
+use ulm_model::decode::TextPrompt;
+use ulm_model::generate::{answer_batch, generate_images_batch, AnswerItem, ImageItem};
+use ulm_model::image_processor::decode_image;
+use ulm_model::sampling::SamplingParams;
 
 /// Largest image accepted on the command line, in pixels.
 const MAX_PIXELS: u64 = 64 * 1024 * 1024;
@@ -28,17 +27,15 @@ pub fn answer(bundle: &ModelBundle, args: &AnswerArgs) -> Result<Vec<String>> {
     let bytes =
         std::fs::read(args.image).with_context(|| format!("reading {}", args.image.display()))?;
     let img = decode_image(&bytes, MAX_PIXELS)?;
-    let pixels = bundle
-        .image_processor
-        .preprocess(&img, bundle.model.device())?
-        .unsqueeze(0)?;
-    let prompt = bundle.processor.understanding_prompt(args.question)?;
     let item = AnswerItem {
-        prompt: TextPrompt {
-            prompt,
-            pixels: Some(pixels),
-            samples: args.n,
-        },
+        prompt: TextPrompt::question(
+            &bundle.model,
+            &bundle.processor,
+            &bundle.image_processor,
+            &img,
+            args.question,
+            args.n,
+        )?,
         max_new_tokens: args.max_new_tokens,
         sampling: args.sampling,
         seeds: (0..args.n as u64)

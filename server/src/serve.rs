@@ -2,7 +2,7 @@
 //! defaults), start-up, and graceful shutdown.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,12 +14,12 @@ use serde::Deserialize;
 use crate::api::auth::Auth;
 use crate::api::limits::Limits;
 use crate::api::{router, AppState};
-use crate::engine::{Engine, EngineConfig};
-use crate::model::bundle::{parse_device, parse_dtype, ModelBundle};
-use crate::registry::Registry;
-use crate::scheduler::config::JobConfig;
-use crate::scheduler::{Scheduler, SchedulerConfig};
-use crate::store::Store;
+use ulm_core::engine::{Engine, EngineConfig};
+use ulm_core::registry::Registry;
+use ulm_core::scheduler::config::JobConfig;
+use ulm_core::scheduler::{Scheduler, SchedulerConfig};
+use ulm_core::store::Store;
+use ulm_model::bundle::ModelBundle;
 
 /// Every option of `serve`. Each can also come from the environment
 /// (`ULM_<NAME>`) or from the TOML file given by `--config` (same names, snake_case).
@@ -299,14 +299,12 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
 }
 
 async fn load_model(args: &ServeArgs) -> Result<ModelBundle> {
-    let device = parse_device(args.device.as_deref().unwrap_or("cpu"))?;
-    let dtype = parse_dtype(args.dtype.as_deref().unwrap_or("f32"))?;
+    let device = args.device.clone().unwrap_or_else(|| "cpu".into());
+    let dtype = args.dtype.clone().unwrap_or_else(|| "f32".into());
     let dir: Option<PathBuf> = args.model.clone();
-    tokio::task::spawn_blocking(move || {
-        ModelBundle::open(dir.as_deref().map(Path::new), dtype, &device)
-    })
-    .await?
-    .context("loading the model")
+    tokio::task::spawn_blocking(move || ModelBundle::open_named(dir.as_deref(), &device, &dtype))
+        .await?
+        .context("loading the model")
 }
 
 async fn shutdown_signal() {

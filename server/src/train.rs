@@ -4,19 +4,18 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
 use clap::Args;
 
-use crate::model::bundle::{parse_device, parse_dtype, ModelBundle};
-use crate::rl::checkpoint::{read_state, restore_optimizer, save};
-use crate::rl::dataset::read_dataset;
-use crate::rl::grpo::T2iAlignment;
-use crate::rl::lora::{self, LoraConfig};
-use crate::rl::policy::{build_trainable, is_language_model};
-use crate::rl::reward::{
-    Format, FormatTag, HttpReward, QaAccuracy, Reward, RewardTask, SelfCycle, T2iMatch, Weighted,
+use ulm_model::bundle::ModelBundle;
+use ulm_rl::checkpoint::{read_state, restore_optimizer, save};
+use ulm_rl::dataset::read_dataset;
+use ulm_rl::grpo::T2iAlignment;
+use ulm_rl::lora::{self, LoraConfig};
+use ulm_rl::policy::{load_trainable, load_trainable_dir};
+use ulm_rl::reward::{
+    HttpReward, Reward, RewardTask, SelfCycle, T2iMatch, Weighted, FORMAT, FORMAT_TAG, QA_ACCURACY,
 };
-use crate::rl::trainer::{Adaptation, Schedule, Trainer, TrainerConfig};
+use ulm_rl::trainer::{Adaptation, Schedule, Trainer, TrainerConfig};
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -110,9 +109,9 @@ fn parse_rewards(spec: &str) -> Result<Vec<Weighted>> {
                 .parse()
                 .with_context(|| format!("reward weight in {entry:?}"))?;
             let reward: Box<dyn Reward> = match name.trim() {
-                "format" => Box::new(Format),
-                "format_tag" => Box::new(FormatTag),
-                "qa_accuracy" => Box::new(QaAccuracy),
+                "format" => Box::new(FORMAT),
+                "format_tag" => Box::new(FORMAT_TAG),
+                "qa_accuracy" => Box::new(QA_ACCURACY),
                 "t2i_match" => Box::new(T2iMatch),
                 "self_cycle" => Box::new(SelfCycle::default()),
                 other => bail!(
@@ -125,8 +124,6 @@ fn parse_rewards(spec: &str) -> Result<Vec<Weighted>> {
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
-    let dtype: DType = parse_dtype(&args.dtype)?;
     let items = read_dataset(&args.data)?;
     let mut rewards = parse_rewards(&args.rewards)?;
     for spec in &args.http_reward {
@@ -183,21 +180,15 @@ pub fn train(args: TrainArgs) -> Result<()> {
         seed: args.seed,
         ..TrainerConfig::default()
     };
-    let mut bundle = ModelBundle::open(base_dir.as_deref(), dtype, &device)?;
+    let mut bundle = ModelBundle::open_named(base_dir.as_deref(), &args.device, &args.dtype)?;
+    let (device, dtype) = (bundle.model.device().clone(), bundle.model.dtype());
     let mut frozen = Vec::new();
     let adaptation = if full {
         // The policy is a trainable copy; the bundle's model stays the reference.
         let source = args.resume.clone().or(base_dir.clone());
         let trainable = match &source {
-            Some(dir) => crate::rl::policy::load_trainable(dir, dtype, &device)?,
-            None => {
-                let cfg = bundle.model.cfg.clone();
-                let backend =
-                    crate::model::demo::SeededBackend::new(crate::model::demo::DEFAULT_SEED);
-                let vb =
-                    candle_nn::VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-                build_trainable(&cfg, vb, is_language_model)?
-            }
+            Some(dir) => load_trainable_dir(dir, dtype, &device)?,
+            None => load_trainable(&bundle.source, &bundle.model.cfg, dtype, &device)?,
         };
         frozen = trainable.frozen;
         let reference = std::mem::replace(&mut bundle.model, trainable.model);

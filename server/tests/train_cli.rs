@@ -5,10 +5,10 @@ use std::path::Path;
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use ulm_server::model::bundle::ModelBundle;
-use ulm_server::model::demo::DEFAULT_SEED;
-use ulm_server::model::ops::Pass;
-use ulm_server::rl::lora;
+use ulm_model::bundle::ModelBundle;
+use ulm_model::demo::DEFAULT_SEED;
+use ulm_model::ops::Pass;
+use ulm_rl::lora;
 
 fn write_dataset(dir: &Path) -> std::path::PathBuf {
     let img = image::RgbImage::from_fn(40, 24, |x, y| {

@@ -9,16 +9,12 @@ use base64::Engine as _;
 use futures::stream::Stream;
 use tokio::sync::mpsc;
 
+use ulm_core::engine::{decode_image, AnswerOutput, AnswerWork, StreamedToken};
+use ulm_core::record::{record_answers, AnswerParams};
+
 use super::error::{ApiError, ApiJson, ErrorBody};
-use super::types::{
-    AnswerRequest, AnswerResponse, AnswerSample, FinishReason, Timings, TokenEvent, Usage,
-};
+use super::types::{AnswerRequest, AnswerResponse, AnswerSample, TokenEvent, Usage};
 use super::AppState;
-use crate::engine::{self, AnswerOutput, StreamedToken};
-use crate::model::generate::FinishReason as ModelFinish;
-use crate::model::image_processor::decode_image;
-use crate::model::ModelError;
-use crate::store::{now_ms, sha256_hex, SampleRecord, Task};
 
 /// Answer a question about an image.
 ///
@@ -53,37 +49,38 @@ pub async fn answer(
     limits.text("question", &body.question)?;
     limits.count("n", body.n, limits.max_answers_per_request)?;
     limits.count("max_new_tokens", body.max_new_tokens, limits.max_new_tokens)?;
-    let sampling = limits.sampling(body.temperature, body.top_k, body.top_p)?;
+    limits.sampling(body.temperature, body.top_k, body.top_p)?;
+    let params = AnswerParams {
+        n: body.n,
+        max_new_tokens: body.max_new_tokens,
+        temperature: body.temperature,
+        top_p: body.top_p,
+        top_k: body.top_k,
+    };
     let seeds = limits.seeds(body.seed, body.n)?;
     let image_bytes = decode_base64_image(&body.image, limits.max_image_bytes)?;
-    let image_sha = sha256_hex(&image_bytes);
     let max_pixels = limits.max_image_pixels;
     let (image, image_bytes) = tokio::task::spawn_blocking(move || {
         decode_image(&image_bytes, max_pixels).map(|image| (image, image_bytes))
     })
     .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(|e| match e {
-        ModelError::ImageTooLarge(m) => ApiError::ImageTooLarge(m),
-        other => ApiError::InvalidImage(other.to_string()),
-    })?;
-    let request = engine::AnswerRequest {
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let work = AnswerWork {
         image,
         question: body.question.clone(),
-        max_new_tokens: body.max_new_tokens as usize,
-        sampling,
+        params,
         seeds: seeds.clone(),
     };
     let deadline = Instant::now() + limits.request_timeout;
     let ctx = AnswerContext {
         state: state.clone(),
-        body: body.clone(),
+        question: body.question,
+        params,
         seeds,
-        image_sha,
         image_bytes,
     };
     if !body.stream {
-        let output = state.engine.answer(request, deadline, None).await?;
+        let output = state.engine.answer(work, deadline, None).await?;
         return Ok(Json(ctx.store(output).await?).into_response());
     }
     let (tx, rx) = mpsc::unbounded_channel();
@@ -92,7 +89,7 @@ pub async fn answer(
     // the client goes away the stream is dropped, the channel closes and the
     // engine stops this request.
     let work = tokio::spawn(async move {
-        let output = engine.answer(request, deadline, Some(tx)).await?;
+        let output = engine.answer(work, deadline, Some(tx)).await?;
         ctx.store(output).await
     });
     Ok(Sse::new(event_stream(state, rx, work))
@@ -102,67 +99,39 @@ pub async fn answer(
 
 struct AnswerContext {
     state: AppState,
-    body: AnswerRequest,
+    question: String,
+    params: AnswerParams,
     seeds: Vec<u64>,
-    image_sha: String,
-    /// The input image as sent; stored (content-addressed) so a job can
-    /// train on the question again.
+    /// The input image as sent; recorded so a job can train on the question again.
     image_bytes: Vec<u8>,
 }
 
 impl AnswerContext {
-    /// Stores every sample, then builds the response.
+    /// Records every sample, then builds the response.
     async fn store(self, output: AnswerOutput) -> Result<AnswerResponse, ApiError> {
-        let request_id = uuid::Uuid::new_v4().to_string();
-        let b = &self.body;
-        let params = serde_json::json!({
-            "n": b.n, "max_new_tokens": b.max_new_tokens, "temperature": b.temperature,
-            "top_p": b.top_p, "top_k": b.top_k,
-        });
-        let created_at = now_ms();
-        let mut records = Vec::new();
-        let mut samples = Vec::new();
-        for (i, (s, seed)) in output.samples.iter().zip(&self.seeds).enumerate() {
-            let finish_reason = match s.finish_reason {
-                ModelFinish::Stop => FinishReason::Stop,
-                ModelFinish::Length => FinishReason::Length,
-                // The engine only cancels requests nobody waits for.
-                ModelFinish::Cancelled => return Err(ApiError::DeadlineExceeded),
-            };
-            let id = uuid::Uuid::new_v4().to_string();
-            samples.push(AnswerSample {
-                sample_id: id.clone(),
-                seed: *seed,
-                text: s.text.clone(),
-                finish_reason,
-                completion_tokens: s.token_ids.len(),
-            });
-            records.push(SampleRecord {
-                id,
-                request_id: request_id.clone(),
-                group_index: i as i64,
-                task: Task::Answer,
-                model_version: output.model_version.clone(),
-                prompt: b.question.clone(),
-                input_image_sha256: Some(self.image_sha.clone()),
-                params: params.clone(),
-                seed: *seed as i64,
-                output_text: Some(s.text.clone()),
-                output_image_sha256: None,
-                token_ids: s.token_ids.clone(),
-                logprobs: s.logprobs.clone(),
-                finish_reason: Some(finish_reason.as_str().to_string()),
-                queue_ms: output.timings.queue_ms as i64,
-                compute_ms: output.timings.compute_ms as i64,
-                created_at,
-            });
-        }
-        // The image is durable before the rows that name it.
-        self.state.store.put_image(self.image_bytes).await?;
-        self.state.store.insert_samples(&records).await?;
+        let recorded = record_answers(
+            &self.state.store,
+            &self.question,
+            self.params,
+            &self.seeds,
+            self.image_bytes,
+            &output,
+        )
+        .await?;
+        let samples: Vec<AnswerSample> = recorded
+            .samples
+            .into_iter()
+            .map(|s| AnswerSample {
+                sample_id: s.sample_id,
+                seed: s.seed,
+                text: s.output.text,
+                finish_reason: s.output.finish_reason.into(),
+                completion_tokens: s.output.completion_tokens,
+            })
+            .collect();
         let completion_tokens = samples.iter().map(|s| s.completion_tokens).sum();
         Ok(AnswerResponse {
-            request_id,
+            request_id: recorded.request_id,
             model_version: output.model_version,
             samples,
             usage: Usage {
@@ -170,10 +139,7 @@ impl AnswerContext {
                 completion_tokens,
                 total_tokens: output.prompt_tokens + completion_tokens,
             },
-            timings: Timings {
-                queue_ms: output.timings.queue_ms,
-                compute_ms: output.timings.compute_ms,
-            },
+            timings: output.timings.into(),
         })
     }
 }
@@ -184,7 +150,7 @@ fn event_stream(
     work: tokio::task::JoinHandle<Result<AnswerResponse, ApiError>>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     async_stream(move |yield_tx| async move {
-        let processor = state.engine.processor().clone();
+        let engine = state.engine.clone();
         let mut tokens: Vec<Vec<u32>> = Vec::new();
         let mut sent_text: Vec<String> = Vec::new();
         while let Some(t) = rx.recv().await {
@@ -196,7 +162,7 @@ fn event_stream(
             // Emit only complete characters: decode the whole answer and send
             // the new suffix, holding back a trailing replacement character
             // (a multi-byte character whose bytes have not all arrived).
-            let text = processor.decode(&tokens[t.sample]);
+            let text = engine.detokenize(&tokens[t.sample]);
             let delta = text
                 .strip_prefix(sent_text[t.sample].as_str())
                 .filter(|d| !d.ends_with('\u{FFFD}'))

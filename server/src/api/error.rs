@@ -7,8 +7,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::engine::EngineError;
-use crate::store::StoreError;
+use ulm_core::engine::EngineError;
+use ulm_core::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -178,6 +178,8 @@ impl From<EngineError> for ApiError {
             }
             EngineError::DeadlineExceeded => ApiError::DeadlineExceeded,
             EngineError::InvalidInput(m) => ApiError::InvalidParameter(m),
+            EngineError::InvalidImage(m) => ApiError::InvalidImage(m),
+            EngineError::ImageTooLarge(m) => ApiError::ImageTooLarge(m),
             EngineError::Model(m) => ApiError::Internal(m),
         }
     }
@@ -196,6 +198,9 @@ impl From<StoreError> for ApiError {
             StoreError::JobActive(id) => ApiError::Conflict(format!(
                 "job {id} is already queued or running; one job runs at a time"
             )),
+            StoreError::JobFinished(id) => {
+                ApiError::Conflict(format!("job {id} has already finished"))
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -9,7 +9,7 @@ use super::types::{
     FeedbackStatus, FeedbackView,
 };
 use super::AppState;
-use crate::store::{now_ms, sha256_hex, FeedbackOutcome, FeedbackRecord};
+use ulm_core::store::{now_ms, sha256_hex, FeedbackOutcome, FeedbackRecord};
 
 const MAX_KEY_CHARS: usize = 64;
 const MAX_TEXT_CHARS: usize = 16_384;

@@ -4,11 +4,12 @@ use axum::extract::State;
 use axum::Json;
 use base64::Engine as _;
 
+use ulm_core::engine::ImageWork;
+use ulm_core::record::{record_images, GenerateParams};
+
 use super::error::{ApiError, ApiJson, ErrorBody};
 use super::types::{GenerateRequest, GenerateResponse, GeneratedImage, Timings};
 use super::AppState;
-use crate::engine;
-use crate::store::{now_ms, SampleRecord, Task};
 
 /// Generate images from a text prompt.
 ///
@@ -45,78 +46,38 @@ pub async fn generate(
             body.cfg_weight
         )));
     }
-    let sampling = limits.sampling(body.temperature, body.top_k, None)?;
+    limits.sampling(body.temperature, body.top_k, None)?;
+    let params = GenerateParams {
+        n: body.n,
+        cfg_weight: body.cfg_weight,
+        temperature: body.temperature,
+        top_k: body.top_k,
+    };
     let seeds = limits.seeds(body.seed, body.n)?;
     let deadline = Instant::now() + limits.request_timeout;
-    let request = engine::GenerateRequest {
+    let work = ImageWork {
         prompt: body.prompt.clone(),
-        cfg_weight: body.cfg_weight,
-        sampling,
+        params,
         seeds: seeds.clone(),
     };
-    let output = state.engine.generate(request, deadline).await?;
-
-    let request_id = uuid::Uuid::new_v4().to_string();
-    let params = serde_json::json!({
-        "n": body.n, "cfg_weight": body.cfg_weight, "temperature": body.temperature, "top_k": body.top_k,
-    });
-    let created_at = now_ms();
-    let pngs = tokio::task::spawn_blocking(move || {
-        output
-            .images
-            .into_iter()
-            .map(|img| encode_png(&img.image).map(|png| (png, img.tokens, img.logprobs)))
-            .collect::<Result<Vec<_>, ApiError>>()
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let mut records = Vec::with_capacity(pngs.len());
-    let mut images = Vec::with_capacity(pngs.len());
-    for (i, ((png, tokens, logprobs), seed)) in pngs.into_iter().zip(&seeds).enumerate() {
-        let sha = state.store.put_image(png.clone()).await?;
-        let id = uuid::Uuid::new_v4().to_string();
-        images.push(GeneratedImage {
-            image_url: format!("/v1/images/{id}"),
-            sample_id: id.clone(),
-            seed: *seed,
-            png_base64: base64::engine::general_purpose::STANDARD.encode(&png),
-        });
-        records.push(SampleRecord {
-            id,
-            request_id: request_id.clone(),
-            group_index: i as i64,
-            task: Task::Generate,
-            model_version: output.model_version.clone(),
-            prompt: body.prompt.clone(),
-            input_image_sha256: None,
-            params: params.clone(),
-            seed: *seed as i64,
-            output_text: None,
-            output_image_sha256: Some(sha),
-            token_ids: tokens,
-            logprobs,
-            finish_reason: None,
-            queue_ms: output.timings.queue_ms as i64,
-            compute_ms: output.timings.compute_ms as i64,
-            created_at,
-        });
-    }
-    state.store.insert_samples(&records).await?;
+    let output = state.engine.generate(work, deadline).await?;
+    let model_version = output.model_version.clone();
+    let timings = Timings::from(output.timings);
+    let recorded = record_images(&state.store, &body.prompt, params, &seeds, output).await?;
+    let images = recorded
+        .samples
+        .into_iter()
+        .map(|s| GeneratedImage {
+            image_url: format!("/v1/images/{}", s.sample_id),
+            sample_id: s.sample_id,
+            seed: s.seed,
+            png_base64: base64::engine::general_purpose::STANDARD.encode(&s.output),
+        })
+        .collect();
     Ok(Json(GenerateResponse {
-        request_id,
-        model_version: output.model_version,
+        request_id: recorded.request_id,
+        model_version,
         images,
-        timings: Timings {
-            queue_ms: output.timings.queue_ms,
-            compute_ms: output.timings.compute_ms,
-        },
+        timings,
     }))
-}
-
-pub fn encode_png(image: &image::RgbImage) -> Result<Vec<u8>, ApiError> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    image
-        .write_to(&mut out, image::ImageFormat::Png)
-        .map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))?;
-    Ok(out.into_inner())
 }

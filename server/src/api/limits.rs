@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use super::error::ApiError;
 use super::types::MAX_SEED;
-use crate::model::sampling::SamplingParams;
 
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -73,12 +72,13 @@ impl Limits {
         Ok(())
     }
 
+    /// Sampling parameters in the ranges the sampler accepts.
     pub fn sampling(
         &self,
         temperature: f32,
         top_k: Option<u32>,
         top_p: Option<f32>,
-    ) -> Result<SamplingParams, ApiError> {
+    ) -> Result<(), ApiError> {
         if !temperature.is_finite() || !(0.0..=5.0).contains(&temperature) {
             return Err(bad(format!(
                 "temperature must be between 0 and 5, got {temperature}"
@@ -92,11 +92,7 @@ impl Limits {
                 return Err(bad(format!("top_p must be in (0, 1], got {p}")));
             }
         }
-        Ok(SamplingParams {
-            temperature,
-            top_k: top_k.map(|k| k as usize),
-            top_p,
-        })
+        Ok(())
     }
 
     /// The request's seeds: `seed + i`, or random ones.

@@ -7,6 +7,7 @@ pub mod error;
 pub mod feedback;
 pub mod generate;
 pub mod health;
+pub mod job_config;
 pub mod limits;
 pub mod models;
 pub mod rl;
@@ -28,13 +29,13 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::engine::Engine;
-use crate::registry::Registry;
-use crate::scheduler::Scheduler;
-use crate::store::Store;
 use auth::Auth;
 use error::ApiError;
 use limits::Limits;
+use ulm_core::engine::Engine;
+use ulm_core::registry::Registry;
+use ulm_core::scheduler::Scheduler;
+use ulm_core::store::Store;
 
 #[derive(Clone)]
 pub struct AppState {

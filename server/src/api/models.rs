@@ -6,8 +6,8 @@ use axum::Json;
 use super::error::{ApiError, ErrorBody};
 use super::types::{ModelList, ModelView};
 use super::AppState;
-use crate::registry::RegistryError;
-use crate::store::rl::VersionRecord;
+use ulm_core::registry::RegistryError;
+use ulm_core::store::jobs::VersionRecord;
 
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
@@ -16,7 +16,9 @@ impl From<RegistryError> for ApiError {
                 ApiError::NotFound(format!("model version {v} does not exist"))
             }
             RegistryError::Store(e) => e.into(),
-            load @ RegistryError::Load { .. } => ApiError::Internal(load.to_string()),
+            load @ (RegistryError::Load { .. } | RegistryError::Thread { .. }) => {
+                ApiError::Internal(load.to_string())
+            }
         }
     }
 }

@@ -7,17 +7,17 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::error::{ApiError, ApiJson, ErrorBody};
+use super::job_config::JobConfig;
 use super::types::{JobList, JobView};
 use super::AppState;
-use crate::scheduler::config::JobConfig;
-use crate::scheduler::SchedulerError;
-use crate::store::rl::JobRecord;
-use crate::store::StoreError;
+use ulm_core::jobs::{JobRecord, JobTrigger};
+use ulm_core::scheduler::SchedulerError;
+use ulm_core::store::StoreError;
 
 impl From<SchedulerError> for ApiError {
     fn from(e: SchedulerError) -> Self {
         match e {
-            SchedulerError::InvalidConfig(m) => ApiError::InvalidParameter(m),
+            SchedulerError::InvalidConfig(e) => ApiError::InvalidParameter(e.to_string()),
             SchedulerError::Finished(id) => {
                 ApiError::Conflict(format!("job {id} has already finished"))
             }
@@ -31,7 +31,7 @@ fn view(j: JobRecord) -> JobView {
     JobView {
         id: j.id,
         status: j.status.as_str().to_string(),
-        trigger: j.trigger,
+        trigger: j.trigger.as_str().to_string(),
         config: j.config,
         parent_version: j.parent_version,
         candidate_version: j.candidate_version,
@@ -63,7 +63,10 @@ pub async fn start_job(
     State(state): State<AppState>,
     ApiJson(config): ApiJson<JobConfig>,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
-    let job = state.scheduler.submit(config, "api").await?;
+    let job = state
+        .scheduler
+        .submit(config.into(), JobTrigger::Api)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(view(job))))
 }
 

@@ -7,7 +7,8 @@ use super::error::{ApiError, ErrorBody};
 use super::feedback::view;
 use super::types::{PngImage, SampleView, Timings};
 use super::AppState;
-use crate::store::{StoreError, Task};
+use ulm_core::record::Task;
+use ulm_core::store::StoreError;
 
 fn not_found(what: &'static str, id: &str) -> impl FnOnce(StoreError) -> ApiError {
     let id = id.to_string();
@@ -42,22 +43,18 @@ pub async fn get_sample(
     let feedback = state.store.feedback_for_sample(&id).await?;
     Ok(Json(SampleView {
         image_url: (s.task == Task::Generate).then(|| format!("/v1/images/{}", s.id)),
-        task: match s.task {
-            Task::Generate => "generate",
-            Task::Answer => "answer",
-        }
-        .to_string(),
+        task: s.task.as_str().to_string(),
         id: s.id,
         request_id: s.request_id,
         model_version: s.model_version,
         prompt: s.prompt,
-        params: s.params,
+        params: serde_json::to_value(s.params).unwrap_or_default(),
         seed: s.seed as u64,
         output_text: s.output_text,
         input_image_sha256: s.input_image_sha256,
         token_ids: s.token_ids,
         logprobs: s.logprobs,
-        finish_reason: s.finish_reason,
+        finish_reason: s.finish_reason.map(|f| f.as_str().to_string()),
         timings: Timings {
             queue_ms: s.queue_ms as u64,
             compute_ms: s.compute_ms as u64,

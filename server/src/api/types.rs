@@ -1,6 +1,9 @@
-//! Request and response bodies of the public API, with their OpenAPI schemas.
+//! Request and response bodies of the public API, with their OpenAPI
+//! schemas: the wire form of the core's types, each converted with `From`.
 
 use serde::{Deserialize, Serialize};
+use ulm_core::engine::RequestTimings;
+use ulm_core::record;
 use utoipa::ToSchema;
 
 /// Largest seed a client can send or receive exactly (2^53 - 1: JSON numbers
@@ -69,6 +72,15 @@ pub struct Timings {
     pub compute_ms: u64,
 }
 
+impl From<RequestTimings> for Timings {
+    fn from(t: RequestTimings) -> Self {
+        Self {
+            queue_ms: t.queue_ms,
+            compute_ms: t.compute_ms,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct GenerateResponse {
     pub request_id: String,
@@ -121,12 +133,11 @@ pub enum FinishReason {
     Length,
 }
 
-impl FinishReason {
-    /// The serialised name, as stored with the sample.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
+impl From<record::FinishReason> for FinishReason {
+    fn from(f: record::FinishReason) -> Self {
+        match f {
+            record::FinishReason::Stop => FinishReason::Stop,
+            record::FinishReason::Length => FinishReason::Length,
         }
     }
 }

@@ -1,0 +1,309 @@
+//! The engine: one worker thread owns the model; requests reach it through a
+//! bounded queue and are batched (requests arriving within a short window
+//! share forward passes). Back-pressure is explicit: a full queue is an error
+//! the API turns into 429, a dead worker one it turns into 503. A request whose
+//! client went away or whose deadline passed stops taking model time.
+//!
+//! The served policy is a [`ServingModel`] behind an `ArcSwap`: activating a
+//! version swaps it between batches; a batch finishes on the version it
+//! started with, and every output names that version.
+//!
+//! Inputs and outputs here are plain data (images, token ids, text): tensors
+//! stay inside the worker.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use image::RgbImage;
+use tokio::sync::{mpsc, oneshot};
+use ulm_model::bundle::ModelBundle;
+use ulm_model::processor::Processor;
+use ulm_model::{Janus, ModelError};
+
+mod work;
+mod worker;
+
+pub use work::{
+    AnswerOutput, AnswerWork, GenerateOutput, ImageOutput, ImageWork, RequestTimings,
+    StreamedToken, TextOutput,
+};
+use worker::Worker;
+
+/// A model version ready to serve. Its weights share storage with the base
+/// model wherever they are the same tensors (LoRA versions add adapters only).
+pub struct ServingModel {
+    pub version: String,
+    pub model: Janus,
+}
+
+/// Why the engine could not serve a request.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the request queue is full")]
+    QueueFull,
+    #[error("the model worker is not running")]
+    Unavailable,
+    #[error("the request deadline passed")]
+    DeadlineExceeded,
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error("invalid image: {0}")]
+    InvalidImage(String),
+    #[error("image too large: {0}")]
+    ImageTooLarge(String),
+    #[error("model failure: {0}")]
+    Model(String),
+}
+
+impl From<ModelError> for EngineError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::InvalidInput(m) => EngineError::InvalidInput(m),
+            ModelError::Image(m) => EngineError::InvalidImage(m),
+            ModelError::ImageTooLarge(m) => EngineError::ImageTooLarge(m),
+            other => EngineError::Model(other.to_string()),
+        }
+    }
+}
+
+/// Decodes an input image (PNG, JPEG or WebP) of at most `max_pixels`,
+/// checking the size before any pixel is decoded.
+pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, EngineError> {
+    Ok(ulm_model::image_processor::decode_image(bytes, max_pixels)?)
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Requests waiting for the worker, at most.
+    pub max_queue: usize,
+    /// Rows (samples or images) in one batch, at most.
+    pub max_batch_rows: usize,
+    /// How long the worker waits for more requests to batch with the first.
+    pub batch_window: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_queue: 64,
+            max_batch_rows: 32,
+            batch_window: Duration::from_millis(5),
+        }
+    }
+}
+
+pub(crate) struct Pending<R, O> {
+    request: R,
+    enqueued: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<O, EngineError>>,
+    stream: Option<mpsc::UnboundedSender<StreamedToken>>,
+}
+
+impl<R, O> Pending<R, O> {
+    /// Still worth computing: someone waits for it and there is time left.
+    pub(crate) fn wanted(&self) -> bool {
+        !self.reply.is_closed()
+            && self.stream.as_ref().is_none_or(|s| !s.is_closed())
+            && Instant::now() < self.deadline
+    }
+
+    /// Where this request's time went, for a batch that started at `started`.
+    pub(crate) fn timings(
+        &self,
+        started: Instant,
+        compute_ms: u64,
+        batch_rows: usize,
+    ) -> RequestTimings {
+        RequestTimings {
+            queue_ms: started.duration_since(self.enqueued).as_millis() as u64,
+            compute_ms,
+            batch_rows,
+        }
+    }
+
+    pub(crate) fn finish(self, result: Result<O, EngineError>) {
+        let result = match result {
+            Ok(_) if Instant::now() >= self.deadline => Err(EngineError::DeadlineExceeded),
+            r => r,
+        };
+        // The receiver may be gone (client disconnected); nothing to do then.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// A failed batch fails every request in it.
+pub(crate) fn fail_all<R, O>(jobs: Vec<Pending<R, O>>, task: &str, error: &ModelError) {
+    tracing::error!(%error, task, "batch failed");
+    for job in jobs {
+        job.finish(Err(EngineError::Model(error.to_string())));
+    }
+}
+
+/// A request waiting in the queue.
+pub(crate) enum Queued {
+    Answer(Pending<AnswerWork, AnswerOutput>),
+    Generate(Pending<ImageWork, GenerateOutput>),
+}
+
+impl Queued {
+    pub(crate) fn rows(&self) -> usize {
+        match self {
+            Queued::Answer(p) => p.request.seeds.len(),
+            Queued::Generate(p) => p.request.seeds.len(),
+        }
+    }
+}
+
+/// Facts about the served model that the API reports and validates against.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub description: String,
+    pub is_demo: bool,
+    pub max_positions: usize,
+    pub image_tokens_per_image: usize,
+    pub generated_image_size: usize,
+    pub understanding_image_size: usize,
+}
+
+/// The handle the API holds. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<Queued>,
+    queued: Arc<AtomicUsize>,
+    alive: Arc<AtomicBool>,
+    processor: Arc<Processor>,
+    pub info: Arc<ModelInfo>,
+    policy: Arc<ArcSwap<ServingModel>>,
+}
+
+impl Engine {
+    /// Moves the model onto its own worker thread, serving `bundle`'s model
+    /// as `version`.
+    pub fn start(bundle: ModelBundle, version: String, config: EngineConfig) -> Self {
+        let (tx, rx) = mpsc::channel(config.max_queue.max(1));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let alive = Arc::new(AtomicBool::new(true));
+        let cfg = &bundle.model.cfg;
+        let info = ModelInfo {
+            description: bundle.describe(),
+            is_demo: bundle.is_demo(),
+            max_positions: cfg.language.max_position_embeddings,
+            image_tokens_per_image: cfg.gen_vision.image_tokens(),
+            generated_image_size: cfg.gen_vision.image_size,
+            understanding_image_size: cfg.vision.image_size,
+        };
+        let processor = Arc::new(bundle.processor.clone());
+        metrics::gauge!("ulm_model_active", "version" => version.clone()).set(1.0);
+        let policy = Arc::new(ArcSwap::from_pointee(ServingModel {
+            version,
+            model: bundle.model,
+        }));
+        let worker = Worker {
+            processor: bundle.processor,
+            image_processor: bundle.image_processor,
+            policy: policy.clone(),
+            rx,
+            queued: queued.clone(),
+            config,
+        };
+        let alive_flag = alive.clone();
+        std::thread::Builder::new()
+            .name("model-worker".into())
+            .spawn(move || {
+                worker.run();
+                alive_flag.store(false, Ordering::SeqCst);
+            })
+            .expect("spawning the model worker thread");
+        Self {
+            tx,
+            queued,
+            alive,
+            processor,
+            info: Arc::new(info),
+            policy,
+        }
+    }
+
+    /// Serves `model` from the next batch on; batches already running finish
+    /// on the version they started with.
+    pub fn activate(&self, model: ServingModel) {
+        tracing::info!(version = %model.version, "activating model version");
+        let version = model.version.clone();
+        let previous = self.policy.swap(Arc::new(model));
+        metrics::gauge!("ulm_model_active", "version" => previous.version.clone()).set(0.0);
+        metrics::gauge!("ulm_model_active", "version" => version).set(1.0);
+        metrics::counter!("ulm_model_activations_total").increment(1);
+    }
+
+    /// The version being served, as a model the trainer can start from.
+    pub fn serving(&self) -> Arc<ServingModel> {
+        self.policy.load_full()
+    }
+
+    /// The text of answer tokens, as the served answers are decoded.
+    pub fn detokenize(&self, ids: &[u32]) -> String {
+        self.processor.decode(ids)
+    }
+
+    pub fn model_version(&self) -> String {
+        self.policy.load().version.clone()
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst) && !self.tx.is_closed()
+    }
+
+    /// Requests waiting for the worker.
+    pub fn queue_depth(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    fn enqueue(&self, job: Queued) -> Result<(), EngineError> {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        metrics::gauge!("ulm_queue_depth").set(self.queue_depth() as f64);
+        self.tx.try_send(job).map_err(|e| {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            match e {
+                mpsc::error::TrySendError::Full(_) => EngineError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => EngineError::Unavailable,
+            }
+        })
+    }
+
+    /// Answers; tokens are also sent to `stream` as they are produced.
+    pub async fn answer(
+        &self,
+        request: AnswerWork,
+        deadline: Instant,
+        stream: Option<mpsc::UnboundedSender<StreamedToken>>,
+    ) -> Result<AnswerOutput, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.enqueue(Queued::Answer(Pending {
+            request,
+            enqueued: Instant::now(),
+            deadline,
+            reply,
+            stream,
+        }))?;
+        rx.await.map_err(|_| EngineError::Unavailable)?
+    }
+
+    pub async fn generate(
+        &self,
+        request: ImageWork,
+        deadline: Instant,
+    ) -> Result<GenerateOutput, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.enqueue(Queued::Generate(Pending {
+            request,
+            enqueued: Instant::now(),
+            deadline,
+            reply,
+            stream: None,
+        }))?;
+        rx.await.map_err(|_| EngineError::Unavailable)?
+    }
+}

@@ -1,0 +1,242 @@
+//! A job's data, from what the store holds:
+//!
+//! - served groups (n > 1) whose samples received scores: GRPO groups as
+//!   they were served, with their behaviour log-probs. A group of answers
+//!   with a reference answer (a correction) but no scores is scored by
+//!   accuracy against it;
+//! - questions with a reference answer: prompts for fresh rollouts scored by
+//!   accuracy and format;
+//! - generation prompts that received no feedback: prompts for fresh
+//!   rollouts scored by the model-self rewards.
+//!
+//! A stable share of the rated requests (by a hash of the request id) is
+//! held out: never trained on, it is the evaluation set.
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use ulm_model::image_processor::decode_image;
+use ulm_rl::reward::verifiable::{qa_accuracy, QaType};
+use ulm_rl::reward::{QaItem, RewardTask, TrainItem};
+use ulm_rl::trainer::{ServedGroup, ServedSample};
+
+use super::config::JobConfig;
+use crate::record::Task;
+use crate::store::training_data::RatedSample;
+use crate::store::{Store, StoreError};
+
+/// What the model needs to know to accept a served group.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub image_tokens: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DataCounts {
+    pub rated_requests: usize,
+    pub train_groups: usize,
+    pub eval_groups: usize,
+    pub reference_answers: usize,
+    pub prompts: usize,
+    /// Rated requests left out, by reason.
+    pub skipped_single_sample: usize,
+    pub skipped_other_temperature: usize,
+    pub skipped_unscored: usize,
+    pub skipped_unreadable: usize,
+}
+
+#[derive(Default)]
+pub struct JobData {
+    pub train: Vec<ServedGroup>,
+    pub eval: Vec<ServedGroup>,
+    pub reference_answers: Vec<TrainItem>,
+    pub prompts: Vec<TrainItem>,
+    pub counts: DataCounts,
+}
+
+/// Where a request falls: held out for evaluation when its hash is below
+/// `fraction`. Stable, so a held-out group is never trained on by any job.
+pub fn hash_unit(request_id: &str) -> f64 {
+    let digest = Sha256::digest(request_id.as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(bytes) as f64 / u64::MAX as f64
+}
+
+fn qa_type_of(reference: &str) -> QaType {
+    let r = reference.trim();
+    if r.len() == 1 && r.chars().all(|c| c.is_ascii_uppercase()) {
+        QaType::MultipleChoice
+    } else {
+        QaType::OpenEnded
+    }
+}
+
+/// A sample's score: the mean of its human scores under the chosen keys.
+fn human_score(sample: &RatedSample, keys: Option<&[String]>) -> Option<f32> {
+    let scores: Vec<f64> = sample
+        .scores
+        .iter()
+        .filter(|(k, _)| keys.is_none_or(|keys| keys.iter().any(|x| x == k)))
+        .map(|(_, s)| *s)
+        .collect();
+    (!scores.is_empty()).then(|| (scores.iter().sum::<f64>() / scores.len() as f64) as f32)
+}
+
+pub async fn gather(
+    store: &Store,
+    config: &JobConfig,
+    holdout_fraction: f64,
+    until_ms: i64,
+    shape: Shape,
+) -> Result<JobData, StoreError> {
+    let mut data = JobData::default();
+    let requests = store
+        .rated_request_ids(until_ms, config.max_groups as i64)
+        .await?;
+    data.counts.rated_requests = requests.len();
+    let mut groups: Vec<(f64, ServedGroup)> = Vec::new();
+    for request_id in &requests {
+        let rated = store.rated_group(request_id, until_ms).await?;
+        let Some(first) = rated.first() else { continue };
+        let first = first.sample.clone();
+        let reference = rated
+            .iter()
+            .flat_map(|r| r.corrections.iter())
+            .next_back()
+            .cloned();
+        let image = match (&first.task, &first.input_image_sha256) {
+            (Task::Answer, Some(sha)) => {
+                let decoded = store
+                    .get_image(sha)
+                    .await
+                    .ok()
+                    .and_then(|bytes| decode_image(&bytes, u64::MAX).ok());
+                match decoded {
+                    Some(image) => Some(image),
+                    None => {
+                        data.counts.skipped_unreadable += 1;
+                        continue;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let item = match (first.task, image) {
+            (Task::Answer, Some(image)) => TrainItem {
+                qa: Some(QaItem {
+                    image,
+                    question: first.prompt.clone(),
+                    solution: reference.clone().unwrap_or_default(),
+                    qa_type: qa_type_of(reference.as_deref().unwrap_or_default()),
+                }),
+                caption: None,
+            },
+            (Task::Generate, _) => TrainItem {
+                qa: None,
+                caption: Some(first.prompt.clone()),
+            },
+            (Task::Answer, None) => {
+                data.counts.skipped_unreadable += 1;
+                continue;
+            }
+        };
+        let hash = hash_unit(request_id);
+        let held_out = hash < holdout_fraction;
+        if reference.is_some() && !held_out {
+            data.reference_answers.push(item.clone());
+        }
+        if rated.len() < 2 {
+            data.counts.skipped_single_sample += 1;
+            continue;
+        }
+        if (first.params.logprob_temperature() - config.temperature).abs() > 1e-6 {
+            data.counts.skipped_other_temperature += 1;
+            continue;
+        }
+        let samples: Vec<ServedSample> = rated
+            .iter()
+            .filter_map(|r| {
+                let s = &r.sample;
+                let score = human_score(r, config.feedback_keys.as_deref()).or_else(|| {
+                    let qa = item.qa.as_ref().filter(|_| reference.is_some())?;
+                    Some(qa_accuracy(
+                        s.output_text.as_deref().unwrap_or_default(),
+                        &qa.solution,
+                        &qa.question,
+                        qa.qa_type,
+                    ) as f32)
+                })?;
+                let well_formed = s.token_ids.len() == s.logprobs.len()
+                    && !s.token_ids.is_empty()
+                    && (s.task == Task::Answer || s.token_ids.len() == shape.image_tokens);
+                well_formed.then(|| ServedSample {
+                    tokens: s.token_ids.clone(),
+                    logprobs: s.logprobs.clone(),
+                    score,
+                })
+            })
+            .collect();
+        if samples.len() < 2 {
+            data.counts.skipped_unscored += 1;
+            continue;
+        }
+        let task = match first.task {
+            Task::Answer => RewardTask::Understanding,
+            Task::Generate => RewardTask::Generation,
+        };
+        groups.push((
+            hash,
+            ServedGroup {
+                item,
+                task,
+                samples,
+            },
+        ));
+    }
+    // Too little data for the hash to hold any group out: the group with the
+    // smallest hash is held out for this job.
+    let min_hash = groups.iter().map(|(h, _)| *h).fold(f64::INFINITY, f64::min);
+    let force = groups.len() >= 2 && min_hash >= holdout_fraction && holdout_fraction > 0.0;
+    for (hash, group) in groups {
+        if hash < holdout_fraction || (force && hash == min_hash) {
+            data.eval.push(group);
+        } else {
+            data.train.push(group);
+        }
+    }
+    data.prompts = store
+        .unrated_generation_prompts(config.max_groups as i64)
+        .await?
+        .into_iter()
+        .map(|caption| TrainItem {
+            qa: None,
+            caption: Some(caption),
+        })
+        .collect();
+    data.counts.train_groups = data.train.len();
+    data.counts.eval_groups = data.eval.len();
+    data.counts.reference_answers = data.reference_answers.len();
+    data.counts.prompts = data.prompts.len();
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holdout_hash_is_stable_and_uniform() {
+        assert_eq!(hash_unit("abc"), hash_unit("abc"));
+        let held = (0..10_000)
+            .filter(|i| hash_unit(&format!("request-{i}")) < 0.2)
+            .count();
+        assert!((1_800..2_200).contains(&held), "{held}");
+    }
+
+    #[test]
+    fn reference_answers_pick_their_branch() {
+        assert_eq!(qa_type_of(" B "), QaType::MultipleChoice);
+        assert_eq!(qa_type_of("a red cube"), QaType::OpenEnded);
+    }
+}

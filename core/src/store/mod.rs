@@ -1,0 +1,370 @@
+//! Durable storage of everything served and every piece of feedback.
+//!
+//! One code path through sqlx's `Any` driver: an SQLite file in the data
+//! directory by default (WAL, `synchronous = FULL`), PostgreSQL when a
+//! `postgres://` URL is given. Migrations are embedded and portable. Images
+//! are content-addressed files under the data directory, written atomically
+//! (temporary file, fsync, rename) before the row that names them.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+pub mod jobs;
+pub mod training_data;
+
+use crate::record::SampleRecord;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("a different feedback item was already stored under client id {0}")]
+    Conflict(String),
+    #[error("job {0} is already queued or running")]
+    JobActive(String),
+    #[error("job {0} has already finished")]
+    JobFinished(String),
+    #[error("the sample {0} does not exist")]
+    UnknownSample(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("file error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+/// One feedback item, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedbackRecord {
+    pub id: String,
+    pub client_id: Option<String>,
+    pub body_sha256: String,
+    pub sample_id: String,
+    pub key: String,
+    pub score: Option<f64>,
+    pub value: Option<String>,
+    pub comment: Option<String>,
+    pub correction: Option<String>,
+    pub source: String,
+    pub user_id: Option<String>,
+    pub created_at: i64,
+}
+
+/// How a feedback insert ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeedbackOutcome {
+    Created(FeedbackRecord),
+    /// The same client id with the same body was stored before.
+    Replayed(FeedbackRecord),
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    images_dir: PathBuf,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+/// An enum stored by name in `column`.
+fn parse_name<T: std::str::FromStr>(column: &str, value: &str) -> Result<T, StoreError> {
+    value
+        .parse()
+        .map_err(|_| corrupt(column, format!("unknown value {value:?}")))
+}
+
+impl Store {
+    /// Opens (and migrates) the database. Without a URL: `data_dir/ulm.sqlite`.
+    pub async fn open(data_dir: &Path, database_url: Option<&str>) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        std::fs::create_dir_all(data_dir)?;
+        let images_dir = data_dir.join("images");
+        std::fs::create_dir_all(&images_dir)?;
+        let url = match database_url {
+            Some(url) => url.to_string(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                data_dir.join("ulm.sqlite").display()
+            ),
+        };
+        let sqlite = url.starts_with("sqlite:");
+        let pool = AnyPoolOptions::new()
+            .max_connections(if sqlite { 4 } else { 16 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        // Durable on acknowledgement, concurrent readers, wait on locks.
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = FULL",
+                            "PRAGMA foreign_keys = ON",
+                            "PRAGMA busy_timeout = 10000",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *conn).await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool, images_dir })
+    }
+
+    /// Database reachable.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    fn image_path(&self, sha: &str) -> PathBuf {
+        self.images_dir.join(&sha[..2]).join(format!("{sha}.png"))
+    }
+
+    /// Stores PNG bytes under their hash (idempotent) and returns the hash.
+    pub async fn put_image(&self, png: Vec<u8>) -> Result<String, StoreError> {
+        let sha = sha256_hex(&png);
+        let path = self.image_path(&sha);
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            if path.exists() {
+                return Ok(());
+            }
+            let dir = path.parent().expect("image paths have a parent");
+            std::fs::create_dir_all(dir)?;
+            let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4()));
+            {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&png)?;
+                f.sync_all()?;
+            }
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(dir)?.sync_all()
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        Ok(sha)
+    }
+
+    pub async fn get_image(&self, sha: &str) -> Result<Vec<u8>, StoreError> {
+        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::NotFound);
+        }
+        match tokio::fs::read(self.image_path(sha)).await {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::NotFound),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Inserts the samples of one request in one transaction.
+    pub async fn insert_samples(&self, samples: &[SampleRecord]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for s in samples {
+            sqlx::query(
+                "INSERT INTO samples (id, request_id, group_index, task, model_version, prompt, input_image_sha256, \
+                 params, seed, output_text, output_image_sha256, token_ids, logprobs, finish_reason, queue_ms, \
+                 compute_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+            )
+            .bind(&s.id)
+            .bind(&s.request_id)
+            .bind(s.group_index)
+            .bind(s.task.as_str())
+            .bind(&s.model_version)
+            .bind(&s.prompt)
+            .bind(s.input_image_sha256.clone())
+            .bind(serde_json::to_string(&s.params).unwrap_or_default())
+            .bind(s.seed)
+            .bind(s.output_text.clone())
+            .bind(s.output_image_sha256.clone())
+            .bind(serde_json::to_string(&s.token_ids).unwrap_or_default())
+            .bind(serde_json::to_string(&s.logprobs).unwrap_or_default())
+            .bind(s.finish_reason.map(|f| f.as_str()))
+            .bind(s.queue_ms)
+            .bind(s.compute_ms)
+            .bind(s.created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn sample_exists(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query("SELECT 1 FROM samples WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+
+    pub async fn get_sample(&self, id: &str) -> Result<SampleRecord, StoreError> {
+        let row = sqlx::query(&format!("{SAMPLE_SELECT} WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        sample_from_row(&row)
+    }
+
+    /// Stores one feedback item. With a client id it is idempotent: the same
+    /// body again returns the stored item, a different body is a conflict.
+    pub async fn insert_feedback(
+        &self,
+        item: FeedbackRecord,
+    ) -> Result<FeedbackOutcome, StoreError> {
+        if let Some(client_id) = &item.client_id {
+            if let Some(existing) = self.feedback_by_client_id(client_id).await? {
+                return replay_or_conflict(existing, &item);
+            }
+        }
+        if !self.sample_exists(&item.sample_id).await? {
+            return Err(StoreError::UnknownSample(item.sample_id));
+        }
+        let result = sqlx::query(
+            "INSERT INTO feedback (id, client_id, body_sha256, sample_id, key, score, value, comment, correction, \
+             source, user_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(&item.id)
+        .bind(item.client_id.clone())
+        .bind(&item.body_sha256)
+        .bind(&item.sample_id)
+        .bind(&item.key)
+        .bind(item.score)
+        .bind(item.value.clone())
+        .bind(item.comment.clone())
+        .bind(item.correction.clone())
+        .bind(&item.source)
+        .bind(item.user_id.clone())
+        .bind(item.created_at)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(FeedbackOutcome::Created(item)),
+            // A concurrent insert with the same client id won the race.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                let client_id = item.client_id.clone().unwrap_or_default();
+                let existing = self
+                    .feedback_by_client_id(&client_id)
+                    .await?
+                    .ok_or(StoreError::Conflict(client_id))?;
+                replay_or_conflict(existing, &item)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn feedback_by_client_id(
+        &self,
+        client_id: &str,
+    ) -> Result<Option<FeedbackRecord>, StoreError> {
+        let row = sqlx::query(&format!("{FEEDBACK_SELECT} WHERE client_id = $1"))
+            .bind(client_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(feedback_from_row).transpose()
+    }
+
+    pub async fn feedback_for_sample(
+        &self,
+        sample_id: &str,
+    ) -> Result<Vec<FeedbackRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{FEEDBACK_SELECT} WHERE sample_id = $1 ORDER BY created_at, id"
+        ))
+        .bind(sample_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(feedback_from_row).collect()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+const SAMPLE_SELECT: &str =
+    "SELECT id, request_id, group_index, task, model_version, prompt, input_image_sha256, params, seed, \
+     output_text, output_image_sha256, token_ids, logprobs, finish_reason, queue_ms, compute_ms, created_at \
+     FROM samples";
+
+const FEEDBACK_SELECT: &str =
+    "SELECT id, client_id, body_sha256, sample_id, key, score, value, comment, correction, \
+                               source, user_id, created_at FROM feedback";
+
+fn replay_or_conflict(
+    existing: FeedbackRecord,
+    item: &FeedbackRecord,
+) -> Result<FeedbackOutcome, StoreError> {
+    if existing.body_sha256 == item.body_sha256 {
+        Ok(FeedbackOutcome::Replayed(existing))
+    } else {
+        Err(StoreError::Conflict(
+            item.client_id.clone().unwrap_or_default(),
+        ))
+    }
+}
+
+fn sample_from_row(row: &AnyRow) -> Result<SampleRecord, StoreError> {
+    let task: String = row.try_get("task")?;
+    let finish_reason: Option<String> = row.try_get("finish_reason")?;
+    let params: String = row.try_get("params")?;
+    let token_ids: String = row.try_get("token_ids")?;
+    let logprobs: String = row.try_get("logprobs")?;
+    Ok(SampleRecord {
+        id: row.try_get("id")?,
+        request_id: row.try_get("request_id")?,
+        group_index: row.try_get("group_index")?,
+        task: parse_name("task", &task)?,
+        model_version: row.try_get("model_version")?,
+        prompt: row.try_get("prompt")?,
+        input_image_sha256: row.try_get("input_image_sha256")?,
+        params: serde_json::from_str(&params).map_err(|e| corrupt("params", e))?,
+        seed: row.try_get("seed")?,
+        output_text: row.try_get("output_text")?,
+        output_image_sha256: row.try_get("output_image_sha256")?,
+        token_ids: serde_json::from_str(&token_ids).map_err(|e| corrupt("token_ids", e))?,
+        logprobs: serde_json::from_str(&logprobs).map_err(|e| corrupt("logprobs", e))?,
+        finish_reason: finish_reason
+            .map(|f| parse_name("finish_reason", &f))
+            .transpose()?,
+        queue_ms: row.try_get("queue_ms")?,
+        compute_ms: row.try_get("compute_ms")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn feedback_from_row(row: &AnyRow) -> Result<FeedbackRecord, StoreError> {
+    Ok(FeedbackRecord {
+        id: row.try_get("id")?,
+        client_id: row.try_get("client_id")?,
+        body_sha256: row.try_get("body_sha256")?,
+        sample_id: row.try_get("sample_id")?,
+        key: row.try_get("key")?,
+        score: row.try_get("score")?,
+        value: row.try_get("value")?,
+        comment: row.try_get("comment")?,
+        correction: row.try_get("correction")?,
+        source: row.try_get("source")?,
+        user_id: row.try_get("user_id")?,
+        created_at: row.try_get("created_at")?,
+    })
+}

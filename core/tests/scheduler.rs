@@ -1,0 +1,284 @@
+//! A job's data from the store and its training run, without HTTP: every
+//! source of the mix (rated served groups, questions with a reference
+//! answer, unrated generation prompts), the held-out split, what is skipped
+//! and why, and a run that draws on all three sources.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use ulm_core::engine::ServingModel;
+use ulm_core::record::{
+    AnswerParams, FinishReason, GenerateParams, RequestParams, SampleRecord, Task,
+};
+use ulm_core::scheduler::config::JobConfig;
+use ulm_core::scheduler::data::{gather, JobData, Shape};
+use ulm_core::scheduler::job::{self, JobInputs, Progress, RunEnd};
+use ulm_core::store::{now_ms, FeedbackRecord, Store};
+use ulm_model::bundle::ModelBundle;
+use ulm_model::demo::DEFAULT_SEED;
+
+const IMAGE_TOKENS: usize = 64;
+
+struct Fixture {
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+fn png() -> Vec<u8> {
+    let img = image::RgbImage::from_fn(24, 16, |x, y| {
+        image::Rgb([(x * 9) as u8, (y * 11) as u8, 7])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// Stores one served request of `n` samples; returns their ids.
+async fn serve(
+    store: &Store,
+    request: &str,
+    task: Task,
+    prompt: &str,
+    n: usize,
+    temperature: f64,
+) -> Vec<String> {
+    let image = match task {
+        Task::Answer => Some(store.put_image(png()).await.unwrap()),
+        Task::Generate => None,
+    };
+    let tokens = match task {
+        Task::Answer => 4,
+        Task::Generate => IMAGE_TOKENS,
+    };
+    let temperature = temperature as f32;
+    let params = match task {
+        Task::Answer => RequestParams::Answer(AnswerParams {
+            n: n as u32,
+            max_new_tokens: tokens as u32,
+            temperature,
+            top_p: None,
+            top_k: None,
+        }),
+        Task::Generate => RequestParams::Generate(GenerateParams {
+            n: n as u32,
+            cfg_weight: 5.0,
+            temperature,
+            top_k: None,
+        }),
+    };
+    let records: Vec<SampleRecord> = (0..n)
+        .map(|i| SampleRecord {
+            id: format!("{request}-{i}"),
+            request_id: request.to_string(),
+            group_index: i as i64,
+            task,
+            model_version: "demo-base".into(),
+            prompt: prompt.into(),
+            input_image_sha256: image.clone(),
+            params,
+            seed: i as i64,
+            output_text: Some(format!("answer {i}")),
+            output_image_sha256: None,
+            token_ids: (0..tokens as u32)
+                .map(|t| (t * 7 + i as u32) % 200)
+                .collect(),
+            logprobs: vec![-3.0; tokens],
+            finish_reason: Some(FinishReason::Length),
+            queue_ms: 0,
+            compute_ms: 0,
+            created_at: now_ms(),
+        })
+        .collect();
+    store.insert_samples(&records).await.unwrap();
+    records.into_iter().map(|r| r.id).collect()
+}
+
+async fn rate(store: &Store, sample: &str, score: Option<f64>, correction: Option<&str>) {
+    store
+        .insert_feedback(FeedbackRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            client_id: None,
+            body_sha256: String::new(),
+            sample_id: sample.into(),
+            key: "quality".into(),
+            score,
+            value: None,
+            comment: None,
+            correction: correction.map(String::from),
+            source: "human".into(),
+            user_id: None,
+            created_at: now_ms(),
+        })
+        .await
+        .unwrap();
+}
+
+/// Six rated answer groups, one rated at another temperature, one rated
+/// single sample, a group with a reference answer only, and two unrated
+/// generation requests.
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), None).await.unwrap();
+    for g in 0..6 {
+        let ids = serve(
+            &store,
+            &format!("rated-{g}"),
+            Task::Answer,
+            "What is it?",
+            4,
+            1.0,
+        )
+        .await;
+        for (i, id) in ids.iter().enumerate() {
+            rate(&store, id, Some(i as f64 / 4.0), None).await;
+        }
+    }
+    let hot = serve(&store, "hot", Task::Answer, "What is it?", 4, 0.7).await;
+    rate(&store, &hot[0], Some(1.0), None).await;
+    let single = serve(&store, "single", Task::Answer, "What is it?", 1, 1.0).await;
+    rate(&store, &single[0], Some(1.0), None).await;
+    let reference = serve(&store, "reference", Task::Answer, "Which? A or B", 3, 1.0).await;
+    rate(&store, &reference[1], None, Some("B")).await;
+    serve(&store, "draw-1", Task::Generate, "a red square", 2, 1.0).await;
+    serve(&store, "draw-2", Task::Generate, "a blue circle", 2, 1.0).await;
+    Fixture { store, _dir: dir }
+}
+
+/// A job on the demo model, starting from the base, which is also served.
+fn inputs_on_the_demo(config: JobConfig, data: JobData) -> JobInputs {
+    let base = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
+    let active = Arc::new(ServingModel {
+        version: "demo-base".into(),
+        model: base.model.clone(),
+    });
+    JobInputs {
+        base,
+        parent_checkpoint: None,
+        active,
+        config,
+        data,
+    }
+}
+
+fn shape() -> Shape {
+    Shape {
+        image_tokens: IMAGE_TOKENS,
+    }
+}
+
+#[tokio::test]
+async fn a_job_gathers_every_source_and_holds_out_a_stable_share() {
+    let f = fixture().await;
+    let config = JobConfig::default();
+    let data = gather(&f.store, &config, 0.3, now_ms(), shape())
+        .await
+        .unwrap();
+    let c = &data.counts;
+    assert_eq!(c.rated_requests, 9, "{c:?}");
+    assert_eq!(c.skipped_other_temperature, 1, "{c:?}");
+    assert_eq!(c.skipped_single_sample, 1, "{c:?}");
+    // Six scored groups plus the reference-answer group scored by accuracy.
+    assert_eq!(c.train_groups + c.eval_groups, 7, "{c:?}");
+    assert!(c.eval_groups >= 1 && c.train_groups >= 1, "{c:?}");
+    assert_eq!(c.prompts, 2, "{c:?}");
+    let reference_group = data
+        .train
+        .iter()
+        .chain(&data.eval)
+        .find(|g| g.samples.len() == 3)
+        .expect("the reference-answer group");
+    assert_eq!(reference_group.item.qa.as_ref().unwrap().solution, "B");
+    // Held-out groups never give reference answers for training either.
+    assert_eq!(
+        c.reference_answers,
+        usize::from(data.train.iter().any(|g| g.samples.len() == 3))
+    );
+
+    // The same split every time: evaluation groups are never trained on.
+    let again = gather(&f.store, &config, 0.3, now_ms(), shape())
+        .await
+        .unwrap();
+    let questions = |groups: &[ulm_rl::trainer::ServedGroup]| {
+        groups
+            .iter()
+            .map(|g| g.samples.iter().map(|s| s.score).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(questions(&again.eval), questions(&data.eval));
+
+    // Only the chosen feedback keys count.
+    let other_keys = JobConfig {
+        feedback_keys: Some(vec!["helpfulness".into()]),
+        ..JobConfig::default()
+    };
+    let data = gather(&f.store, &other_keys, 0.3, now_ms(), shape())
+        .await
+        .unwrap();
+    assert_eq!(data.counts.skipped_unscored, 6, "{:?}", data.counts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_run_draws_on_every_source_and_evaluates() {
+    let f = fixture().await;
+    let config = JobConfig {
+        steps: 3,
+        groups_per_step: 2,
+        group_size: 2,
+        max_new_tokens: 4,
+        lr: 1e-3,
+        lora_rank: 4,
+        ..JobConfig::default()
+    };
+    let data = gather(&f.store, &config, 0.3, now_ms(), shape())
+        .await
+        .unwrap();
+    let has_reference = data.counts.reference_answers > 0;
+    let inputs = inputs_on_the_demo(config, data);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let end = tokio::task::spawn_blocking(move || job::run(inputs, &AtomicBool::new(false), &tx))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut sources = Vec::new();
+    let mut evaluating = false;
+    while let Ok(p) = rx.try_recv() {
+        match p {
+            Progress::Step(s) => {
+                assert!(s.applied, "{s:?}");
+                sources.push(s.source);
+            }
+            Progress::Evaluating => evaluating = true,
+        }
+    }
+    assert!(evaluating);
+    let mut expected = vec!["feedback", "prompts"];
+    if has_reference {
+        expected.insert(1, "reference_answers");
+    }
+    sources.sort();
+    expected.sort();
+    assert_eq!(sources, expected);
+    let RunEnd::Trained(trained) = end else {
+        panic!("the run was cancelled")
+    };
+    assert!(trained.evaluation.groups >= 1);
+    assert!(trained.evaluation.candidate.reward.is_finite());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_run_stops_before_its_first_step() {
+    let f = fixture().await;
+    let config = JobConfig::default();
+    let data = gather(&f.store, &config, 0.3, now_ms(), shape())
+        .await
+        .unwrap();
+    let inputs = inputs_on_the_demo(config, data);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let end = tokio::task::spawn_blocking(move || job::run(inputs, &AtomicBool::new(true), &tx))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(end, RunEnd::Cancelled));
+    assert!(rx.try_recv().is_err());
+}

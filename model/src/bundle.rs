@@ -1,0 +1,180 @@
+//! A ready-to-serve model: network, prompt processor and image processor,
+//! from a checkpoint directory or the built-in demo.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use crate::demo;
+use crate::image_processor::ImageProcessorConfig;
+use crate::janus::Janus;
+use crate::processor::Processor;
+use crate::weights::{checkpoint_weights, load_model, CONFIG_FILE};
+use crate::ModelError;
+
+/// Files of a checkpoint directory that describe the model besides its
+/// weights: written next to new weights so the directory loads on its own.
+const SIDE_FILES: [&str; 6] = [
+    CONFIG_FILE,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+];
+
+/// Where the weights came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// The built-in random demo model with this seed.
+    Demo {
+        seed: u64,
+    },
+    Checkpoint(PathBuf),
+}
+
+#[derive(Clone)]
+pub struct ModelBundle {
+    pub model: Janus,
+    pub processor: Processor,
+    pub image_processor: ImageProcessorConfig,
+    pub source: ModelSource,
+}
+
+impl ModelBundle {
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        let model = load_model(dir, dtype, device)?;
+        let processor = Processor::from_dir(dir, model.cfg.vision.num_patches())?;
+        let image_processor = ImageProcessorConfig::from_dir(dir, model.cfg.vision.image_size)?;
+        Ok(Self {
+            model,
+            processor,
+            image_processor,
+            source: ModelSource::Checkpoint(dir.to_path_buf()),
+        })
+    }
+
+    pub fn demo(seed: u64, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        let (model, _) = demo::build_demo(seed, dtype, device)?;
+        let processor = Processor::new(
+            demo::demo_tokenizer()?,
+            true,
+            model.cfg.vision.num_patches(),
+        )?;
+        let image_processor = ImageProcessorConfig::janus_default(model.cfg.vision.image_size);
+        Ok(Self {
+            model,
+            processor,
+            image_processor,
+            source: ModelSource::Demo { seed },
+        })
+    }
+
+    pub fn is_demo(&self) -> bool {
+        matches!(self.source, ModelSource::Demo { .. })
+    }
+}
+
+/// `cpu`, `cuda` or `cuda:N`. CUDA needs the `cuda` cargo feature.
+pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
+    let invalid =
+        || ModelError::InvalidInput(format!("unknown device {spec:?} (cpu, cuda, cuda:N)"));
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let ordinal = match spec.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(invalid)?,
+                None => return Err(invalid()),
+            };
+            if !candle_core::utils::cuda_is_available() {
+                return Err(ModelError::InvalidInput(
+                    "CUDA is not available: build with `--features cuda` on a machine with an NVIDIA GPU".into(),
+                ));
+            }
+            Device::new_cuda(ordinal).map_err(ModelError::from)
+        }
+    }
+}
+
+/// `f32`, `bf16` or `f16`.
+pub fn parse_dtype(spec: &str) -> Result<DType, ModelError> {
+    match spec {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        _ => Err(ModelError::InvalidInput(format!(
+            "unknown dtype {spec:?} (f32, bf16, f16)"
+        ))),
+    }
+}
+
+impl ModelBundle {
+    /// Opens a model as a user names it: a checkpoint directory (or the
+    /// demo model), a device (`cpu`, `cuda`, `cuda:N`) and a dtype (`f32`,
+    /// `bf16`, `f16`). The one place those names are read.
+    pub fn open_named(dir: Option<&Path>, device: &str, dtype: &str) -> Result<Self, ModelError> {
+        Self::open(dir, parse_dtype(dtype)?, &parse_device(device)?)
+    }
+
+    /// A checkpoint when `dir` is given, else the demo model.
+    pub fn open(dir: Option<&Path>, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        match dir {
+            Some(dir) => Self::load(dir, dtype, device),
+            None => Self::demo(demo::DEFAULT_SEED, dtype, device),
+        }
+    }
+
+    /// A short human description for logs and `/v1/models`.
+    pub fn describe(&self) -> String {
+        match &self.source {
+            ModelSource::Demo { seed } => format!(
+                "built-in demo model (seed {seed}): random weights, its images are noise and its answers nonsense"
+            ),
+            ModelSource::Checkpoint(dir) => format!("checkpoint {}", dir.display()),
+        }
+    }
+}
+
+impl ModelSource {
+    /// The source's weights, read lazily in `dtype` on `device`: the
+    /// checkpoint files, or the demo's seeded draw.
+    pub fn weights(
+        &self,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>, ModelError> {
+        match self {
+            ModelSource::Checkpoint(dir) => checkpoint_weights(dir, dtype, device),
+            ModelSource::Demo { seed } => Ok(VarBuilder::from_backend(
+                Box::new(demo::SeededBackend::new(*seed)),
+                dtype,
+                device.clone(),
+            )),
+        }
+    }
+
+    /// Writes the source's config, tokenizer and processor files into `dir`,
+    /// so new weights written there form a loadable checkpoint.
+    pub fn write_side_files(&self, dir: &Path, cfg: &crate::JanusConfig) -> Result<(), ModelError> {
+        match self {
+            ModelSource::Checkpoint(base) => {
+                for file in SIDE_FILES {
+                    let from = base.join(file);
+                    if from.exists() {
+                        std::fs::copy(&from, dir.join(file)).map_err(|e| ModelError::Io {
+                            path: from.clone(),
+                            message: e.to_string(),
+                        })?;
+                    }
+                }
+                Ok(())
+            }
+            ModelSource::Demo { .. } => demo::write_demo_side_files(dir, cfg),
+        }
+    }
+}

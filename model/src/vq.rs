@@ -1,0 +1,452 @@
+//! VQ image tokenizer (`gen_vision_model.*`, LlamaGen "VQ-16" layout): a
+//! convolutional encoder, an L2-normalised codebook, and a decoder. Channel
+//! counts, depths and group counts all come from the config.
+
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+use crate::config::VqConfig;
+use crate::nn::{embedding, norm_bias, norm_weight};
+use crate::ops::{l2_normalize, softmax_last, swish, Pass};
+
+#[derive(Debug, Clone)]
+struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+    padding: usize,
+    stride: usize,
+}
+
+impl Conv {
+    fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let std = 1.0 / ((cin * k * k) as f64).sqrt();
+        Ok(Self {
+            weight: vb.get_with_hints(
+                (cout, cin, k, k),
+                "weight",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: std,
+                },
+            )?,
+            bias: vb.get_with_hints(
+                cout,
+                "bias",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?,
+            padding,
+            stride,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = self.bias.dim(0)?;
+        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    fn new(vb: VarBuilder, channels: usize, cfg: &VqConfig) -> Result<Self> {
+        Ok(Self {
+            weight: norm_weight(&vb, channels, "weight")?,
+            bias: norm_bias(&vb, channels, "bias")?,
+            groups: cfg.norm_num_groups,
+            eps: cfg.norm_eps,
+        })
+    }
+
+    /// Statistics in f32 for half-precision inputs.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let dtype = x.dtype();
+        let g = x
+            .to_dtype(DType::F32)?
+            .reshape((b, self.groups, (c / self.groups) * h * w))?;
+        let mean = g.mean_keepdim(D::Minus1)?;
+        let centered = g.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .reshape((b, c, h, w))?
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv,
+    norm2: GroupNorm,
+    conv2: Conv,
+    nin_shortcut: Option<Conv>,
+}
+
+impl ResnetBlock {
+    fn new(vb: VarBuilder, cin: usize, cout: usize, cfg: &VqConfig) -> Result<Self> {
+        Ok(Self {
+            norm1: GroupNorm::new(vb.pp("norm1"), cin, cfg)?,
+            conv1: Conv::new(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
+            norm2: GroupNorm::new(vb.pp("norm2"), cout, cfg)?,
+            conv2: Conv::new(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
+            nin_shortcut: if cin != cout {
+                Some(Conv::new(vb.pp("nin_shortcut"), cin, cout, 1, 1, 0)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&swish(&self.norm1.forward(x)?)?)?;
+        let h = self.conv2.forward(&swish(&self.norm2.forward(&h)?)?)?;
+        let shortcut = match &self.nin_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        shortcut + h
+    }
+}
+
+/// Single-head self-attention over the h*w positions.
+#[derive(Debug, Clone)]
+struct AttnBlock {
+    norm: GroupNorm,
+    q: Conv,
+    k: Conv,
+    v: Conv,
+    proj_out: Conv,
+}
+
+impl AttnBlock {
+    fn new(vb: VarBuilder, c: usize, cfg: &VqConfig) -> Result<Self> {
+        Ok(Self {
+            norm: GroupNorm::new(vb.pp("norm"), c, cfg)?,
+            q: Conv::new(vb.pp("q"), c, c, 1, 1, 0)?,
+            k: Conv::new(vb.pp("k"), c, c, 1, 1, 0)?,
+            v: Conv::new(vb.pp("v"), c, c, 1, 1, 0)?,
+            proj_out: Conv::new(vb.pp("proj_out"), c, c, 1, 1, 0)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let n = self.norm.forward(x)?;
+        let q = self
+            .q
+            .forward(&n)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = self.k.forward(&n)?.reshape((b, c, h * w))?;
+        let v = self.v.forward(&n)?.reshape((b, c, h * w))?;
+        let weights = softmax_last(&(q.matmul(&k)? * (c as f64).powf(-0.5))?, Pass::Inference)?;
+        let out = v.matmul(&weights.t()?)?.reshape((b, c, h, w))?;
+        x + self.proj_out.forward(&out)?
+    }
+}
+
+/// One resolution level: res blocks, each optionally followed by attention.
+#[derive(Debug, Clone)]
+struct Level {
+    res: Vec<ResnetBlock>,
+    attn: Vec<AttnBlock>,
+    resample: Option<Conv>,
+}
+
+impl Level {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (i, res) in self.res.iter().enumerate() {
+            h = res.forward(&h)?;
+            if let Some(attn) = self.attn.get(i) {
+                h = attn.forward(&h)?;
+            }
+        }
+        Ok(h)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mid {
+    res0: ResnetBlock,
+    attn: AttnBlock,
+    res1: ResnetBlock,
+}
+
+impl Mid {
+    fn new(vb: VarBuilder, c: usize, cfg: &VqConfig) -> Result<Self> {
+        Ok(Self {
+            res0: ResnetBlock::new(vb.pp("0"), c, c, cfg)?,
+            attn: AttnBlock::new(vb.pp("1"), c, cfg)?,
+            res1: ResnetBlock::new(vb.pp("2"), c, c, cfg)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.res1
+            .forward(&self.attn.forward(&self.res0.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Encoder {
+    conv_in: Conv,
+    levels: Vec<Level>,
+    mid: Mid,
+    norm_out: GroupNorm,
+    conv_out: Conv,
+}
+
+impl Encoder {
+    fn new(vb: VarBuilder, cfg: &VqConfig) -> Result<Self> {
+        let n = cfg.encoder_ch_mult.len();
+        let conv_in = Conv::new(vb.pp("conv_in"), cfg.in_channels, cfg.ch, 3, 1, 1)?;
+        let mut levels = Vec::with_capacity(n);
+        let mut block_in = cfg.ch;
+        for i in 0..n {
+            let lvb = vb.pp(format!("conv_blocks.{i}"));
+            let block_out = cfg.ch * cfg.encoder_ch_mult[i];
+            let mut res = Vec::new();
+            let mut attn = Vec::new();
+            for r in 0..cfg.num_res_blocks {
+                res.push(ResnetBlock::new(
+                    lvb.pp(format!("res.{r}")),
+                    block_in,
+                    block_out,
+                    cfg,
+                )?);
+                block_in = block_out;
+                if i == n - 1 {
+                    attn.push(AttnBlock::new(lvb.pp(format!("attn.{r}")), block_in, cfg)?);
+                }
+            }
+            let resample = if i != n - 1 {
+                // Padding is asymmetric (right/bottom), applied in forward.
+                Some(Conv::new(
+                    lvb.pp("downsample.conv"),
+                    block_in,
+                    block_in,
+                    3,
+                    2,
+                    0,
+                )?)
+            } else {
+                None
+            };
+            levels.push(Level {
+                res,
+                attn,
+                resample,
+            });
+        }
+        Ok(Self {
+            conv_in,
+            mid: Mid::new(vb.pp("mid"), block_in, cfg)?,
+            norm_out: GroupNorm::new(vb.pp("norm_out"), block_in, cfg)?,
+            conv_out: Conv::new(vb.pp("conv_out"), block_in, cfg.z_channels, 3, 1, 1)?,
+            levels,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(x)?;
+        for level in &self.levels {
+            h = level.forward(&h)?;
+            if let Some(down) = &level.resample {
+                h = down.forward(&h.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)?;
+            }
+        }
+        let h = self.mid.forward(&h)?;
+        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Decoder {
+    conv_in: Conv,
+    mid: Mid,
+    levels: Vec<Level>,
+    norm_out: GroupNorm,
+    conv_out: Conv,
+}
+
+impl Decoder {
+    fn new(vb: VarBuilder, cfg: &VqConfig) -> Result<Self> {
+        let n = cfg.decoder_ch_mult.len();
+        let mut block_in = cfg.ch * cfg.decoder_ch_mult[n - 1];
+        let conv_in = Conv::new(vb.pp("conv_in"), cfg.z_channels, block_in, 3, 1, 1)?;
+        let mid = Mid::new(vb.pp("mid"), block_in, cfg)?;
+        let mut levels = Vec::with_capacity(n);
+        // conv_blocks.j processes levels from the deepest to the shallowest.
+        for j in 0..n {
+            let lvb = vb.pp(format!("conv_blocks.{j}"));
+            let block_out = cfg.ch * cfg.decoder_ch_mult[n - 1 - j];
+            let mut res = Vec::new();
+            let mut attn = Vec::new();
+            for r in 0..=cfg.num_res_blocks {
+                res.push(ResnetBlock::new(
+                    lvb.pp(format!("res.{r}")),
+                    block_in,
+                    block_out,
+                    cfg,
+                )?);
+                block_in = block_out;
+                if j == 0 {
+                    attn.push(AttnBlock::new(lvb.pp(format!("attn.{r}")), block_in, cfg)?);
+                }
+            }
+            let resample = if j != n - 1 {
+                Some(Conv::new(
+                    lvb.pp("upsample.conv"),
+                    block_in,
+                    block_in,
+                    3,
+                    1,
+                    1,
+                )?)
+            } else {
+                None
+            };
+            levels.push(Level {
+                res,
+                attn,
+                resample,
+            });
+        }
+        Ok(Self {
+            conv_in,
+            mid,
+            levels,
+            norm_out: GroupNorm::new(vb.pp("norm_out"), block_in, cfg)?,
+            conv_out: Conv::new(vb.pp("conv_out"), block_in, cfg.out_channels, 3, 1, 1)?,
+        })
+    }
+
+    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let h = self.conv_in.forward(z)?;
+        let mut h = self.mid.forward(&h)?;
+        for level in &self.levels {
+            h = level.forward(&h)?;
+            if let Some(up) = &level.resample {
+                let (_, _, hh, ww) = h.dims4()?;
+                h = up.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
+            }
+        }
+        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+    }
+}
+
+/// Result of encoding images to codes.
+#[derive(Debug, Clone)]
+pub struct VqEncoding {
+    /// `[B, D, g, g]` after quant_conv, before normalisation.
+    pub latent: Tensor,
+    /// `[B, g*g]` codebook indices, row-major over (h, w).
+    pub indices: Tensor,
+    /// `[B*g*g, K]` squared distances between normalised vectors.
+    pub distances: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct VqModel {
+    encoder: Encoder,
+    decoder: Decoder,
+    quant_conv: Conv,
+    post_quant_conv: Conv,
+    codebook: Tensor,
+    cfg: VqConfig,
+}
+
+impl VqModel {
+    /// `vb` points at `gen_vision_model`.
+    pub fn new(cfg: &VqConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, z) = (cfg.codebook_embed_dim, cfg.z_channels);
+        let raw_codebook = embedding(&vb, cfg.codebook_size, d, "quantize.embedding.weight")?;
+        let codebook = if cfg.codebook_l2_norm {
+            l2_normalize(&raw_codebook)?
+        } else {
+            raw_codebook
+        };
+        Ok(Self {
+            encoder: Encoder::new(vb.pp("encoder"), cfg)?,
+            decoder: Decoder::new(vb.pp("decoder"), cfg)?,
+            quant_conv: Conv::new(vb.pp("quant_conv"), z, d, 1, 1, 0)?,
+            post_quant_conv: Conv::new(vb.pp("post_quant_conv"), d, z, 1, 1, 0)?,
+            codebook,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Images in [-1, 1] `[B, 3, S, S]` to codes.
+    pub fn encode(&self, pixels: &Tensor) -> Result<VqEncoding> {
+        let latent = self.quant_conv.forward(&self.encoder.forward(pixels)?)?;
+        let (b, d, h, w) = latent.dims4()?;
+        let flat = latent
+            .permute((0, 2, 3, 1))?
+            .reshape((b * h * w, d))?
+            .to_dtype(DType::F32)?;
+        let (flat, codebook) = if self.cfg.codebook_l2_norm {
+            (l2_normalize(&flat)?, self.codebook.to_dtype(DType::F32)?)
+        } else {
+            (flat, self.codebook.to_dtype(DType::F32)?)
+        };
+        let distances = flat
+            .sqr()?
+            .sum_keepdim(1)?
+            .broadcast_add(&codebook.sqr()?.sum(1)?.unsqueeze(0)?)?
+            .broadcast_sub(&(flat.matmul(&codebook.t()?)? * 2.0)?)?;
+        let indices = distances.argmin(1)?.reshape((b, h * w))?;
+        Ok(VqEncoding {
+            latent,
+            indices,
+            distances,
+        })
+    }
+
+    /// Normalised codebook rows of a code grid: `[B, g*g]` -> `[B, D, g, g]`.
+    pub fn codebook_entries(&self, indices: &Tensor) -> Result<Tensor> {
+        let (b, n) = indices.dims2()?;
+        let g = (n as f64).sqrt() as usize;
+        if g * g != n {
+            candle_core::bail!("{n} codes do not form a square grid");
+        }
+        self.codebook
+            .index_select(&indices.flatten_all()?, 0)?
+            .reshape((b, g, g, self.cfg.codebook_embed_dim))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
+    }
+
+    /// Decodes normalised codebook entries `[B, D, g, g]` to raw RGB floats
+    /// `[B, 3, g*f, g*f]` (roughly [-1, 1]; not clipped).
+    pub fn decode_entries(&self, entries: &Tensor) -> Result<Tensor> {
+        self.decoder
+            .forward(&self.post_quant_conv.forward(entries)?)
+    }
+
+    /// Codes `[B, g*g]` to raw RGB floats.
+    pub fn decode_codes(&self, indices: &Tensor) -> Result<Tensor> {
+        self.decode_entries(&self.codebook_entries(indices)?)
+    }
+}

@@ -1,0 +1,336 @@
+//! Parity with the reference implementation on every fixture directory under
+//! `JANUS_FIXTURES` (default `tests/fixtures/janus`): prompts and ids, image
+//! preprocessing, understanding (all-position logits, hidden state, greedy
+//! decode), text-to-image with CFG (teacher forced), VQ encode and decode.
+//! Tolerances are those of the fixtures README, section 7.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use common::{janus_fixture_dirs, Case, Report};
+use ulm_model::bundle::ModelBundle;
+use ulm_model::decode::{CfgDecoder, TextDecoder, TextPrompt};
+use ulm_model::generate::to_rgb8;
+use ulm_model::image_processor::resize_bicubic;
+use ulm_model::ops::Pass;
+
+/// Activations, hidden states and logits (README 7: ~1e-5).
+const TOL: f32 = 2e-5;
+/// CFG logits amplify differences by the guidance weight (README 7: ~4e-5).
+const TOL_CFG: f32 = 5e-5;
+
+fn u8_image_tensor(img: &image::RgbImage) -> Tensor {
+    let (w, h) = img.dimensions();
+    let data: Vec<u32> = img.as_raw().iter().map(|&b| b as u32).collect();
+    Tensor::from_vec(data, (h as usize, w as usize, 3), &Device::Cpu).unwrap()
+}
+
+/// Pixels of two u8 tensors differing by more than 1, and by exactly 1.
+fn u8_mismatches(actual: &Tensor, expected: &Tensor) -> (usize, usize) {
+    let a: Vec<i64> = actual
+        .to_dtype(DType::I64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let e: Vec<i64> = expected
+        .to_dtype(DType::I64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(a.len(), e.len());
+    let off: Vec<i64> = a.iter().zip(&e).map(|(x, y)| (x - y).abs()).collect();
+    (
+        off.iter().filter(|&&d| d > 1).count(),
+        off.iter().filter(|&&d| d == 1).count(),
+    )
+}
+
+fn check_und(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
+    let Some(case) = Case::load(dir, "und") else {
+        return;
+    };
+    let model = &bundle.model;
+    let dev = model.device();
+
+    let prompt = bundle
+        .processor
+        .understanding_prompt(case.str("question"))
+        .unwrap();
+    r.equal(
+        "und sft_format",
+        bundle
+            .processor
+            .sft_format(&format!("<image_placeholder>\n{}", case.str("question"))),
+        case.str("sft_format").to_string(),
+    );
+    r.equal("und input_ids", prompt.ids.clone(), case.u32s("input_ids"));
+    let mask: Vec<u32> = prompt.images_seq_mask.iter().map(|&m| m as u32).collect();
+    r.equal("und images_seq_mask", mask, case.u32s("images_seq_mask"));
+    let (start, len) = prompt.image_span().unwrap();
+    r.equal(
+        "und image span",
+        (start, start + len),
+        (
+            case.f64("image_token_start") as usize,
+            case.f64("image_token_end") as usize,
+        ),
+    );
+
+    // Image preprocessing: PIL-exact resize, padding, normalisation.
+    let img = image::open(dir.join("cases/und_input.png"))
+        .unwrap()
+        .to_rgb8();
+    let ip = &bundle.image_processor;
+    let (rows, cols) = ip.target_size(img.width(), img.height());
+    r.equal("und resize_hw", vec![rows, cols], case.ids("resize_hw"));
+    let resized = resize_bicubic(&img, cols, rows);
+    let (over1, at1) = u8_mismatches(&u8_image_tensor(&resized), case.t("image_resized_u8"));
+    r.check(
+        "und bicubic resize",
+        over1 == 0,
+        format!("{at1} values off by 1, {over1} by more"),
+    );
+    let (over1, at1) = u8_mismatches(
+        &u8_image_tensor(&ip.resize_and_pad(&img)),
+        case.t("image_padded_u8"),
+    );
+    r.check(
+        "und padded image",
+        over1 == 0,
+        format!("{at1} values off by 1, {over1} by more"),
+    );
+    let pixels = ip.preprocess(&img, dev).unwrap();
+    let ref_pixels = case.t("pixel_values").squeeze(0).unwrap();
+    // One level of the uint8 image is 2/255 after normalisation.
+    r.close("und pixel_values", &pixels, &ref_pixels, 2.0 / 255.0 + 1e-6);
+
+    // Forward on the reference pixels, so later stages are compared in isolation.
+    let features = model
+        .vision_tower
+        .forward(&ref_pixels, Pass::Inference)
+        .unwrap();
+    r.close(
+        "und vision_features",
+        &features,
+        case.t("vision_features"),
+        TOL,
+    );
+    let image_embeds = model.image_embeds(&ref_pixels, Pass::Inference).unwrap();
+    r.close(
+        "und image_embeds",
+        &image_embeds,
+        case.t("image_embeds"),
+        TOL,
+    );
+    let t = prompt.ids.len();
+    let ids = Tensor::new(prompt.ids.as_slice(), dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let embeds = model
+        .merge_image_embeds(
+            &ids,
+            std::slice::from_ref(&prompt.images_seq_mask),
+            Some(&image_embeds),
+        )
+        .unwrap();
+    r.close("und inputs_embeds", &embeds, case.t("inputs_embeds"), TOL);
+    let lm = &model.language_model;
+    let ctx = lm
+        .context(&[(0..t as u32).collect()], &[vec![true; t]])
+        .unwrap();
+    let hidden = lm
+        .forward_hidden(&embeds, &ctx, None, Pass::Inference)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let logits = lm.logits(&hidden).unwrap();
+    r.close("und logits (all positions)", &logits, case.t("logits"), TOL);
+    r.close(
+        "und last_hidden_state",
+        &hidden.get(t - 1).unwrap(),
+        case.t("last_hidden_state"),
+        TOL,
+    );
+    r.equal(
+        "und argmax_per_position",
+        ulm_model::generate::argmax_rows(&logits).unwrap(),
+        case.u32s("argmax_per_position"),
+    );
+
+    // Greedy decode with the KV cache through the serving decoder.
+    let text_prompt = TextPrompt {
+        prompt: prompt.clone(),
+        pixels: Some(ref_pixels.clone()),
+        samples: 1,
+    };
+    let mut decoder =
+        TextDecoder::new(model, &[text_prompt], bundle.processor.special.pad).unwrap();
+    let expected_ids = case.u32s("greedy_new_ids");
+    let mut ids = Vec::new();
+    let mut step_logits = Vec::new();
+    for _ in 0..expected_ids.len() {
+        let l = decoder.logits().squeeze(0).unwrap();
+        let id = ulm_model::sampling::argmax(&l.to_vec1::<f32>().unwrap());
+        step_logits.push(l);
+        ids.push(id);
+        decoder.advance(&[id]).unwrap();
+    }
+    r.equal("und greedy_new_ids", ids, expected_ids);
+    r.close(
+        "und greedy_step_logits",
+        &Tensor::stack(&step_logits, 0).unwrap(),
+        case.t("greedy_step_logits"),
+        TOL,
+    );
+}
+
+fn check_gen(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
+    let Some(case) = Case::load(dir, "gen") else {
+        return;
+    };
+    let model = &bundle.model;
+    let prompt = bundle
+        .processor
+        .generation_prompt(case.str("prompt"))
+        .unwrap();
+    r.equal(
+        "gen cond_input_ids",
+        prompt.cond_ids.clone(),
+        case.ids("cond_input_ids"),
+    );
+    r.equal(
+        "gen uncond_input_ids",
+        prompt.uncond_ids.clone(),
+        case.ids("uncond_input_ids"),
+    );
+    r.equal(
+        "gen image tokens per image",
+        model.cfg.gen_vision.image_tokens(),
+        case.f64("image_token_num_per_image") as usize,
+    );
+
+    let fixed = case.u32s("fixed_tokens");
+    let fixed_t = Tensor::new(fixed.as_slice(), model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    r.close(
+        "gen gen_img_embeds",
+        &model
+            .gen_token_embeds(&fixed_t)
+            .unwrap()
+            .squeeze(0)
+            .unwrap(),
+        case.t("gen_img_embeds"),
+        TOL,
+    );
+
+    let cfg_weight = case.f64("cfg_weight") as f32;
+    let mut decoder =
+        CfgDecoder::new(model, &[&prompt], &[1], bundle.processor.special.pad).unwrap();
+    let (mut cond, mut uncond, mut cfg) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, &token) in fixed.iter().enumerate() {
+        cond.push(decoder.cond_logits().unwrap().squeeze(0).unwrap());
+        uncond.push(decoder.uncond_logits().unwrap().squeeze(0).unwrap());
+        cfg.push(
+            decoder
+                .cfg_logits(&[cfg_weight])
+                .unwrap()
+                .squeeze(0)
+                .unwrap(),
+        );
+        if i + 1 < fixed.len() {
+            decoder.advance(&[token]).unwrap();
+        }
+    }
+    let stack = |v: &[Tensor]| Tensor::stack(v, 0).unwrap();
+    r.close("gen cond_logits", &stack(&cond), case.t("cond_logits"), TOL);
+    r.close(
+        "gen uncond_logits",
+        &stack(&uncond),
+        case.t("uncond_logits"),
+        TOL,
+    );
+    r.close(
+        "gen cfg_logits",
+        &stack(&cfg),
+        case.t("cfg_logits"),
+        TOL_CFG,
+    );
+
+    let entries = model.gen_vision.codebook_entries(&fixed_t).unwrap();
+    r.close(
+        "gen codebook_entries",
+        &entries.squeeze(0).unwrap(),
+        case.t("codebook_entries"),
+        TOL,
+    );
+    let decoded = model
+        .gen_vision
+        .decode_entries(&entries)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    r.close("gen decoded", &decoded, case.t("decoded"), 3e-5);
+    let img = to_rgb8(&decoded).unwrap();
+    let (over1, at1) = u8_mismatches(&u8_image_tensor(&img), case.t("decoded_u8"));
+    r.check(
+        "gen decoded_u8",
+        over1 == 0,
+        format!("{at1} values off by 1, {over1} by more"),
+    );
+    let png = image::open(dir.join("cases").join(case.str("decoded_png")))
+        .unwrap()
+        .to_rgb8();
+    let (over1, at1) = u8_mismatches(&u8_image_tensor(&img), &u8_image_tensor(&png));
+    r.check(
+        "gen decoded png",
+        over1 == 0,
+        format!("{at1} values off by 1, {over1} by more"),
+    );
+}
+
+fn check_vq_encode(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
+    let Some(case) = Case::load(dir, "vq_encode") else {
+        return;
+    };
+    let vq = &bundle.model.gen_vision;
+    let enc = vq.encode(case.t("pixel_values")).unwrap();
+    r.close(
+        "vq encoder_latent",
+        &enc.latent,
+        case.t("encoder_latent"),
+        TOL,
+    );
+    r.close("vq distances", &enc.distances, case.t("distances"), TOL);
+    let indices: Vec<u32> = enc.indices.flatten_all().unwrap().to_vec1().unwrap();
+    r.equal("vq indices", indices, case.u32s("indices"));
+    let quant = vq.codebook_entries(&enc.indices).unwrap();
+    r.close("vq quant", &quant, case.t("quant"), TOL);
+    r.close(
+        "vq reconstruction",
+        &vq.decode_entries(&quant).unwrap(),
+        case.t("reconstruction"),
+        3e-5,
+    );
+}
+
+#[test]
+fn every_fixture_matches_the_reference() {
+    for dir in janus_fixture_dirs() {
+        let bundle = ModelBundle::load(&dir, DType::F32, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let mut report = Report::default();
+        check_und(&dir, &bundle, &mut report);
+        check_gen(&dir, &bundle, &mut report);
+        check_vq_encode(&dir, &bundle, &mut report);
+        report.finish(&dir.display().to_string());
+    }
+}

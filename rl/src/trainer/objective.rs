@@ -1,0 +1,269 @@
+//! The optimisation half of a step: group advantages (unified where an
+//! item has both tasks), the clipped objective over micro-batches with
+//! gradient accumulation, and the clipped AdamW update.
+
+use candle_core::{DType, Tensor};
+use ulm_model::ops::{compute_dtype, Pass};
+
+use super::prepared::Prepared;
+use super::rollout::{Rollouts, Row};
+use super::Trainer;
+use crate::grpo::{
+    generation_logps, group_advantages, objective, understanding_logps, ObjectiveConfig,
+    T2iAlignment,
+};
+use crate::RlError;
+
+/// Detached log-probs of the first pass: the "old" policy of later passes.
+pub(super) struct OldLogps {
+    pub(super) understanding: Option<Tensor>,
+    pub(super) generation: Option<Tensor>,
+}
+
+/// What one pass of the objective produced.
+pub(super) struct PassOutcome {
+    pub(super) loss: f64,
+    pub(super) kl: f64,
+    pub(super) clip_fraction: f64,
+    /// Accumulated over micro-batches, one per parameter.
+    pub(super) grads: Vec<Option<Tensor>>,
+    pub(super) logps: OldLogps,
+}
+
+impl Trainer {
+    /// Per-row advantages of each task; unified where an item has both.
+    pub(super) fn advantages(
+        &self,
+        und: &Rollouts,
+        r_und: &[f32],
+        gen: &Rollouts,
+        r_gen: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, usize) {
+        let lambda = self.config.unified_lambda as f32;
+        let per_group = |r: &Rollouts, rewards: &[f32]| -> Vec<f32> {
+            r.ranges()
+                .into_iter()
+                .flat_map(|range| group_advantages(&rewards[range.clone()], range.len()))
+                .collect()
+        };
+        let mut adv_und = per_group(und, r_und);
+        let mut adv_gen = per_group(gen, r_gen);
+        let (und_ranges, gen_ranges) = (und.ranges(), gen.ranges());
+        for (gi, &item) in gen.items.iter().enumerate() {
+            let Some(ui) = und.items.iter().position(|&i| i == item) else {
+                continue;
+            };
+            let (gr, ur) = (gen_ranges[gi].clone(), und_ranges[ui].clone());
+            if gr.len() != ur.len() {
+                continue;
+            }
+            let unified: Vec<f32> = gr
+                .clone()
+                .zip(ur.clone())
+                .map(|(a, b)| r_gen[a] + lambda * r_und[b])
+                .collect();
+            let a = group_advantages(&unified, unified.len());
+            adv_gen[gr].copy_from_slice(&a);
+            adv_und[ur].copy_from_slice(&a);
+        }
+        let zero = und_ranges
+            .iter()
+            .map(|r| &adv_und[r.clone()])
+            .chain(gen_ranges.iter().map(|r| &adv_gen[r.clone()]))
+            .filter(|c| c.iter().all(|&a| a == 0.0))
+            .count();
+        (adv_und, adv_gen, zero)
+    }
+
+    /// The sampler's log-probs as the "old" policy of the importance ratio,
+    /// when they score the same quantity as the training forward (same
+    /// temperature; image tokens scored at the predicting position).
+    /// Otherwise the first pass's detached log-probs serve.
+    pub(super) fn behaviour_logps(
+        &self,
+        und: &Rollouts,
+        gen: &Rollouts,
+        l: usize,
+    ) -> Result<Option<OldLogps>, RlError> {
+        let same_temperature =
+            (self.logprob_temperature() - self.config.temperature as f64).abs() < 1e-9;
+        if !same_temperature || self.config.alignment != T2iAlignment::Predicting {
+            return Ok(None);
+        }
+        let dev = self.bundle.model.device();
+        let dtype = compute_dtype(self.bundle.model.dtype());
+        let padded = |rows: &[Row], width: usize| -> candle_core::Result<Option<Tensor>> {
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            let data: Vec<f32> = rows
+                .iter()
+                .flat_map(|r| {
+                    r.logprobs
+                        .iter()
+                        .copied()
+                        .chain(std::iter::repeat(0.0))
+                        .take(width)
+                })
+                .collect();
+            Tensor::from_vec(data, (rows.len(), width), dev)?
+                .to_dtype(dtype)
+                .map(Some)
+        };
+        let m = gen.rows.first().map_or(0, |r| r.tokens.len());
+        Ok(Some(OldLogps {
+            understanding: padded(&und.rows, l)?,
+            generation: padded(&gen.rows, m)?,
+        }))
+    }
+
+    /// One pass of the objective over the prepared rollouts, with gradients.
+    pub(super) fn loss_and_grads(
+        &self,
+        p: &Prepared,
+        adv_und: &[f32],
+        adv_gen: &[f32],
+        old: Option<&OldLogps>,
+    ) -> Result<PassOutcome, RlError> {
+        let model = &self.bundle.model;
+        let dev = model.device();
+        let params = self.adaptation.params();
+        let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+        let temperature = self.logprob_temperature();
+        let cfg = ObjectiveConfig {
+            beta: self.config.beta,
+            epsilon_low: self.config.epsilon_low,
+            epsilon_high: self.config.epsilon_high,
+        };
+        let micro = self.config.micro_batch_rows.max(1);
+        let (mut loss_total, mut kl_total, mut clip_total) = (0.0, 0.0, 0.0);
+        let mut old_und = Vec::new();
+        let mut old_gen = Vec::new();
+        let und_rows = p.und_ids.len();
+        let gen_rows = p.gen_prompt.len();
+        // Each task's loss is a mean over its rows; micro-batches weigh by their share.
+        for start in (0..und_rows).step_by(micro) {
+            let n = micro.min(und_rows - start);
+            let tensors = p.und_tensors(start, n, dev)?;
+            let batch = p.und_batch(&tensors, start, n);
+            let logps = understanding_logps(model, &batch, temperature, Pass::Training)?;
+            let reference = if self.config.beta != 0.0 {
+                Some(self.with_reference(|m| {
+                    understanding_logps(m, &batch, temperature, Pass::Inference)
+                })?)
+            } else {
+                None
+            };
+            let old_logps = match old.and_then(|o| o.understanding.as_ref()) {
+                Some(o) => o.narrow(0, start, n)?,
+                None => logps.detach(),
+            };
+            old_und.push(old_logps.clone());
+            let mask = Tensor::from_vec(
+                p.und_completion_mask[start * p.und_len..(start + n) * p.und_len].to_vec(),
+                (n, p.und_len),
+                dev,
+            )?;
+            let adv = Tensor::new(&adv_und[start..start + n], dev)?;
+            let o = objective(&logps, &old_logps, reference.as_ref(), &adv, &mask, cfg)?;
+            let share = n as f64 / und_rows as f64;
+            self.accumulate(&(o.loss.clone() * share)?, &mut grads)?;
+            loss_total += scalar(&o.loss)? * share;
+            kl_total += o.kl * share;
+            clip_total += o.clip_fraction * share;
+        }
+        for start in (0..gen_rows).step_by(micro) {
+            let n = micro.min(gen_rows - start);
+            let tensors = p.gen_tensors(start, n, dev)?;
+            let batch = p.gen_batch(&tensors, start, n);
+            let align = self.config.alignment;
+            let logps = generation_logps(model, &batch, temperature, align, Pass::Training)?;
+            let reference = if self.config.beta != 0.0 {
+                Some(self.with_reference(|m| {
+                    generation_logps(m, &batch, temperature, align, Pass::Inference)
+                })?)
+            } else {
+                None
+            };
+            let old_logps = match old.and_then(|o| o.generation.as_ref()) {
+                Some(o) => o.narrow(0, start, n)?,
+                None => logps.detach(),
+            };
+            old_gen.push(old_logps.clone());
+            let mask = Tensor::ones(logps.shape(), logps.dtype(), dev)?;
+            let adv = Tensor::new(&adv_gen[start..start + n], dev)?;
+            let o = objective(&logps, &old_logps, reference.as_ref(), &adv, &mask, cfg)?;
+            let share = n as f64 / gen_rows as f64;
+            self.accumulate(&(o.loss.clone() * share)?, &mut grads)?;
+            loss_total += scalar(&o.loss)? * share;
+            kl_total += o.kl * share;
+            clip_total += o.clip_fraction * share;
+        }
+        let tasks = (und_rows > 0) as usize + (gen_rows > 0) as usize;
+        let cat = |v: Vec<Tensor>| {
+            if v.is_empty() {
+                Ok(None)
+            } else {
+                Tensor::cat(&v, 0).map(Some)
+            }
+        };
+        Ok(PassOutcome {
+            loss: loss_total,
+            kl: kl_total / tasks.max(1) as f64,
+            clip_fraction: clip_total / tasks.max(1) as f64,
+            grads,
+            logps: OldLogps {
+                understanding: cat(old_und)?,
+                generation: cat(old_gen)?,
+            },
+        })
+    }
+
+    pub(super) fn accumulate(
+        &self,
+        loss: &Tensor,
+        grads: &mut [Option<Tensor>],
+    ) -> Result<(), RlError> {
+        let store = loss.backward()?;
+        for ((_, var), acc) in self.adaptation.params().iter().zip(grads.iter_mut()) {
+            if let Some(g) = store.get(var) {
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Clips the global gradient norm, applies AdamW, returns the pre-clip norm.
+    pub(super) fn clip_and_apply(&mut self, grads: &mut [Option<Tensor>]) -> Result<f64, RlError> {
+        let mut sq = 0.0;
+        for g in grads.iter().flatten() {
+            sq += scalar(&g.to_dtype(DType::F64)?.sqr()?.sum_all()?)?;
+        }
+        let norm = sq.sqrt();
+        if let Some(max) = self.config.max_grad_norm {
+            if norm > max {
+                let factor = max / (norm + 1e-6);
+                for g in grads.iter_mut().flatten() {
+                    *g = (&*g * factor)?;
+                }
+            }
+        }
+        self.optimizer.lr = self.lr_at(self.step);
+        self.optimizer.apply(self.adaptation.params(), grads)?;
+        Ok(norm)
+    }
+}
+
+pub(super) fn scalar(t: &Tensor) -> candle_core::Result<f64> {
+    t.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
+pub(super) fn all_finite(t: &Tensor) -> bool {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.sum_all())
+        .and_then(|s| s.to_scalar::<f64>())
+        .is_ok_and(f64::is_finite)
+}
