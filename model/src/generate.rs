@@ -155,16 +155,23 @@ pub fn answer_batch(
         if keep.len() != active.len() {
             let rows: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
             decoder.retain(&rows)?;
-            tokens = keep.iter().map(|&r| tokens[r]).collect();
-            let mut old: Vec<Option<(usize, usize, Sampler)>> =
-                active.into_iter().map(Some).collect();
-            active = keep
-                .iter()
-                .map(|&r| old[r].take().expect("row kept once"))
-                .collect();
+            (active, tokens) = keep_rows(active, &tokens, &keep);
         }
         decoder.advance(&tokens)?;
     }
+}
+
+/// The rows at `keep` (ascending indices) of a batch mid-decode: their
+/// state and the tokens they just chose.
+fn keep_rows<T>(active: Vec<T>, tokens: &[u32], keep: &[usize]) -> (Vec<T>, Vec<u32>) {
+    let tokens = keep.iter().map(|&r| tokens[r]).collect();
+    let active = active
+        .into_iter()
+        .enumerate()
+        .filter(|(r, _)| keep.binary_search(r).is_ok())
+        .map(|(_, row)| row)
+        .collect();
+    (active, tokens)
 }
 
 /// One text-to-image prompt to render `seeds.len()` times.
@@ -247,12 +254,7 @@ pub fn generate_images_batch(
         if keep.len() != active.len() {
             let rows: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
             decoder.retain(&rows)?;
-            tokens = keep.iter().map(|&r| tokens[r]).collect();
-            let mut old: Vec<Option<_>> = active.into_iter().map(Some).collect();
-            active = keep
-                .iter()
-                .map(|&r| old[r].take().expect("row kept once"))
-                .collect();
+            (active, tokens) = keep_rows(active, &tokens, &keep);
         }
         if step + 1 < steps {
             decoder.advance(&tokens)?;

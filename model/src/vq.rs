@@ -174,7 +174,55 @@ struct Level {
     resample: Option<Conv>,
 }
 
+/// How a level changes the resolution after its blocks: a 3x3 conv named
+/// `name` with this stride and padding.
+#[derive(Clone, Copy)]
+struct Resample {
+    name: &'static str,
+    stride: usize,
+    padding: usize,
+}
+
 impl Level {
+    /// `blocks` resnet blocks from `block_in` to `block_out` channels, each
+    /// followed by attention when `attention`, then the resampling conv.
+    /// Returns the level and its output channels.
+    fn new(
+        vb: VarBuilder,
+        (block_in, block_out): (usize, usize),
+        blocks: usize,
+        attention: bool,
+        resample: Option<Resample>,
+        cfg: &VqConfig,
+    ) -> Result<(Self, usize)> {
+        let mut ch = block_in;
+        let mut res = Vec::with_capacity(blocks);
+        let mut attn = Vec::new();
+        for r in 0..blocks {
+            res.push(ResnetBlock::new(
+                vb.pp(format!("res.{r}")),
+                ch,
+                block_out,
+                cfg,
+            )?);
+            ch = block_out;
+            if attention {
+                attn.push(AttnBlock::new(vb.pp(format!("attn.{r}")), ch, cfg)?);
+            }
+        }
+        let resample = resample
+            .map(|r| Conv::new(vb.pp(r.name), ch, ch, 3, r.stride, r.padding))
+            .transpose()?;
+        Ok((
+            Self {
+                res,
+                attn,
+                resample,
+            },
+            ch,
+        ))
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, res) in self.res.iter().enumerate() {
@@ -185,6 +233,36 @@ impl Level {
         }
         Ok(h)
     }
+}
+
+/// The levels of the encoder or the decoder, `conv_blocks.{i}` with
+/// `mults[i]` times the base channels: each resamples but the last, and the
+/// one at `attention_level` has attention. `block_in` carries the channels
+/// through.
+fn build_levels(
+    vb: &VarBuilder,
+    cfg: &VqConfig,
+    mults: &[usize],
+    blocks: usize,
+    attention_level: usize,
+    resample: Resample,
+    block_in: &mut usize,
+) -> Result<Vec<Level>> {
+    let n = mults.len();
+    (0..n)
+        .map(|i| {
+            let (level, out) = Level::new(
+                vb.pp(format!("conv_blocks.{i}")),
+                (*block_in, cfg.ch * mults[i]),
+                blocks,
+                i == attention_level,
+                (i != n - 1).then_some(resample),
+                cfg,
+            )?;
+            *block_in = out;
+            Ok(level)
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -222,44 +300,23 @@ impl Encoder {
     fn new(vb: VarBuilder, cfg: &VqConfig) -> Result<Self> {
         let n = cfg.encoder_ch_mult.len();
         let conv_in = Conv::new(vb.pp("conv_in"), cfg.in_channels, cfg.ch, 3, 1, 1)?;
-        let mut levels = Vec::with_capacity(n);
         let mut block_in = cfg.ch;
-        for i in 0..n {
-            let lvb = vb.pp(format!("conv_blocks.{i}"));
-            let block_out = cfg.ch * cfg.encoder_ch_mult[i];
-            let mut res = Vec::new();
-            let mut attn = Vec::new();
-            for r in 0..cfg.num_res_blocks {
-                res.push(ResnetBlock::new(
-                    lvb.pp(format!("res.{r}")),
-                    block_in,
-                    block_out,
-                    cfg,
-                )?);
-                block_in = block_out;
-                if i == n - 1 {
-                    attn.push(AttnBlock::new(lvb.pp(format!("attn.{r}")), block_in, cfg)?);
-                }
-            }
-            let resample = if i != n - 1 {
-                // Padding is asymmetric (right/bottom), applied in forward.
-                Some(Conv::new(
-                    lvb.pp("downsample.conv"),
-                    block_in,
-                    block_in,
-                    3,
-                    2,
-                    0,
-                )?)
-            } else {
-                None
-            };
-            levels.push(Level {
-                res,
-                attn,
-                resample,
-            });
-        }
+        // Padding is asymmetric (right/bottom), applied in forward.
+        let down = Resample {
+            name: "downsample.conv",
+            stride: 2,
+            padding: 0,
+        };
+        let mults = &cfg.encoder_ch_mult;
+        let levels = build_levels(
+            &vb,
+            cfg,
+            mults,
+            cfg.num_res_blocks,
+            n - 1,
+            down,
+            &mut block_in,
+        )?;
         Ok(Self {
             conv_in,
             mid: Mid::new(vb.pp("mid"), block_in, cfg)?,
@@ -297,43 +354,22 @@ impl Decoder {
         let mut block_in = cfg.ch * cfg.decoder_ch_mult[n - 1];
         let conv_in = Conv::new(vb.pp("conv_in"), cfg.z_channels, block_in, 3, 1, 1)?;
         let mid = Mid::new(vb.pp("mid"), block_in, cfg)?;
-        let mut levels = Vec::with_capacity(n);
+        let up = Resample {
+            name: "upsample.conv",
+            stride: 1,
+            padding: 1,
+        };
         // conv_blocks.j processes levels from the deepest to the shallowest.
-        for j in 0..n {
-            let lvb = vb.pp(format!("conv_blocks.{j}"));
-            let block_out = cfg.ch * cfg.decoder_ch_mult[n - 1 - j];
-            let mut res = Vec::new();
-            let mut attn = Vec::new();
-            for r in 0..=cfg.num_res_blocks {
-                res.push(ResnetBlock::new(
-                    lvb.pp(format!("res.{r}")),
-                    block_in,
-                    block_out,
-                    cfg,
-                )?);
-                block_in = block_out;
-                if j == 0 {
-                    attn.push(AttnBlock::new(lvb.pp(format!("attn.{r}")), block_in, cfg)?);
-                }
-            }
-            let resample = if j != n - 1 {
-                Some(Conv::new(
-                    lvb.pp("upsample.conv"),
-                    block_in,
-                    block_in,
-                    3,
-                    1,
-                    1,
-                )?)
-            } else {
-                None
-            };
-            levels.push(Level {
-                res,
-                attn,
-                resample,
-            });
-        }
+        let mults: Vec<usize> = cfg.decoder_ch_mult.iter().rev().copied().collect();
+        let levels = build_levels(
+            &vb,
+            cfg,
+            &mults,
+            cfg.num_res_blocks + 1,
+            0,
+            up,
+            &mut block_in,
+        )?;
         Ok(Self {
             conv_in,
             mid,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
-use common::max_abs_diff;
+use common::{full_hidden, max_abs_diff, row_embeds};
 use ulm_model::bundle::ModelBundle;
 use ulm_model::config::JanusConfig;
 use ulm_model::decode::{TextDecoder, TextPrompt};
@@ -164,23 +164,10 @@ fn cached_decoding_equals_full_recompute() {
     for step in 0..6u32 {
         let token = 40 + step * 7;
         let cached = decoder.logits().squeeze(0).unwrap();
-        let t = ids.len();
-        let id_t = Tensor::new(ids.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let embeds = model
-            .merge_image_embeds(&id_t, std::slice::from_ref(&mask), Some(&image_embeds))
-            .unwrap();
-        let lm = &model.language_model;
-        let ctx = lm
-            .context(&[(0..t as u32).collect()], &[vec![true; t]])
-            .unwrap();
-        let hidden = lm
-            .forward_hidden(&embeds, &ctx, None, Pass::Inference)
-            .unwrap();
-        let full = lm
-            .logits(&hidden.get(0).unwrap().get(t - 1).unwrap())
+        let hidden = full_hidden(model, &row_embeds(model, &ids, &mask, &image_embeds));
+        let full = model
+            .language_model
+            .logits(&hidden.get(ids.len() - 1).unwrap())
             .unwrap();
         assert!(max_abs_diff(&cached, &full) < 1e-4, "step {step}");
         decoder.advance(&[token]).unwrap();
@@ -305,26 +292,8 @@ fn behaviour_logprobs_are_those_of_the_sampling_distribution() {
     let img = model
         .image_embeds(item.prompt.pixels.as_ref().unwrap(), Pass::Inference)
         .unwrap();
-    let t = ids.len();
-    let id_t = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let embeds = model
-        .merge_image_embeds(&id_t, &[mask], Some(&img))
-        .unwrap();
-    let lm = &model.language_model;
-    let ctx = lm
-        .context(&[(0..t as u32).collect()], &[vec![true; t]])
-        .unwrap();
-    let logits = lm
-        .logits(
-            &lm.forward_hidden(&embeds, &ctx, None, Pass::Inference)
-                .unwrap(),
-        )
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
+    let hidden = full_hidden(model, &row_embeds(model, &ids, &mask, &img));
+    let logits = model.language_model.logits(&hidden).unwrap();
     let logp = candle_nn::ops::log_softmax(&(logits / 0.7).unwrap(), D::Minus1).unwrap();
     for (i, (&tok, &lp)) in sample.token_ids.iter().zip(&sample.logprobs).enumerate() {
         let expected: f32 = logp

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{janus_fixture_dirs, Case, Report};
+use common::{full_hidden, janus_fixture_dirs, row_embeds, Case, Report};
 use ulm_model::bundle::ModelBundle;
 use ulm_model::decode::{CfgDecoder, TextDecoder, TextPrompt};
 use ulm_model::generate::to_rgb8;
@@ -29,20 +29,13 @@ fn u8_image_tensor(img: &image::RgbImage) -> Tensor {
 
 /// Pixels of two u8 tensors differing by more than 1, and by exactly 1.
 fn u8_mismatches(actual: &Tensor, expected: &Tensor) -> (usize, usize) {
-    let a: Vec<i64> = actual
-        .to_dtype(DType::I64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let e: Vec<i64> = expected
-        .to_dtype(DType::I64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let values = |t: &Tensor| -> Vec<i64> {
+        t.to_dtype(DType::I64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .unwrap()
+    };
+    let (a, e) = (values(actual), values(expected));
     assert_eq!(a.len(), e.len());
     let off: Vec<i64> = a.iter().zip(&e).map(|(x, y)| (x - y).abs()).collect();
     (
@@ -129,27 +122,10 @@ fn check_und(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
         TOL,
     );
     let t = prompt.ids.len();
-    let ids = Tensor::new(prompt.ids.as_slice(), dev)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let embeds = model
-        .merge_image_embeds(
-            &ids,
-            std::slice::from_ref(&prompt.images_seq_mask),
-            Some(&image_embeds),
-        )
-        .unwrap();
+    let embeds = row_embeds(model, &prompt.ids, &prompt.images_seq_mask, &image_embeds);
     r.close("und inputs_embeds", &embeds, case.t("inputs_embeds"), TOL);
     let lm = &model.language_model;
-    let ctx = lm
-        .context(&[(0..t as u32).collect()], &[vec![true; t]])
-        .unwrap();
-    let hidden = lm
-        .forward_hidden(&embeds, &ctx, None, Pass::Inference)
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
+    let hidden = full_hidden(model, &embeds);
     let logits = lm.logits(&hidden).unwrap();
     r.close("und logits (all positions)", &logits, case.t("logits"), TOL);
     r.close(

@@ -1,10 +1,10 @@
 //! The `answer` and `generate` subcommands: one request straight through the
 //! model, without the server.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-
+use clap::Args;
 use ulm_model::bundle::ModelBundle;
 use ulm_model::decode::TextPrompt;
 use ulm_model::generate::{answer_batch, generate_images_batch, AnswerItem, ImageItem};
@@ -14,18 +14,86 @@ use ulm_model::sampling::SamplingParams;
 /// Largest image accepted on the command line, in pixels.
 const MAX_PIXELS: u64 = 64 * 1024 * 1024;
 
-pub struct AnswerArgs<'a> {
-    pub image: &'a Path,
-    pub question: &'a str,
+/// Which model to open, as the commands name it.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Checkpoint directory (Janus-Pro / ULM-R1 layout). Absent: the built-in demo model.
+    #[arg(long, env = "ULM_MODEL")]
+    pub model: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "ULM_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// f32, bf16 or f16.
+    #[arg(long, env = "ULM_DTYPE", default_value = "f32")]
+    pub dtype: String,
+}
+
+impl ModelArgs {
+    pub fn open(&self) -> Result<ModelBundle> {
+        let bundle = ModelBundle::open_named(self.model.as_deref(), &self.device, &self.dtype)?;
+        eprintln!("model: {}", bundle.describe());
+        Ok(bundle)
+    }
+}
+
+/// `answer`: a question about an image.
+#[derive(Args, Clone, Debug)]
+pub struct AnswerArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// PNG, JPEG or WebP file.
+    #[arg(long)]
+    pub image: PathBuf,
+    #[arg(long)]
+    pub question: String,
+    /// Number of answers to sample.
+    #[arg(long, default_value_t = 1)]
     pub n: usize,
+    #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    pub sampling: SamplingParams,
+    /// 0 decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
-pub fn answer(bundle: &ModelBundle, args: &AnswerArgs) -> Result<Vec<String>> {
+/// `generate`: images from a text prompt, as PNG files.
+#[derive(Args, Clone, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
+    #[arg(long, default_value_t = 5.0)]
+    pub cfg_weight: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Directory for image-<i>.png.
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
+}
+
+/// `n` consecutive seeds from `seed`.
+fn seeds(seed: u64, n: usize) -> Vec<u64> {
+    (0..n as u64).map(|i| seed.wrapping_add(i)).collect()
+}
+
+/// The sampled answers' texts.
+pub fn answer(args: &AnswerArgs) -> Result<Vec<String>> {
+    let bundle = args.model.open()?;
     let bytes =
-        std::fs::read(args.image).with_context(|| format!("reading {}", args.image.display()))?;
+        std::fs::read(&args.image).with_context(|| format!("reading {}", args.image.display()))?;
     let img = decode_image(&bytes, MAX_PIXELS)?;
     let item = AnswerItem {
         prompt: TextPrompt::question(
@@ -33,14 +101,16 @@ pub fn answer(bundle: &ModelBundle, args: &AnswerArgs) -> Result<Vec<String>> {
             &bundle.processor,
             &bundle.image_processor,
             &img,
-            args.question,
+            &args.question,
             args.n,
         )?,
         max_new_tokens: args.max_new_tokens,
-        sampling: args.sampling,
-        seeds: (0..args.n as u64)
-            .map(|i| args.seed.wrapping_add(i))
-            .collect(),
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+        },
+        seeds: seeds(args.seed, args.n),
     };
     let special = bundle.processor.special;
     let samples = answer_batch(
@@ -57,27 +127,21 @@ pub fn answer(bundle: &ModelBundle, args: &AnswerArgs) -> Result<Vec<String>> {
         .collect())
 }
 
-pub struct GenerateArgs<'a> {
-    pub prompt: &'a str,
-    pub n: usize,
-    pub cfg_weight: f32,
-    pub sampling: SamplingParams,
-    pub seed: u64,
-    pub out_dir: &'a Path,
-}
-
 /// Writes `image-<i>.png` files and returns their paths.
-pub fn generate(bundle: &ModelBundle, args: &GenerateArgs) -> Result<Vec<PathBuf>> {
+pub fn generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
     if args.prompt.trim().is_empty() {
         bail!("the prompt is empty");
     }
+    let bundle = args.model.open()?;
     let item = ImageItem {
-        prompt: bundle.processor.generation_prompt(args.prompt)?,
+        prompt: bundle.processor.generation_prompt(&args.prompt)?,
         cfg_weight: args.cfg_weight,
-        sampling: args.sampling,
-        seeds: (0..args.n as u64)
-            .map(|i| args.seed.wrapping_add(i))
-            .collect(),
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: None,
+        },
+        seeds: seeds(args.seed, args.n),
     };
     let results = generate_images_batch(
         &bundle.model,
@@ -85,12 +149,12 @@ pub fn generate(bundle: &ModelBundle, args: &GenerateArgs) -> Result<Vec<PathBuf
         bundle.processor.special.pad,
         &mut |_| true,
     )?;
-    std::fs::create_dir_all(args.out_dir)
-        .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let mut paths = Vec::new();
     for (i, sample) in results.into_iter().flatten().enumerate() {
         let Some(sample) = sample else { continue };
-        let path = args.out_dir.join(format!("image-{i}.png"));
+        let path = args.out.join(format!("image-{i}.png"));
         sample
             .image
             .save(&path)

@@ -38,6 +38,19 @@ fn train(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `train` on `data` into `out` with the common settings and `extra` flags.
+fn train_on(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    args.extend(COMMON);
+    train(&args)
+}
+
 fn logits(bundle: &ModelBundle) -> Tensor {
     let lm = &bundle.model.language_model;
     let ids = Tensor::new(&[[256u32, 266, 58, 32, 72]], &Device::Cpu).unwrap();
@@ -78,22 +91,7 @@ fn train_lora_resume_and_reload() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_dataset(tmp.path());
     let out = tmp.path().join("run");
-    let o = train(
-        &[
-            &[
-                "--data",
-                data.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--steps",
-                "2",
-                "--save-every",
-                "1",
-            ],
-            &COMMON[..],
-        ]
-        .concat(),
-    );
+    let o = train_on(&data, &out, &["--steps", "2", "--save-every", "1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics
@@ -134,21 +132,10 @@ fn train_lora_resume_and_reload() {
     // Resume continues from the saved step.
     let out2 = tmp.path().join("resumed");
     let resume = out.join("checkpoint-2");
-    let o = train(
-        &[
-            &[
-                "--data",
-                data.to_str().unwrap(),
-                "--out",
-                out2.to_str().unwrap(),
-                "--steps",
-                "3",
-                "--resume",
-                resume.to_str().unwrap(),
-            ],
-            &COMMON[..],
-        ]
-        .concat(),
+    let o = train_on(
+        &data,
+        &out2,
+        &["--steps", "3", "--resume", resume.to_str().unwrap()],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let metrics = std::fs::read_to_string(out2.join("metrics.jsonl")).unwrap();
@@ -176,21 +163,7 @@ fn full_fine_tuning_writes_a_loadable_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_dataset(tmp.path());
     let out = tmp.path().join("full");
-    let o = train(
-        &[
-            &[
-                "--data",
-                data.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--steps",
-                "1",
-                "--full",
-            ],
-            &COMMON[..],
-        ]
-        .concat(),
-    );
+    let o = train_on(&data, &out, &["--steps", "1", "--full"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ckpt = out.join("checkpoint-1");
     let trained = ModelBundle::load(&ckpt, DType::F32, &Device::Cpu).unwrap();

@@ -280,15 +280,7 @@ impl Engine {
         deadline: Instant,
         stream: Option<mpsc::UnboundedSender<StreamedToken>>,
     ) -> Result<AnswerOutput, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.enqueue(Queued::Answer(Pending {
-            request,
-            enqueued: Instant::now(),
-            deadline,
-            reply,
-            stream,
-        }))?;
-        rx.await.map_err(|_| EngineError::Unavailable)?
+        self.submit(request, deadline, stream, Queued::Answer).await
     }
 
     pub async fn generate(
@@ -296,13 +288,24 @@ impl Engine {
         request: ImageWork,
         deadline: Instant,
     ) -> Result<GenerateOutput, EngineError> {
+        self.submit(request, deadline, None, Queued::Generate).await
+    }
+
+    /// Queues `request` as `queued` makes it and waits for its output.
+    async fn submit<R, O>(
+        &self,
+        request: R,
+        deadline: Instant,
+        stream: Option<mpsc::UnboundedSender<StreamedToken>>,
+        queued: fn(Pending<R, O>) -> Queued,
+    ) -> Result<O, EngineError> {
         let (reply, rx) = oneshot::channel();
-        self.enqueue(Queued::Generate(Pending {
+        self.enqueue(queued(Pending {
             request,
             enqueued: Instant::now(),
             deadline,
             reply,
-            stream: None,
+            stream,
         }))?;
         rx.await.map_err(|_| EngineError::Unavailable)?
     }

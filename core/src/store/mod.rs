@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyPool, FromRow, Row};
 
 pub mod jobs;
 pub mod training_data;
@@ -39,8 +39,8 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// One feedback item, as stored.
-#[derive(Debug, Clone, PartialEq)]
+/// One feedback item, as stored (a row of `feedback`, by column name).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct FeedbackRecord {
     pub id: String,
     pub client_id: Option<String>,
@@ -353,18 +353,5 @@ fn sample_from_row(row: &AnyRow) -> Result<SampleRecord, StoreError> {
 }
 
 fn feedback_from_row(row: &AnyRow) -> Result<FeedbackRecord, StoreError> {
-    Ok(FeedbackRecord {
-        id: row.try_get("id")?,
-        client_id: row.try_get("client_id")?,
-        body_sha256: row.try_get("body_sha256")?,
-        sample_id: row.try_get("sample_id")?,
-        key: row.try_get("key")?,
-        score: row.try_get("score")?,
-        value: row.try_get("value")?,
-        comment: row.try_get("comment")?,
-        correction: row.try_get("correction")?,
-        source: row.try_get("source")?,
-        user_id: row.try_get("user_id")?,
-        created_at: row.try_get("created_at")?,
-    })
+    Ok(FeedbackRecord::from_row(row)?)
 }

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use ulm_model::ops::Pass;
+use ulm_model::Janus;
 
 /// Root of the Janus fixture directories: `$JANUS_FIXTURES` or the repo copy.
 pub fn janus_fixture_root() -> PathBuf {
@@ -156,4 +158,28 @@ impl Report {
             self.failures.join("\n")
         );
     }
+}
+
+/// Input embeddings `[1, T, H]` of one understanding row: token embeddings
+/// with the image positions taken from `image_embeds`.
+pub fn row_embeds(model: &Janus, ids: &[u32], mask: &[bool], image_embeds: &Tensor) -> Tensor {
+    let ids = Tensor::new(ids, model.device())
+        .and_then(|t| t.unsqueeze(0))
+        .unwrap();
+    model
+        .merge_image_embeds(&ids, &[mask.to_vec()], Some(image_embeds))
+        .unwrap()
+}
+
+/// Hidden states `[T, H]` of one row of embeddings `[1, T, H]`, all
+/// positions attended causally, without a cache.
+pub fn full_hidden(model: &Janus, embeds: &Tensor) -> Tensor {
+    let t = embeds.dim(1).unwrap();
+    let lm = &model.language_model;
+    let ctx = lm
+        .context(&[(0..t as u32).collect()], &[vec![true; t]])
+        .unwrap();
+    lm.forward_hidden(embeds, &ctx, None, Pass::Inference)
+        .and_then(|h| h.squeeze(0))
+        .unwrap()
 }

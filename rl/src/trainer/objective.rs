@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Tensor};
 use ulm_model::ops::{compute_dtype, Pass};
+use ulm_model::Janus;
 
 use super::prepared::Prepared;
 use super::rollout::{Rollouts, Row};
@@ -18,6 +19,28 @@ use crate::RlError;
 pub(super) struct OldLogps {
     pub(super) understanding: Option<Tensor>,
     pub(super) generation: Option<Tensor>,
+}
+
+/// Log-probs of rows `start..start + n` under a model, in a pass.
+type LogpsOf<'a> = dyn Fn(&Janus, usize, usize, Pass) -> Result<Tensor, RlError> + 'a;
+
+/// The completion mask of rows `start..start + n`, shaped as their log-probs.
+type MaskOf<'a> = dyn Fn(usize, usize, &Tensor) -> candle_core::Result<Tensor> + 'a;
+
+/// One task's rows of a pass.
+struct TaskRows<'a> {
+    rows: usize,
+    /// The old policy's log-probs of these rows; none on a first pass.
+    old: Option<&'a Tensor>,
+    advantages: &'a [f32],
+}
+
+/// One pass's measurements, each task's weighted by its rows' shares.
+#[derive(Default)]
+struct PassTotals {
+    loss: f64,
+    kl: f64,
+    clip_fraction: f64,
 }
 
 /// What one pass of the objective produced.
@@ -118,6 +141,8 @@ impl Trainer {
     }
 
     /// One pass of the objective over the prepared rollouts, with gradients.
+    /// Each task's loss is a mean over its rows; micro-batches weigh by
+    /// their share, and the tasks' losses add.
     pub(super) fn loss_and_grads(
         &self,
         p: &Prepared,
@@ -125,98 +150,104 @@ impl Trainer {
         adv_gen: &[f32],
         old: Option<&OldLogps>,
     ) -> Result<PassOutcome, RlError> {
-        let model = &self.bundle.model;
-        let dev = model.device();
-        let params = self.adaptation.params();
-        let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+        let dev = self.bundle.model.device();
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.adaptation.params().len()];
         let temperature = self.logprob_temperature();
+        let align = self.config.alignment;
+        let mut totals = PassTotals::default();
+        let understanding = TaskRows {
+            rows: p.und_ids.len(),
+            old: old.and_then(|o| o.understanding.as_ref()),
+            advantages: adv_und,
+        };
+        let und_logps = |m: &Janus, start, n, pass| -> Result<Tensor, RlError> {
+            let tensors = p.und_tensors(start, n, dev)?;
+            let batch = p.und_batch(&tensors, start, n);
+            Ok(understanding_logps(m, &batch, temperature, pass)?)
+        };
+        let und_mask = |start: usize, n: usize, _: &Tensor| {
+            let mask = &p.und_completion_mask[start * p.und_len..(start + n) * p.und_len];
+            Tensor::from_vec(mask.to_vec(), (n, p.und_len), dev)
+        };
+        let old_und = self.task_pass(
+            understanding,
+            &und_logps,
+            &und_mask,
+            &mut grads,
+            &mut totals,
+        )?;
+        let generation = TaskRows {
+            rows: p.gen_prompt.len(),
+            old: old.and_then(|o| o.generation.as_ref()),
+            advantages: adv_gen,
+        };
+        let gen_logps = |m: &Janus, start, n, pass| -> Result<Tensor, RlError> {
+            let tensors = p.gen_tensors(start, n, dev)?;
+            let batch = p.gen_batch(&tensors, start, n);
+            Ok(generation_logps(m, &batch, temperature, align, pass)?)
+        };
+        // Every image token counts.
+        let gen_mask = |_: usize, _: usize, logps: &Tensor| Tensor::ones_like(logps);
+        let old_gen = self.task_pass(generation, &gen_logps, &gen_mask, &mut grads, &mut totals)?;
+        let tasks = (old_und.is_some() as usize + old_gen.is_some() as usize).max(1) as f64;
+        Ok(PassOutcome {
+            loss: totals.loss,
+            kl: totals.kl / tasks,
+            clip_fraction: totals.clip_fraction / tasks,
+            grads,
+            logps: OldLogps {
+                understanding: old_und,
+                generation: old_gen,
+            },
+        })
+    }
+
+    /// The objective over one task's rows, micro-batch by micro-batch:
+    /// gradients accumulate into `grads`, measurements into `totals`.
+    /// Returns the pass's old log-probs (the given ones, or the detached
+    /// current ones on a first pass); none without rows.
+    fn task_pass(
+        &self,
+        task: TaskRows,
+        logps_of: &LogpsOf,
+        mask_of: &MaskOf,
+        grads: &mut [Option<Tensor>],
+        totals: &mut PassTotals,
+    ) -> Result<Option<Tensor>, RlError> {
+        let model = &self.bundle.model;
         let cfg = ObjectiveConfig {
             beta: self.config.beta,
             epsilon_low: self.config.epsilon_low,
             epsilon_high: self.config.epsilon_high,
         };
         let micro = self.config.micro_batch_rows.max(1);
-        let (mut loss_total, mut kl_total, mut clip_total) = (0.0, 0.0, 0.0);
-        let mut old_und = Vec::new();
-        let mut old_gen = Vec::new();
-        let und_rows = p.und_ids.len();
-        let gen_rows = p.gen_prompt.len();
-        // Each task's loss is a mean over its rows; micro-batches weigh by their share.
-        for start in (0..und_rows).step_by(micro) {
-            let n = micro.min(und_rows - start);
-            let tensors = p.und_tensors(start, n, dev)?;
-            let batch = p.und_batch(&tensors, start, n);
-            let logps = understanding_logps(model, &batch, temperature, Pass::Training)?;
+        let mut olds = Vec::new();
+        for start in (0..task.rows).step_by(micro) {
+            let n = micro.min(task.rows - start);
+            let logps = logps_of(model, start, n, Pass::Training)?;
             let reference = if self.config.beta != 0.0 {
-                Some(self.with_reference(|m| {
-                    understanding_logps(m, &batch, temperature, Pass::Inference)
-                })?)
+                Some(self.with_reference(|m| logps_of(m, start, n, Pass::Inference))?)
             } else {
                 None
             };
-            let old_logps = match old.and_then(|o| o.understanding.as_ref()) {
+            let old_logps = match task.old {
                 Some(o) => o.narrow(0, start, n)?,
                 None => logps.detach(),
             };
-            old_und.push(old_logps.clone());
-            let mask = Tensor::from_vec(
-                p.und_completion_mask[start * p.und_len..(start + n) * p.und_len].to_vec(),
-                (n, p.und_len),
-                dev,
-            )?;
-            let adv = Tensor::new(&adv_und[start..start + n], dev)?;
+            let mask = mask_of(start, n, &logps)?;
+            let adv = Tensor::new(&task.advantages[start..start + n], model.device())?;
             let o = objective(&logps, &old_logps, reference.as_ref(), &adv, &mask, cfg)?;
-            let share = n as f64 / und_rows as f64;
-            self.accumulate(&(o.loss.clone() * share)?, &mut grads)?;
-            loss_total += scalar(&o.loss)? * share;
-            kl_total += o.kl * share;
-            clip_total += o.clip_fraction * share;
+            let share = n as f64 / task.rows as f64;
+            self.accumulate(&(o.loss.clone() * share)?, grads)?;
+            totals.loss += scalar(&o.loss)? * share;
+            totals.kl += o.kl * share;
+            totals.clip_fraction += o.clip_fraction * share;
+            olds.push(old_logps);
         }
-        for start in (0..gen_rows).step_by(micro) {
-            let n = micro.min(gen_rows - start);
-            let tensors = p.gen_tensors(start, n, dev)?;
-            let batch = p.gen_batch(&tensors, start, n);
-            let align = self.config.alignment;
-            let logps = generation_logps(model, &batch, temperature, align, Pass::Training)?;
-            let reference = if self.config.beta != 0.0 {
-                Some(self.with_reference(|m| {
-                    generation_logps(m, &batch, temperature, align, Pass::Inference)
-                })?)
-            } else {
-                None
-            };
-            let old_logps = match old.and_then(|o| o.generation.as_ref()) {
-                Some(o) => o.narrow(0, start, n)?,
-                None => logps.detach(),
-            };
-            old_gen.push(old_logps.clone());
-            let mask = Tensor::ones(logps.shape(), logps.dtype(), dev)?;
-            let adv = Tensor::new(&adv_gen[start..start + n], dev)?;
-            let o = objective(&logps, &old_logps, reference.as_ref(), &adv, &mask, cfg)?;
-            let share = n as f64 / gen_rows as f64;
-            self.accumulate(&(o.loss.clone() * share)?, &mut grads)?;
-            loss_total += scalar(&o.loss)? * share;
-            kl_total += o.kl * share;
-            clip_total += o.clip_fraction * share;
+        if olds.is_empty() {
+            return Ok(None);
         }
-        let tasks = (und_rows > 0) as usize + (gen_rows > 0) as usize;
-        let cat = |v: Vec<Tensor>| {
-            if v.is_empty() {
-                Ok(None)
-            } else {
-                Tensor::cat(&v, 0).map(Some)
-            }
-        };
-        Ok(PassOutcome {
-            loss: loss_total,
-            kl: kl_total / tasks.max(1) as f64,
-            clip_fraction: clip_total / tasks.max(1) as f64,
-            grads,
-            logps: OldLogps {
-                understanding: cat(old_und)?,
-                generation: cat(old_gen)?,
-            },
-        })
+        Ok(Some(Tensor::cat(&olds, 0)?))
     }
 
     pub(super) fn accumulate(

@@ -72,15 +72,11 @@ pub struct JobConfig {
 
 impl Default for DataMix {
     fn default() -> Self {
-        let core::DataMix {
-            feedback,
-            reference_answers,
-            prompts,
-        } = core::DataMix::default();
+        let core = core::DataMix::default();
         Self {
-            feedback,
-            prompts,
-            reference_answers,
+            feedback: core.feedback,
+            prompts: core.prompts,
+            reference_answers: core.reference_answers,
         }
     }
 }
