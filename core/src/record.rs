@@ -98,7 +98,8 @@ pub struct SampleRecord {
     pub output_text: Option<String>,
     pub output_image_sha256: Option<String>,
     pub token_ids: Vec<u32>,
-    /// Behaviour log-probs of `token_ids`, as the sampler computed them.
+    /// Behaviour log-probs of `token_ids`, as the sampler computed them;
+    /// empty when they were not all finite.
     pub logprobs: Vec<f32>,
     pub finish_reason: Option<FinishReason>,
     pub queue_ms: i64,
@@ -197,6 +198,20 @@ pub async fn record_images(
         });
     }
     pending.commit(store, samples).await
+}
+
+/// The behaviour log-probs as stored: all of them when every one is
+/// finite, else none (a sample without usable log-probs is served and
+/// stored, but never trained on). No non-finite number is stored.
+pub fn usable_logprobs(logprobs: &[f32]) -> Vec<f32> {
+    if logprobs.iter().all(|l| l.is_finite()) {
+        logprobs.to_vec()
+    } else {
+        tracing::warn!(
+            "the sampler produced non-finite log-probs; the sample is stored without them"
+        );
+        Vec::new()
+    }
 }
 
 /// PNG bytes of an image.

@@ -96,7 +96,7 @@ async fn serve(
 
 async fn rate(store: &Store, sample: &str, score: Option<f64>, correction: Option<&str>) {
     store
-        .insert_feedback(FeedbackRecord {
+        .insert_feedback(&[FeedbackRecord {
             id: uuid::Uuid::new_v4().to_string(),
             client_id: None,
             body_sha256: String::new(),
@@ -109,7 +109,7 @@ async fn rate(store: &Store, sample: &str, score: Option<f64>, correction: Optio
             source: "human".into(),
             user_id: None,
             created_at: now_ms(),
-        })
+        }])
         .await
         .unwrap();
 }
@@ -281,4 +281,50 @@ async fn a_cancelled_run_stops_before_its_first_step() {
         .unwrap();
     assert!(matches!(end, RunEnd::Cancelled));
     assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn non_finite_numbers_are_never_stored_and_old_rows_do_not_break_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), None).await.unwrap();
+    let ids = serve(&store, "nan", Task::Answer, "What is it?", 3, 1.0).await;
+    // Rows as an earlier version could write them: a null log-prob, an
+    // unbounded score.
+    let url = format!("sqlite://{}", dir.path().join("ulm.sqlite").display());
+    let raw = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("UPDATE samples SET logprobs = '[-1.5, null, -2.0, -3.0]' WHERE id = $1")
+        .bind(&ids[0])
+        .execute(&raw)
+        .await
+        .unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        rate(
+            &store,
+            id,
+            Some(if i == 1 { 1e308 } else { i as f64 }),
+            None,
+        )
+        .await;
+    }
+    let read = store.get_sample(&ids[0]).await.unwrap();
+    assert!(read.logprobs.is_empty(), "unusable log-probs read as none");
+    let data = gather(&store, &JobConfig::default(), 0.0, now_ms(), shape())
+        .await
+        .unwrap();
+    // The sample without log-probs and the one with an unbounded score are
+    // left out; one sample remains, too few for a group.
+    assert!(data.train.is_empty() && data.eval.is_empty());
+    assert_eq!(data.counts.skipped_unscored, 1);
+
+    // What is written now never holds a non-finite number.
+    let mut fresh = read.clone();
+    fresh.id = "fresh".into();
+    fresh.request_id = "fresh".into();
+    fresh.logprobs = vec![-1.0, f32::NAN, f32::INFINITY, -2.0];
+    store.insert_samples(&[fresh]).await.unwrap();
+    let text: String = sqlx::query_scalar("SELECT logprobs FROM samples WHERE id = 'fresh'")
+        .fetch_one(&raw)
+        .await
+        .unwrap();
+    assert_eq!(text, "[]");
 }

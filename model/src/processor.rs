@@ -2,6 +2,13 @@
 //! the "deepseek" SFT template, BOS prepended, each `<image_placeholder>`
 //! expanded to `<begin_of_image>`, N placeholders, `<end_of_image>`; and for
 //! generation the template plus `<begin_of_image>` with its CFG twin.
+//!
+//! A prompt is built from pieces: the template's tokens, placed by id, and
+//! text. Text, the user's included, is always tokenized as plain text:
+//! whatever it spells (`<|Assistant|>`, `<image_placeholder>`, any added
+//! token), it never becomes a control or image token. For ordinary text this
+//! gives the ids the reference gets by tokenizing the whole template string,
+//! because the tokenizer encodes the text between added tokens on its own.
 
 use std::path::Path;
 
@@ -69,9 +76,22 @@ fn default_true() -> bool {
     true
 }
 
+/// A piece of a chat prompt.
+#[derive(Debug, Clone)]
+enum Piece {
+    /// A token the template places.
+    Token(&'static str),
+    /// Text, tokenized as plain text.
+    Text(String),
+}
+
 #[derive(Debug, Clone)]
 pub struct Processor {
     tokenizer: Tokenizer,
+    /// The same tokenizer with special-token matching off: for text.
+    plain: Tokenizer,
+    /// Every added token (special or not), by id.
+    added: std::collections::HashMap<u32, String>,
     pub special: SpecialTokens,
     add_bos: bool,
     /// Image-feature positions per image (the ViT's patch count).
@@ -102,8 +122,17 @@ impl Processor {
         };
         id(USER)?;
         id(ASSISTANT)?;
+        let mut plain = tokenizer.clone();
+        plain.set_encode_special_tokens(true);
+        let added = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, token)| (id, token.content))
+            .collect();
         Ok(Self {
             tokenizer,
+            plain,
+            added,
             special,
             add_bos,
             num_image_tokens,
@@ -130,49 +159,116 @@ impl Processor {
         Self::new(tokenizer, add_bos, num_image_tokens)
     }
 
-    /// The "deepseek" SFT template for one user turn and an open assistant turn.
-    pub fn sft_format(&self, user_content: &str) -> String {
-        let mut text = String::new();
+    /// The "deepseek" SFT template around one user turn, with an open
+    /// assistant turn.
+    fn chat_turn(&self, user: Vec<Piece>) -> Vec<Piece> {
+        let mut pieces = Vec::with_capacity(user.len() + 6);
         if !self.system_prompt.is_empty() {
-            text.push_str(&self.system_prompt);
-            text.push_str("\n\n");
+            pieces.push(Piece::Text(format!("{}\n\n", self.system_prompt)));
         }
-        text.push_str(USER);
-        text.push_str(": ");
-        text.push_str(user_content.trim());
-        text.push_str("\n\n");
-        text.push_str(ASSISTANT);
-        text.push(':');
-        text
+        pieces.push(Piece::Token(USER));
+        pieces.push(Piece::Text(": ".into()));
+        pieces.extend(user);
+        pieces.push(Piece::Text("\n\n".into()));
+        pieces.push(Piece::Token(ASSISTANT));
+        pieces.push(Piece::Text(":".into()));
+        pieces
     }
 
-    /// Ids of `text`, BOS first when the tokenizer settings ask for it.
-    /// Added tokens in the text (`<|User|>`, ...) are recognised as such.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let encoding = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let mut ids = Vec::with_capacity(encoding.len() + 1);
+    /// The question's turn: the image, then the question.
+    fn question_turn(&self, question: &str) -> Vec<Piece> {
+        self.chat_turn(vec![
+            Piece::Token(IMAGE),
+            Piece::Text(format!("\n{}", question.trim_end())),
+        ])
+    }
+
+    /// The text of the understanding template around `question`, as the
+    /// reference writes it (`sft_format`).
+    pub fn sft_format(&self, question: &str) -> String {
+        self.question_turn(question)
+            .into_iter()
+            .map(|piece| match piece {
+                Piece::Token(token) => token.to_string(),
+                Piece::Text(text) => text,
+            })
+            .collect()
+    }
+
+    /// Ids of a prompt, BOS first when the tokenizer settings ask for it.
+    fn encode(&self, pieces: Vec<Piece>) -> Result<Vec<u32>, ModelError> {
+        let mut ids = Vec::new();
         if self.add_bos {
             ids.push(self.special.bos);
         }
-        ids.extend_from_slice(encoding.get_ids());
+        let mut text = String::new();
+        for piece in pieces {
+            match piece {
+                Piece::Text(t) => text.push_str(&t),
+                Piece::Token(token) => {
+                    ids.extend(self.encode_plain(&std::mem::take(&mut text))?);
+                    ids.push(self.tokenizer.token_to_id(token).ok_or_else(|| {
+                        ModelError::Tokenizer(format!("the tokenizer has no {token} token"))
+                    })?);
+                }
+            }
+        }
+        ids.extend(self.encode_plain(&text)?);
         Ok(ids)
+    }
+
+    /// Ids of `text` as plain text: no id of an added token. Special tokens
+    /// are not matched; where a non-special added token still matches, every
+    /// occurrence of an added token's text is cut after its first character
+    /// and the parts are encoded apart.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = self.plain_ids(text)?;
+        if !ids.iter().any(|id| self.added.contains_key(id)) {
+            return Ok(ids);
+        }
+        let mut cuts: Vec<usize> = self
+            .added
+            .values()
+            .filter(|token| !token.is_empty())
+            .flat_map(|token| {
+                let first = token.chars().next().map_or(1, char::len_utf8);
+                text.match_indices(token.as_str())
+                    .map(move |(at, _)| at + first)
+            })
+            .collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut ids = Vec::new();
+        let mut start = 0;
+        for cut in cuts.into_iter().chain([text.len()]) {
+            ids.extend(self.plain_ids(&text[start..cut])?);
+            start = cut;
+        }
+        if ids.iter().any(|id| self.added.contains_key(id)) {
+            return Err(ModelError::InvalidInput(
+                "the text cannot be tokenized without control tokens".into(),
+            ));
+        }
+        Ok(ids)
+    }
+
+    fn plain_ids(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let encoding = self
+            .plain
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
     }
 
     /// A question about one image.
     pub fn understanding_prompt(&self, question: &str) -> Result<UnderstandingPrompt, ModelError> {
-        let content = format!("{IMAGE}\n{question}");
-        self.understanding_prompt_from_content(&content)
-    }
-
-    /// A user turn whose text carries `<image_placeholder>` tags, one per image.
-    pub fn understanding_prompt_from_content(
-        &self,
-        content: &str,
-    ) -> Result<UnderstandingPrompt, ModelError> {
-        let raw = self.encode(&self.sft_format(content))?;
+        let raw = self.encode(self.question_turn(question))?;
         let s = self.special;
         let mut ids = Vec::with_capacity(raw.len() + self.num_image_tokens + 2);
         let mut images_seq_mask = Vec::with_capacity(ids.capacity());
@@ -198,8 +294,9 @@ impl Processor {
     /// A text-to-image prompt: template + `<begin_of_image>`; the unconditional
     /// twin keeps the first and last ids and pads everything between.
     pub fn generation_prompt(&self, prompt: &str) -> Result<GenerationPrompt, ModelError> {
-        let text = format!("{}{BEGIN_IMAGE}", self.sft_format(prompt));
-        let cond_ids = self.encode(&text)?;
+        let mut pieces = self.chat_turn(vec![Piece::Text(prompt.trim().to_string())]);
+        pieces.push(Piece::Token(BEGIN_IMAGE));
+        let cond_ids = self.encode(pieces)?;
         let last = cond_ids.len().saturating_sub(1);
         let uncond_ids = cond_ids
             .iter()

@@ -57,14 +57,21 @@ pub enum EngineError {
     Model(String),
 }
 
-impl From<ModelError> for EngineError {
-    fn from(e: ModelError) -> Self {
+impl From<&ModelError> for EngineError {
+    /// The client's fault where the input was wrong, the model's otherwise.
+    fn from(e: &ModelError) -> Self {
         match e {
-            ModelError::InvalidInput(m) => EngineError::InvalidInput(m),
-            ModelError::Image(m) => EngineError::InvalidImage(m),
-            ModelError::ImageTooLarge(m) => EngineError::ImageTooLarge(m),
+            ModelError::InvalidInput(m) => EngineError::InvalidInput(m.clone()),
+            ModelError::Image(m) => EngineError::InvalidImage(m.clone()),
+            ModelError::ImageTooLarge(m) => EngineError::ImageTooLarge(m.clone()),
             other => EngineError::Model(other.to_string()),
         }
+    }
+}
+
+impl From<ModelError> for EngineError {
+    fn from(e: ModelError) -> Self {
+        EngineError::from(&e)
     }
 }
 
@@ -138,7 +145,7 @@ impl<R, O> Pending<R, O> {
 pub(crate) fn fail_all<R, O>(jobs: Vec<Pending<R, O>>, task: &str, error: &ModelError) {
     tracing::error!(%error, task, "batch failed");
     for job in jobs {
-        job.finish(Err(EngineError::Model(error.to_string())));
+        job.finish(Err(error.into()));
     }
 }
 

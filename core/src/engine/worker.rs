@@ -92,8 +92,10 @@ impl Worker {
         let rows: usize = items.iter().map(|i: &AnswerItem| i.prompt.samples).sum();
         metrics::histogram!("ulm_batch_rows", "task" => "answer").record(rows as f64);
         let special = self.processor.special;
+        let mut streamed = vec![false; valid.len()];
         let result = answer_batch(model, &items, special.eos, special.pad, &mut |event| {
             let job = &valid[event.item];
+            streamed[event.item] = true;
             if let Some(stream) = &job.stream {
                 let _ = stream.send(StreamedToken {
                     sample: event.sample,
@@ -138,7 +140,18 @@ impl Worker {
                     job.finish(Ok(output));
                 }
             }
-            Err(e) => fail_all(valid, "answer", &e),
+            Err(error) if valid.len() > 1 => {
+                tracing::warn!(%error, requests = valid.len(), "answer batch failed; running its requests one at a time");
+                for (job, streamed) in valid.into_iter().zip(streamed) {
+                    // A request whose tokens were streamed cannot start over.
+                    if streamed && job.stream.is_some() {
+                        fail_all(vec![job], "answer", &error);
+                    } else {
+                        self.run_answers(policy, vec![job]);
+                    }
+                }
+            }
+            Err(error) => fail_all(valid, "answer", &error),
         }
     }
 
@@ -228,7 +241,13 @@ impl Worker {
                     job.finish(Ok(output));
                 }
             }
-            Err(e) => fail_all(valid, "generation", &e),
+            Err(error) if valid.len() > 1 => {
+                tracing::warn!(%error, requests = valid.len(), "generation batch failed; running its requests one at a time");
+                for job in valid {
+                    self.run_generations(policy, vec![job]);
+                }
+            }
+            Err(error) => fail_all(valid, "generation", &error),
         }
     }
 }

@@ -23,7 +23,7 @@ use ulm_rl::trainer::{ServedGroup, ServedSample};
 use super::config::JobConfig;
 use crate::record::Task;
 use crate::store::training_data::RatedSample;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, MAX_FEEDBACK_SCORE};
 
 /// What the model needs to know to accept a served group.
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +79,8 @@ fn human_score(sample: &RatedSample, keys: Option<&[String]>) -> Option<f32> {
         .iter()
         .filter(|(k, _)| keys.is_none_or(|keys| keys.iter().any(|x| x == k)))
         .map(|(_, s)| *s)
+        // Rows stored before scores were bounded may hold any number.
+        .filter(|s| s.is_finite() && s.abs() <= MAX_FEEDBACK_SCORE)
         .collect();
     (!scores.is_empty()).then(|| (scores.iter().sum::<f64>() / scores.len() as f64) as f32)
 }

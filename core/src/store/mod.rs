@@ -15,7 +15,7 @@ use sqlx::{AnyPool, FromRow, Row};
 pub mod jobs;
 pub mod training_data;
 
-use crate::record::SampleRecord;
+use crate::record::{usable_logprobs, SampleRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -38,6 +38,10 @@ pub enum StoreError {
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
 }
+
+/// Feedback scores lie in `[-MAX_FEEDBACK_SCORE, MAX_FEEDBACK_SCORE]`:
+/// rewards stay in a range where GRPO's arithmetic is sound.
+pub const MAX_FEEDBACK_SCORE: f64 = 1000.0;
 
 /// One feedback item, as stored (a row of `feedback`, by column name).
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -196,7 +200,7 @@ impl Store {
             .bind(s.output_text.clone())
             .bind(s.output_image_sha256.clone())
             .bind(serde_json::to_string(&s.token_ids).unwrap_or_default())
-            .bind(serde_json::to_string(&s.logprobs).unwrap_or_default())
+            .bind(serde_json::to_string(&usable_logprobs(&s.logprobs)).unwrap_or_default())
             .bind(s.finish_reason.map(|f| f.as_str()))
             .bind(s.queue_ms)
             .bind(s.compute_ms)
@@ -208,14 +212,6 @@ impl Store {
         Ok(())
     }
 
-    pub async fn sample_exists(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(sqlx::query("SELECT 1 FROM samples WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .is_some())
-    }
-
     pub async fn get_sample(&self, id: &str) -> Result<SampleRecord, StoreError> {
         let row = sqlx::query(&format!("{SAMPLE_SELECT} WHERE id = $1"))
             .bind(id)
@@ -225,62 +221,70 @@ impl Store {
         sample_from_row(&row)
     }
 
-    /// Stores one feedback item. With a client id it is idempotent: the same
-    /// body again returns the stored item, a different body is a conflict.
+    /// Stores the feedback items of one request in one transaction: all of
+    /// them or none. With a client id an item is idempotent: the same body
+    /// again is the stored item (replayed), a different body is a conflict,
+    /// which stores nothing of the request.
     pub async fn insert_feedback(
         &self,
-        item: FeedbackRecord,
-    ) -> Result<FeedbackOutcome, StoreError> {
-        if let Some(client_id) = &item.client_id {
-            if let Some(existing) = self.feedback_by_client_id(client_id).await? {
-                return replay_or_conflict(existing, &item);
+        items: &[FeedbackRecord],
+    ) -> Result<Vec<FeedbackOutcome>, StoreError> {
+        match self.try_insert_feedback(items).await {
+            // A concurrent request stored the same client id first: once
+            // more, now seeing its row.
+            Err(StoreError::Database(sqlx::Error::Database(e))) if e.is_unique_violation() => {
+                self.try_insert_feedback(items).await
             }
-        }
-        if !self.sample_exists(&item.sample_id).await? {
-            return Err(StoreError::UnknownSample(item.sample_id));
-        }
-        let result = sqlx::query(
-            "INSERT INTO feedback (id, client_id, body_sha256, sample_id, key, score, value, comment, correction, \
-             source, user_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .bind(&item.id)
-        .bind(item.client_id.clone())
-        .bind(&item.body_sha256)
-        .bind(&item.sample_id)
-        .bind(&item.key)
-        .bind(item.score)
-        .bind(item.value.clone())
-        .bind(item.comment.clone())
-        .bind(item.correction.clone())
-        .bind(&item.source)
-        .bind(item.user_id.clone())
-        .bind(item.created_at)
-        .execute(&self.pool)
-        .await;
-        match result {
-            Ok(_) => Ok(FeedbackOutcome::Created(item)),
-            // A concurrent insert with the same client id won the race.
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                let client_id = item.client_id.clone().unwrap_or_default();
-                let existing = self
-                    .feedback_by_client_id(&client_id)
-                    .await?
-                    .ok_or(StoreError::Conflict(client_id))?;
-                replay_or_conflict(existing, &item)
-            }
-            Err(e) => Err(e.into()),
+            other => other,
         }
     }
 
-    async fn feedback_by_client_id(
+    async fn try_insert_feedback(
         &self,
-        client_id: &str,
-    ) -> Result<Option<FeedbackRecord>, StoreError> {
-        let row = sqlx::query(&format!("{FEEDBACK_SELECT} WHERE client_id = $1"))
-            .bind(client_id)
-            .fetch_optional(&self.pool)
+        items: &[FeedbackRecord],
+    ) -> Result<Vec<FeedbackOutcome>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut outcomes = Vec::with_capacity(items.len());
+        for item in items {
+            if let Some(client_id) = &item.client_id {
+                let existing = sqlx::query(&format!("{FEEDBACK_SELECT} WHERE client_id = $1"))
+                    .bind(client_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some(row) = existing {
+                    outcomes.push(replay_or_conflict(feedback_from_row(&row)?, item)?);
+                    continue;
+                }
+            }
+            let known = sqlx::query("SELECT 1 FROM samples WHERE id = $1")
+                .bind(&item.sample_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if known.is_none() {
+                return Err(StoreError::UnknownSample(item.sample_id.clone()));
+            }
+            sqlx::query(
+                "INSERT INTO feedback (id, client_id, body_sha256, sample_id, key, score, value, comment, correction, \
+                 source, user_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(&item.id)
+            .bind(item.client_id.clone())
+            .bind(&item.body_sha256)
+            .bind(&item.sample_id)
+            .bind(&item.key)
+            .bind(item.score)
+            .bind(item.value.clone())
+            .bind(item.comment.clone())
+            .bind(item.correction.clone())
+            .bind(&item.source)
+            .bind(item.user_id.clone())
+            .bind(item.created_at)
+            .execute(&mut *tx)
             .await?;
-        row.as_ref().map(feedback_from_row).transpose()
+            outcomes.push(FeedbackOutcome::Created(item.clone()));
+        }
+        tx.commit().await?;
+        Ok(outcomes)
     }
 
     pub async fn feedback_for_sample(
@@ -342,7 +346,7 @@ fn sample_from_row(row: &AnyRow) -> Result<SampleRecord, StoreError> {
         output_text: row.try_get("output_text")?,
         output_image_sha256: row.try_get("output_image_sha256")?,
         token_ids: serde_json::from_str(&token_ids).map_err(|e| corrupt("token_ids", e))?,
-        logprobs: serde_json::from_str(&logprobs).map_err(|e| corrupt("logprobs", e))?,
+        logprobs: read_logprobs(&logprobs)?,
         finish_reason: finish_reason
             .map(|f| parse_name("finish_reason", &f))
             .transpose()?,
@@ -350,6 +354,17 @@ fn sample_from_row(row: &AnyRow) -> Result<SampleRecord, StoreError> {
         compute_ms: row.try_get("compute_ms")?,
         created_at: row.try_get("created_at")?,
     })
+}
+
+/// Stored log-probs. Rows written before non-finite values were refused
+/// hold `null` for them: such a sample has no usable log-probs.
+fn read_logprobs(text: &str) -> Result<Vec<f32>, StoreError> {
+    let values: Vec<Option<f32>> =
+        serde_json::from_str(text).map_err(|e| corrupt("logprobs", e))?;
+    Ok(values
+        .into_iter()
+        .collect::<Option<Vec<f32>>>()
+        .unwrap_or_default())
 }
 
 fn feedback_from_row(row: &AnyRow) -> Result<FeedbackRecord, StoreError> {

@@ -197,9 +197,12 @@ fn json_event<T: serde::Serialize>(name: &str, value: &T) -> Event {
 }
 
 fn error_event(e: ApiError) -> Event {
+    if e.status().is_server_error() {
+        tracing::error!(code = e.code(), error = %e, "streamed request failed");
+    }
     json_event(
         "error",
-        &serde_json::json!({"error": {"code": e.code(), "message": e.to_string()}}),
+        &serde_json::json!({"error": {"code": e.code(), "message": e.public_message()}}),
     )
 }
 

@@ -69,6 +69,17 @@ pub struct ErrorDetail {
 }
 
 impl ApiError {
+    /// What the client is told: the error's own text, except for internal
+    /// errors, whose details go to the log only.
+    pub fn public_message(&self) -> String {
+        match self {
+            ApiError::Internal(_) => {
+                "the server failed to complete the request; its log has the details".into()
+            }
+            other => other.to_string(),
+        }
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::InvalidJson(_) => "invalid_json",
@@ -122,7 +133,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code().to_string(),
-                message: self.to_string(),
+                message: self.public_message(),
             },
         };
         let mut response = (status, axum::Json(body)).into_response();
@@ -210,3 +221,20 @@ impl From<StoreError> for ApiError {
 #[derive(axum::extract::FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct ApiJson<T>(pub T);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn internal_details_stay_in_the_log() {
+        let response = ApiError::Internal("tensor shape [3, 7] at layer 12".into()).into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("\"internal\""), "{text}");
+        assert!(!text.contains("tensor"), "{text}");
+    }
+}

@@ -4,12 +4,13 @@ use axum::Json;
 use serde_json::Value;
 
 use super::error::{ApiError, ApiJson, ErrorBody};
+use super::limits::MAX_SCORE;
 use super::types::{
     FeedbackItem, FeedbackResponse, FeedbackResult, FeedbackSource, FeedbackSourceType,
     FeedbackStatus, FeedbackView,
 };
 use super::AppState;
-use ulm_core::store::{now_ms, sha256_hex, FeedbackOutcome, FeedbackRecord};
+use ulm_core::store::{now_ms, sha256_hex, FeedbackOutcome, FeedbackRecord, StoreError};
 
 const MAX_KEY_CHARS: usize = 64;
 const MAX_TEXT_CHARS: usize = 16_384;
@@ -75,20 +76,21 @@ pub async fn post_feedback(
         validate(&item).map_err(|m| ApiError::InvalidParameter(format!("{}{m}", label(i))))?;
         records.push(to_record(item));
     }
-    // Every sample is looked up before anything is stored, so a batch with an
-    // unknown sample stores nothing.
-    for (i, r) in records.iter().enumerate() {
-        if !state.store.sample_exists(&r.sample_id).await? {
-            return Err(ApiError::NotFound(format!(
-                "{}sample {} does not exist",
-                label(i),
-                r.sample_id
-            )));
-        }
-    }
-    let mut items = Vec::with_capacity(records.len());
-    for record in records {
-        let (status, stored) = match state.store.insert_feedback(record).await? {
+    // One transaction: an unknown sample or a conflict stores nothing.
+    let outcomes = state
+        .store
+        .insert_feedback(&records)
+        .await
+        .map_err(|e| match e {
+            StoreError::UnknownSample(id) => {
+                let i = records.iter().position(|r| r.sample_id == id).unwrap_or(0);
+                ApiError::NotFound(format!("{}sample {id} does not exist", label(i)))
+            }
+            other => other.into(),
+        })?;
+    let mut items = Vec::with_capacity(outcomes.len());
+    for outcome in outcomes {
+        let (status, stored) = match outcome {
             FeedbackOutcome::Created(r) => (FeedbackStatus::Created, r),
             FeedbackOutcome::Replayed(r) => (FeedbackStatus::Replayed, r),
         };
@@ -118,8 +120,10 @@ fn validate(item: &FeedbackItem) -> Result<(), String> {
         return Err(format!("key must be 1 to {MAX_KEY_CHARS} characters"));
     }
     if let Some(score) = item.score {
-        if !score.is_finite() {
-            return Err("score must be a finite number".into());
+        if !score.is_finite() || score.abs() > MAX_SCORE {
+            return Err(format!(
+                "score must be between -{MAX_SCORE} and {MAX_SCORE}"
+            ));
         }
     }
     if item.score.is_none() && item.value.is_none() && item.correction.is_none() {

@@ -6,6 +6,12 @@ use std::time::Duration;
 use super::error::ApiError;
 use super::types::MAX_SEED;
 
+/// The smallest sampling temperature above 0: logits divided by less can
+/// overflow f32.
+pub const MIN_TEMPERATURE: f32 = 0.01;
+pub const MAX_TEMPERATURE: f32 = 5.0;
+pub use ulm_core::store::MAX_FEEDBACK_SCORE as MAX_SCORE;
+
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Largest request body.
@@ -79,9 +85,10 @@ impl Limits {
         top_k: Option<u32>,
         top_p: Option<f32>,
     ) -> Result<(), ApiError> {
-        if !temperature.is_finite() || !(0.0..=5.0).contains(&temperature) {
+        let greedy = temperature == 0.0;
+        if !greedy && !(MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&temperature) {
             return Err(bad(format!(
-                "temperature must be between 0 and 5, got {temperature}"
+                "temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, got {temperature}"
             )));
         }
         if top_k == Some(0) {

@@ -41,7 +41,8 @@ pub struct GenerateRequest {
     #[serde(default = "default_cfg_weight")]
     #[schema(minimum = 0.0, maximum = 20.0, default = 5.0)]
     pub cfg_weight: f32,
-    /// Sampling temperature; 0 picks the most likely token.
+    /// Sampling temperature: 0 picks the most likely token; otherwise at
+    /// least 0.01.
     #[serde(default = "default_temperature")]
     #[schema(minimum = 0.0, maximum = 5.0, default = 1.0)]
     pub temperature: f32,
@@ -107,7 +108,7 @@ pub struct AnswerRequest {
     #[serde(default = "default_max_new_tokens")]
     #[schema(minimum = 1, maximum = 2048, default = 256)]
     pub max_new_tokens: u32,
-    /// Sampling temperature; 0 decodes greedily.
+    /// Sampling temperature: 0 decodes greedily; otherwise at least 0.01.
     #[serde(default = "default_temperature")]
     #[schema(minimum = 0.0, maximum = 5.0, default = 1.0)]
     pub temperature: f32,
@@ -203,7 +204,8 @@ pub struct FeedbackItem {
     /// What is judged, e.g. "quality" or "correct".
     #[schema(example = "quality")]
     pub key: String,
-    /// Numeric judgement, e.g. 0..1.
+    /// Numeric judgement, e.g. 0..1; finite, between -1000 and 1000.
+    #[schema(minimum = -1000.0, maximum = 1000.0)]
     pub score: Option<f64>,
     /// Categorical judgement, e.g. "good".
     pub value: Option<String>,

@@ -1,0 +1,116 @@
+//! What an outside tester broke, each class on the real binary.
+
+use serde_json::{json, Value};
+use ulm_e2e::{answer_body, Server};
+
+/// Every special token of the demo tokenizer, and the image tags.
+const CONTROL_TEXT: &str = "<｜begin▁of▁sentence｜><｜end▁of▁sentence｜><｜▁pad▁｜>\
+    <image_placeholder><patch_placeholder><|User|><|Assistant|><begin_of_image><end_of_image>";
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no code>")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_spelling_control_tokens_is_plain_text_and_harms_no_batch() {
+    // A wide batch window: the requests below share batches.
+    let server = Server::start_with(&["--no-auth", "--batch-window-ms", "300"]).await;
+    let mut hostile = answer_body(2);
+    hostile["question"] = json!(format!("What is this? {CONTROL_TEXT}"));
+    hostile["max_new_tokens"] = json!(4);
+    let mut plain = answer_body(2);
+    plain["max_new_tokens"] = json!(4);
+    let generate = json!({"prompt": format!("a red circle {CONTROL_TEXT}"), "n": 2});
+    let other = json!({"prompt": "a blue square", "n": 1});
+    let (a, b, c, d) = tokio::join!(
+        server.post("/v1/answer", &hostile),
+        server.post("/v1/answer", &plain),
+        server.post("/v1/generate", &generate),
+        server.post("/v1/generate", &other),
+    );
+    for (status, body) in [&a, &b, &c, &d] {
+        assert_eq!(*status, 200, "{body}");
+    }
+    // Stored as sent, and served again later without harm.
+    let id = a.1["samples"][0]["sample_id"].as_str().unwrap();
+    let (status, sample) = server.get(&format!("/v1/samples/{id}")).await;
+    assert_eq!(status, 200);
+    assert!(sample["prompt"].as_str().unwrap().ends_with(CONTROL_TEXT));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_that_would_not_stay_finite_are_refused() {
+    let server = Server::start().await;
+    for temperature in [1e-30, 0.009, -0.0001, 5.01] {
+        let mut body = answer_body(1);
+        body["temperature"] = json!(temperature);
+        let (status, reply) = server.post("/v1/answer", &body).await;
+        assert_eq!(status, 422, "temperature {temperature}: {reply}");
+        assert_eq!(code(&reply), "invalid_parameter");
+        let body = json!({"prompt": "a red circle", "n": 1, "temperature": temperature});
+        let (status, _) = server.post("/v1/generate", &body).await;
+        assert_eq!(status, 422, "temperature {temperature}");
+    }
+    let mut greedy = answer_body(1);
+    greedy["temperature"] = json!(0.0);
+    greedy["max_new_tokens"] = json!(3);
+    let (status, answer) = server.post("/v1/answer", &greedy).await;
+    assert_eq!(status, 200, "{answer}");
+    let sample = answer["samples"][0]["sample_id"].as_str().unwrap();
+
+    for score in [1e308, -1e308, 1000.5] {
+        let item = json!({"sample_id": sample, "key": "quality", "score": score});
+        let (status, reply) = server.post("/v1/feedback", &item).await;
+        assert_eq!(status, 422, "score {score}: {reply}");
+    }
+    let item = json!({"sample_id": sample, "key": "quality", "score": -1000.0});
+    let (status, reply) = server.post("/v1/feedback", &item).await;
+    assert_eq!(status, 201, "{reply}");
+    let (status, stored) = server.get(&format!("/v1/samples/{sample}")).await;
+    assert_eq!(status, 200);
+    assert!(stored["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l.as_f64().is_some_and(f64::is_finite)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feedback_batch_is_stored_whole_or_not_at_all() {
+    let server = Server::start().await;
+    let mut body = answer_body(2);
+    body["max_new_tokens"] = json!(2);
+    let (_, answer) = server.post("/v1/answer", &body).await;
+    let sample = answer["samples"][0]["sample_id"].as_str().unwrap();
+    let first = json!({"sample_id": sample, "key": "quality", "score": 1.0, "client_id": "c-1"});
+    let (status, _) = server.post("/v1/feedback", &first).await;
+    assert_eq!(status, 201);
+
+    // The second item conflicts with what c-1 stored: nothing of the batch lands.
+    let fresh = json!({"sample_id": sample, "key": "quality", "score": 0.5, "client_id": "c-2"});
+    let changed = json!({"sample_id": sample, "key": "quality", "score": 0.0, "client_id": "c-1"});
+    let (status, reply) = server
+        .post("/v1/feedback", &json!([fresh.clone(), changed]))
+        .await;
+    assert_eq!(status, 409, "{reply}");
+    // An unknown sample in second place: nothing lands either.
+    let unknown = json!({"sample_id": "no-such-sample", "key": "quality", "score": 1.0});
+    let (status, reply) = server
+        .post("/v1/feedback", &json!([fresh.clone(), unknown]))
+        .await;
+    assert_eq!(status, 404, "{reply}");
+    assert!(reply["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("item 1: "));
+    let (_, stored) = server.get(&format!("/v1/samples/{sample}")).await;
+    assert_eq!(stored["feedback"].as_array().unwrap().len(), 1, "{stored}");
+
+    // The client retries without the conflicting item: c-2 lands once, c-1 replays.
+    let (status, reply) = server.post("/v1/feedback", &json!([fresh, first])).await;
+    assert_eq!(status, 201, "{reply}");
+    assert_eq!(reply["items"][0]["status"], "created");
+    assert_eq!(reply["items"][1]["status"], "replayed");
+    let (_, stored) = server.get(&format!("/v1/samples/{sample}")).await;
+    assert_eq!(stored["feedback"].as_array().unwrap().len(), 2, "{stored}");
+}
