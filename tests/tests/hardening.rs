@@ -1,7 +1,7 @@
 //! What an outside tester broke, each class on the real binary.
 
 use serde_json::{json, Value};
-use ulm_e2e::{answer_body, Server};
+use ulm_e2e::{answer_body, Server, ADMIN_KEY, USER_KEY};
 
 /// Every special token of the demo tokenizer, and the image tags.
 const CONTROL_TEXT: &str = "<｜begin▁of▁sentence｜><｜end▁of▁sentence｜><｜▁pad▁｜>\
@@ -113,4 +113,66 @@ async fn a_feedback_batch_is_stored_whole_or_not_at_all() {
     assert_eq!(reply["items"][1]["status"], "replayed");
     let (_, stored) = server.get(&format!("/v1/samples/{sample}")).await;
     assert_eq!(stored["feedback"].as_array().unwrap().len(), 2, "{stored}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_edges_answer_in_the_error_envelope() {
+    let keys = format!("user:{USER_KEY},admin:{ADMIN_KEY}");
+    let mut server = Server::start_with(&["--api-keys", &keys]).await;
+    let json_of = |text: String| serde_json::from_str::<Value>(&text).unwrap_or(Value::Null);
+
+    // The scheme of the Authorization header is case-insensitive.
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let response = server
+            .http
+            .get(server.url("/v1/models"))
+            .header("authorization", format!("{scheme} {USER_KEY}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{scheme}");
+        let models = json_of(response.text().await.unwrap());
+        // Server paths are not shown to user keys.
+        assert!(models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["checkpoint_path"].is_null()));
+    }
+
+    server.key = Some(ADMIN_KEY.into());
+    // A path parameter that is not UTF-8.
+    let (status, body) = server.get("/v1/samples/%FF%FE").await;
+    assert_eq!((status, code(&body)), (404, "not_found"), "{body}");
+    let (status, body) = server.get("/v1/rl/jobs/%C3%28").await;
+    assert_eq!((status, code(&body)), (404, "not_found"), "{body}");
+
+    // No content type on a JSON route.
+    let response = server
+        .http
+        .post(server.url("/v1/rl/jobs"))
+        .bearer_auth(ADMIN_KEY)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+    assert_eq!(
+        code(&json_of(response.text().await.unwrap())),
+        "unsupported_media_type"
+    );
+
+    // A struct is never read from a JSON array.
+    for (path, body) in [
+        ("/v1/rl/jobs", json!([1, 1])),
+        ("/v1/generate", json!(["a red circle", 1])),
+        ("/v1/answer", json!([])),
+    ] {
+        let (status, reply) = server.post(path, &body).await;
+        assert_eq!(
+            (status, code(&reply)),
+            (422, "invalid_body"),
+            "{path}: {reply}"
+        );
+    }
 }

@@ -99,14 +99,18 @@ impl Auth {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header; the scheme is
+/// case-insensitive (RFC 7235).
 fn bearer(request: &Request) -> Option<&str> {
-    request
+    let value = request
         .headers()
         .get(header::AUTHORIZATION)?
         .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+        .ok()?;
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
 }
 
 pub async fn require_user(
@@ -134,7 +138,12 @@ async fn require(
     match auth.role_of(bearer(&request)) {
         None => Err(ApiError::Unauthorized),
         Some(role) if role < needed => Err(ApiError::Forbidden),
-        Some(_) => Ok(next.run(request).await),
+        Some(role) => {
+            // Handlers that show more to admins read the caller's role.
+            let mut request = request;
+            request.extensions_mut().insert(role);
+            Ok(next.run(request).await)
+        }
     }
 }
 

@@ -2,8 +2,10 @@
 //! `{"error": {"code": "...", "message": "..."}}` with a stable `code`.
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -217,10 +219,32 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// JSON body extractor whose rejections are [`ApiError`]s.
-#[derive(axum::extract::FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// JSON body extractor whose rejections are [`ApiError`]s. The body must be
+/// a JSON object: serde would also read a struct from an array.
 pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let axum::Json(value) =
+            axum::Json::<serde_json::Value>::from_request(request, state).await?;
+        if !value.is_object() {
+            return Err(ApiError::InvalidBody(
+                "the body must be a JSON object".into(),
+            ));
+        }
+        serde_json::from_value(value)
+            .map(ApiJson)
+            .map_err(|e| ApiError::InvalidBody(format!("invalid body: {e}")))
+    }
+}
+
+/// Path parameters extractor whose rejections are [`ApiError`]s (a path
+/// that is not UTF-8 names nothing: 404).
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
 
 #[cfg(test)]
 mod tests {

@@ -1,9 +1,10 @@
+use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::Value;
 
-use super::error::{ApiError, ApiJson, ErrorBody};
+use super::error::{ApiError, ErrorBody};
 use super::limits::MAX_SCORE;
 use super::types::{
     FeedbackItem, FeedbackResponse, FeedbackResult, FeedbackSource, FeedbackSourceType,
@@ -40,8 +41,10 @@ const MAX_ID_CHARS: usize = 128;
 )]
 pub async fn post_feedback(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<Value>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Result<(StatusCode, Json<FeedbackResponse>), ApiError> {
+    // One object or an array of them.
+    let Json(body) = body?;
     if super::limits::contains_nul(&body) {
         return Err(ApiError::InvalidParameter(
             "feedback text must not contain NUL characters".into(),

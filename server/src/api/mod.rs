@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -72,7 +73,7 @@ pub struct AppState {
         health::readyz,
         metrics_text,
     ),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &InternalErrors),
     tags(
         (name = "inference", description = "Generate images, answer questions"),
         (name = "feedback", description = "Judgements on served samples"),
@@ -98,6 +99,50 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// Every operation that answers errors in the envelope can also fail inside
+/// the server: each documents its 500. (Health and metrics answer in their
+/// own shapes and cannot fail that way.)
+struct InternalErrors;
+
+impl Modify for InternalErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let internal = ResponseBuilder::new()
+            .description("Internal error; the server's log has the details")
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for operation in operations.into_iter().flatten() {
+                let answers_errors = operation
+                    .responses
+                    .responses
+                    .keys()
+                    .any(|s| s.starts_with('4'));
+                if !answers_errors {
+                    continue;
+                }
+                operation
+                    .responses
+                    .responses
+                    .entry("500".into())
+                    .or_insert_with(|| internal.clone().into());
+            }
+        }
     }
 }
 
@@ -148,6 +193,11 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
+/// A panic in a handler answers a JSON 500 instead of dropping the connection.
+fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response {
+    ApiError::Internal("a handler panicked".into()).into_response()
+}
+
 pub fn router(state: AppState, auth: Auth) -> Router {
     let auth = Arc::new(auth);
     let body_limit = state.limits.max_body_bytes;
@@ -180,6 +230,7 @@ pub fn router(state: AppState, auth: Auth) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(track))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
             let id = request
@@ -192,4 +243,28 @@ pub fn router(state: AppState, auth: Auth) -> Router {
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_a_json_500() {
+        let app = Router::new()
+            .route("/boom", get(|| async { panic!("boom") as &str }))
+            .layer(CatchPanicLayer::custom(panic_response));
+        let request = Request::builder()
+            .uri("/boom")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 500);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "internal");
+    }
 }

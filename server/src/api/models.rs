@@ -1,9 +1,11 @@
 //! Model versions: list them, activate one (promotion by hand, or rollback).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
+use axum::Extension;
 use axum::Json;
 
-use super::error::{ApiError, ErrorBody};
+use super::auth::Role;
+use super::error::{ApiError, ApiPath, ErrorBody};
 use super::types::{ModelList, ModelView};
 use super::AppState;
 use ulm_core::registry::RegistryError;
@@ -50,6 +52,14 @@ fn view(state: &AppState, v: VersionRecord, active: &str) -> ModelView {
     }
 }
 
+/// What `role` may see of a version: server paths are for admins.
+fn for_role(mut view: ModelView, role: Role) -> ModelView {
+    if role < Role::Admin {
+        view.checkpoint_path = None;
+    }
+    view
+}
+
 /// Every model version, oldest first; `active` marks the one served.
 #[utoipa::path(get, path = "/v1/models", tag = "models",
     responses(
@@ -57,13 +67,16 @@ fn view(state: &AppState, v: VersionRecord, active: &str) -> ModelView {
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-pub async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+pub async fn list_models(
+    State(state): State<AppState>,
+    Extension(role): Extension<Role>,
+) -> Result<Json<ModelList>, ApiError> {
     let active = state.engine.model_version();
     let versions = state.store.list_versions().await?;
     Ok(Json(ModelList {
         data: versions
             .into_iter()
-            .map(|v| view(&state, v, &active))
+            .map(|v| for_role(view(&state, v, &active), role))
             .collect(),
     }))
 }
@@ -82,9 +95,40 @@ pub async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList
     security(("bearer" = [])))]
 pub async fn activate(
     State(state): State<AppState>,
-    Path(version): Path<String>,
+    ApiPath(version): ApiPath<String>,
 ) -> Result<Json<ModelView>, ApiError> {
     let record = state.registry.activate(&version).await?;
     let active = record.id.clone();
     Ok(Json(view(&state, record, &active)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_admins_see_server_paths() {
+        let version = ModelView {
+            id: "v1".into(),
+            description: String::new(),
+            demo: true,
+            active: true,
+            parent: Some("demo-base".into()),
+            job_id: Some("job".into()),
+            checkpoint_path: Some("/data/versions/v1".into()),
+            metrics: serde_json::json!({}),
+            created_at: 0,
+            max_context_tokens: 1,
+            image_tokens_per_image: 1,
+            generated_image_size: 1,
+            understanding_image_size: 1,
+        };
+        assert!(for_role(version.clone(), Role::User)
+            .checkpoint_path
+            .is_none());
+        assert_eq!(
+            for_role(version, Role::Admin).checkpoint_path.as_deref(),
+            Some("/data/versions/v1")
+        );
+    }
 }

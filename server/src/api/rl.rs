@@ -1,12 +1,12 @@
 //! RL jobs (admin): start, list, inspect, cancel.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::error::{ApiError, ApiJson, ErrorBody};
+use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
 use super::job_config::JobConfig;
 use super::types::{JobList, JobView};
 use super::AppState;
@@ -56,6 +56,8 @@ fn view(j: JobRecord) -> JobView {
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 403, description = "Not an admin key", body = ErrorBody),
         (status = 409, description = "Another job is queued or running", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "Invalid configuration", body = ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -117,7 +119,7 @@ pub async fn list_jobs(
     security(("bearer" = [])))]
 pub async fn get_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let job = state
         .store
@@ -141,7 +143,7 @@ pub async fn get_job(
     security(("bearer" = [])))]
 pub async fn cancel_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
     let job = state.scheduler.cancel(&id).await?;
     Ok((StatusCode::ACCEPTED, Json(view(job))))

@@ -1,9 +1,9 @@
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
 
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ApiPath, ErrorBody};
 use super::feedback::view;
 use super::types::{PngImage, SampleView, Timings};
 use super::AppState;
@@ -33,7 +33,7 @@ fn not_found(what: &'static str, id: &str) -> impl FnOnce(StoreError) -> ApiErro
 )]
 pub async fn get_sample(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<SampleView>, ApiError> {
     let s = state
         .store
@@ -79,7 +79,7 @@ pub async fn get_sample(
 )]
 pub async fn get_image(
     State(state): State<AppState>,
-    Path(sample_id): Path<String>,
+    ApiPath(sample_id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let s = state
         .store

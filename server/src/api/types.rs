@@ -295,7 +295,8 @@ pub struct ModelView {
     pub parent: Option<String>,
     /// The RL job that produced it.
     pub job_id: Option<String>,
-    /// Its LoRA adapters on the server's disk; none for the base model.
+    /// Its LoRA adapters on the server's disk; none for the base model, and
+    /// shown to admin keys only.
     pub checkpoint_path: Option<String>,
     /// The evaluation that promoted it.
     #[schema(value_type = Object)]
