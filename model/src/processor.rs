@@ -331,3 +331,35 @@ impl Processor {
         }
     }
 }
+
+/// The text of a growing answer, token by token. Each token decodes only a
+/// short window (the tokens since the last emitted text, and the ones
+/// before them for context), as text-generation-inference does, instead of
+/// the whole answer.
+#[derive(Debug, Clone, Default)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    /// Start of the context window.
+    prefix: usize,
+    /// End of the text already emitted.
+    read: usize,
+}
+
+impl TextStream {
+    /// Adds a token; returns the text it completes (empty while a
+    /// multi-byte character is incomplete).
+    pub fn push(&mut self, processor: &Processor, token: u32) -> String {
+        self.ids.push(token);
+        let before = processor.decode(&self.ids[self.prefix..self.read]);
+        let now = processor.decode(&self.ids[self.prefix..]);
+        match now.strip_prefix(before.as_str()) {
+            Some(delta) if !delta.is_empty() && !delta.ends_with('\u{FFFD}') => {
+                let delta = delta.to_string();
+                self.prefix = self.read;
+                self.read = self.ids.len();
+                delta
+            }
+            _ => String::new(),
+        }
+    }
+}

@@ -71,3 +71,17 @@ fn non_special_added_tokens_are_broken_too() {
         assert_eq!(decoded, "a <secret> and <secret><|User|>");
     }
 }
+
+#[test]
+fn streamed_text_adds_up_to_the_decoded_answer() {
+    for tokenizer in tokenizers() {
+        let processor = Processor::new(tokenizer, true, 16).unwrap();
+        let text = "Hé said: «naïve» 你好, then 🎉 twice 🎉 and <|User|> too.";
+        let ids = processor.encode_plain(text).unwrap();
+        let mut stream = ulm_model::processor::TextStream::default();
+        let deltas: Vec<String> = ids.iter().map(|&id| stream.push(&processor, id)).collect();
+        assert_eq!(deltas.concat(), processor.decode(&ids));
+        // No delta carries half a character.
+        assert!(deltas.iter().all(|d| !d.contains('\u{FFFD}')), "{deltas:?}");
+    }
+}

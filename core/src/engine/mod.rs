@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use image::RgbImage;
 use tokio::sync::{mpsc, oneshot};
 use ulm_model::bundle::ModelBundle;
-use ulm_model::processor::Processor;
+use ulm_model::processor::{Processor, TextStream};
 use ulm_model::{Janus, ModelError};
 
 mod work;
@@ -164,6 +164,18 @@ impl Queued {
     }
 }
 
+/// The text of one streamed answer: each token gives the text it completes.
+pub struct AnswerTextStream {
+    processor: Arc<Processor>,
+    stream: TextStream,
+}
+
+impl AnswerTextStream {
+    pub fn push(&mut self, token: u32) -> String {
+        self.stream.push(&self.processor, token)
+    }
+}
+
 /// Facts about the served model that the API reports and validates against.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -250,9 +262,12 @@ impl Engine {
         self.policy.load_full()
     }
 
-    /// The text of answer tokens, as the served answers are decoded.
-    pub fn detokenize(&self, ids: &[u32]) -> String {
-        self.processor.decode(ids)
+    /// A decoder of one streamed answer's text, token by token.
+    pub fn text_stream(&self) -> AnswerTextStream {
+        AnswerTextStream {
+            processor: self.processor.clone(),
+            stream: TextStream::default(),
+        }
     }
 
     pub fn model_version(&self) -> String {

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use futures::stream::Stream;
 use tokio::sync::mpsc;
 
-use ulm_core::engine::{decode_image, AnswerOutput, AnswerWork, StreamedToken};
+use ulm_core::engine::{decode_image, AnswerOutput, AnswerTextStream, AnswerWork, StreamedToken};
 use ulm_core::record::{record_answers, AnswerParams};
 
 use super::error::{ApiError, ApiJson, ErrorBody};
@@ -150,27 +150,14 @@ fn event_stream(
     work: tokio::task::JoinHandle<Result<AnswerResponse, ApiError>>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     async_stream(move |yield_tx| async move {
-        let engine = state.engine.clone();
-        let mut tokens: Vec<Vec<u32>> = Vec::new();
-        let mut sent_text: Vec<String> = Vec::new();
+        let mut texts: Vec<AnswerTextStream> = Vec::new();
         while let Some(t) = rx.recv().await {
-            if tokens.len() <= t.sample {
-                tokens.resize(t.sample + 1, Vec::new());
-                sent_text.resize(t.sample + 1, String::new());
+            while texts.len() <= t.sample {
+                texts.push(state.engine.text_stream());
             }
-            tokens[t.sample].push(t.token);
-            // Emit only complete characters: decode the whole answer and send
-            // the new suffix, holding back a trailing replacement character
-            // (a multi-byte character whose bytes have not all arrived).
-            let text = engine.detokenize(&tokens[t.sample]);
-            let delta = text
-                .strip_prefix(sent_text[t.sample].as_str())
-                .filter(|d| !d.ends_with('\u{FFFD}'))
-                .unwrap_or_default()
-                .to_string();
-            if !delta.is_empty() {
-                sent_text[t.sample] = text;
-            }
+            // Only complete characters leave: a token that ends mid-character
+            // adds its text with the next one.
+            let delta = texts[t.sample].push(t.token);
             let event = TokenEvent {
                 index: t.sample,
                 token_id: t.token,
