@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{full_hidden, janus_fixture_dirs, row_embeds, Case, Report};
+use common::{full_hidden, janus_fixture_dirs, row_embeds, Report, Tol};
 use ulm_model::bundle::ModelBundle;
 use ulm_model::decode::{CfgDecoder, TextDecoder, TextPrompt};
 use ulm_model::generate::to_rgb8;
@@ -17,9 +17,25 @@ use ulm_model::image_processor::resize_bicubic;
 use ulm_model::ops::Pass;
 
 /// Activations, hidden states and logits (README 7: ~1e-5).
-const TOL: f32 = 2e-5;
+const TOL: Tol = Tol {
+    atol: 2e-5,
+    rtol: 1e-5,
+};
 /// CFG logits amplify differences by the guidance weight (README 7: ~4e-5).
-const TOL_CFG: f32 = 5e-5;
+const TOL_CFG: Tol = Tol {
+    atol: 5e-5,
+    rtol: 1e-5,
+};
+/// Normalised pixels: the resize rounds to u8 first (README 7).
+const TOL_PIXELS: Tol = Tol {
+    atol: 2.0 / 255.0 + 1e-6,
+    rtol: 0.0,
+};
+/// Decoded VQ output, ~1.5e-5 (README 7).
+const TOL_DECODED: Tol = Tol {
+    atol: 3e-5,
+    rtol: 1e-5,
+};
 
 fn u8_image_tensor(img: &image::RgbImage) -> Tensor {
     let (w, h) = img.dimensions();
@@ -45,7 +61,7 @@ fn u8_mismatches(actual: &Tensor, expected: &Tensor) -> (usize, usize) {
 }
 
 fn check_und(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
-    let Some(case) = Case::load(dir, "und") else {
+    let Some(case) = r.case(dir, "und") else {
         return;
     };
     let model = &bundle.model;
@@ -99,7 +115,7 @@ fn check_und(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
     let pixels = ip.preprocess(&img, dev).unwrap();
     let ref_pixels = case.t("pixel_values").squeeze(0).unwrap();
     // One level of the uint8 image is 2/255 after normalisation.
-    r.close("und pixel_values", &pixels, &ref_pixels, 2.0 / 255.0 + 1e-6);
+    r.close("und pixel_values", &pixels, &ref_pixels, TOL_PIXELS);
 
     // Forward on the reference pixels, so later stages are compared in isolation.
     let features = model
@@ -166,7 +182,7 @@ fn check_und(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
 }
 
 fn check_gen(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
-    let Some(case) = Case::load(dir, "gen") else {
+    let Some(case) = r.case(dir, "gen") else {
         return;
     };
     let model = &bundle.model;
@@ -252,7 +268,7 @@ fn check_gen(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
         .unwrap()
         .squeeze(0)
         .unwrap();
-    r.close("gen decoded", &decoded, case.t("decoded"), 3e-5);
+    r.close("gen decoded", &decoded, case.t("decoded"), TOL_DECODED);
     let img = to_rgb8(&decoded).unwrap();
     let (over1, at1) = u8_mismatches(&u8_image_tensor(&img), case.t("decoded_u8"));
     r.check(
@@ -272,7 +288,7 @@ fn check_gen(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
 }
 
 fn check_vq_encode(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
-    let Some(case) = Case::load(dir, "vq_encode") else {
+    let Some(case) = r.case(dir, "vq_encode") else {
         return;
     };
     let vq = &bundle.model.gen_vision;
@@ -292,7 +308,7 @@ fn check_vq_encode(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
         "vq reconstruction",
         &vq.decode_entries(&quant).unwrap(),
         case.t("reconstruction"),
-        3e-5,
+        TOL_DECODED,
     );
 }
 
@@ -307,4 +323,21 @@ fn every_fixture_matches_the_reference() {
         check_vq_encode(&dir, &bundle, &mut report);
         report.finish(&dir.display().to_string());
     }
+}
+
+#[test]
+fn tolerances_scale_with_the_quantity_and_still_catch_errors() {
+    let expected = Tensor::new(&[4.0f32, -3.5, 0.001, 2.0], &Device::Cpu).unwrap();
+    let close = |offsets: [f32; 4]| {
+        let actual = (&expected + Tensor::new(&offsets, &Device::Cpu).unwrap()).unwrap();
+        let mut r = Report::default();
+        r.close("distances", &actual, &expected, TOL);
+        r.failures.is_empty()
+    };
+    // The outside tester's case: distances of magnitude 4 off by 2.2e-5.
+    assert!(close([2.2e-5, -2.2e-5, 1e-5, 1e-5]));
+    // A real error, large or small in magnitude, still fails.
+    assert!(!close([1e-3, 0.0, 0.0, 0.0]));
+    assert!(!close([0.0, 0.0, 5e-5, 0.0]));
+    assert!(!close([f32::NAN, 0.0, 0.0, 0.0]));
 }

@@ -186,7 +186,13 @@ pub fn objective(
 ) -> Result<Objective> {
     let dtype = logps.dtype();
     let mask = mask.to_dtype(dtype)?;
-    let ratio = (logps - old_logps.detach())?.exp()?;
+    // Masked positions (padding) take 0 in every input, selected rather
+    // than multiplied: an infinite log-prob there would otherwise turn the
+    // loss or its gradient into NaN through `inf * 0`.
+    let keep = mask.gt(0.0)?;
+    let masked = |t: &Tensor| -> Result<Tensor> { keep.where_cond(t, &t.zeros_like()?) };
+    let logps = &masked(logps)?;
+    let ratio = (logps - masked(&old_logps.detach())?)?.exp()?;
     let adv = advantages.to_dtype(dtype)?.unsqueeze(1)?;
     // Where the clipped term is the minimum it is a constant: the ratio gets
     // no gradient there. Expressed with a detached mask, the objective equals
@@ -202,7 +208,7 @@ pub fn objective(
     let surrogate = ((ratio * &free)? + (clipped_ratio * &clipped)?)?.broadcast_mul(&adv)?;
     let (per_token, kl_value) = match ref_logps {
         Some(reference) if cfg.beta != 0.0 => {
-            let delta = (reference.detach() - logps)?;
+            let delta = (masked(&reference.detach())? - logps)?;
             let kl = ((delta.exp()? - &delta)? - 1.0)?;
             let kl_value = masked_sequence_mean(&kl.detach(), &mask)?
                 .mean_all()?
@@ -277,5 +283,59 @@ impl AdamW {
             var.set(&(decayed - (update * self.lr)?)?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn infinite_log_probs_at_masked_positions_change_nothing() {
+        let dev = &Device::Cpu;
+        let cfg = ObjectiveConfig {
+            beta: 0.04,
+            epsilon_low: 0.2,
+            epsilon_high: 0.2,
+        };
+        let mask = Tensor::new(&[[1f32, 1., 0.], [1., 0., 0.]], dev).unwrap();
+        let advantages = Tensor::new(&[1f32, -1.], dev).unwrap();
+        let run = |pad: f32, old_pad: f32| {
+            let logps = Var::new(&[[-1f32, -2., pad], [-0.5, pad, pad]], dev).unwrap();
+            let old = Tensor::new(&[[-1.1f32, -1.9, old_pad], [-0.4, old_pad, 0.]], dev).unwrap();
+            let reference = Tensor::new(&[[-1f32, -2.1, pad], [-0.6, pad, -0.0]], dev).unwrap();
+            let o = objective(
+                logps.as_tensor(),
+                &old,
+                Some(&reference),
+                &advantages,
+                &mask,
+                cfg,
+            )
+            .unwrap();
+            let grad = o.loss.backward().unwrap().get(&logps).unwrap().clone();
+            let loss = o.loss.to_scalar::<f32>().unwrap();
+            (
+                loss,
+                grad.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                o.kl,
+            )
+        };
+        let (loss, grad, kl) = run(-3.0, -3.0);
+        for (pad, old_pad) in [
+            (f32::NEG_INFINITY, -3.0),
+            (-3.0, f32::NEG_INFINITY),
+            (f32::INFINITY, f32::NAN),
+        ] {
+            let (l, g, k) = run(pad, old_pad);
+            assert_eq!(l, loss, "pad {pad}, old {old_pad}");
+            assert_eq!(g, grad, "pad {pad}, old {old_pad}");
+            assert_eq!(k, kl);
+        }
+        assert!(loss.is_finite() && grad.iter().all(|g| g.is_finite()));
+        // Masked positions get no gradient.
+        assert_eq!((grad[2], grad[4], grad[5]), (0.0, 0.0, 0.0));
     }
 }

@@ -201,3 +201,28 @@ fn malformed_served_groups_are_errors_not_panics() {
     groups[2].item.caption = None;
     assert!(t.step_served(&groups[2..]).is_err());
 }
+
+#[test]
+fn an_abandoned_later_iteration_takes_the_earlier_updates_back() {
+    let bundle = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
+    let groups = served_groups(&bundle, |i, _| i as f32 / 4.0);
+    let mut t = trainer(bundle);
+    // The first update is finite; at this rate it throws the adapters so far
+    // that the second iteration's forward overflows.
+    t.config.num_iterations = 2;
+    t.config.max_grad_norm = None;
+    t.config.lr = 1e35;
+    t.optimizer.lr = t.config.lr;
+    let values = |t: &Trainer| -> Vec<Vec<f32>> {
+        t.adaptation
+            .params()
+            .iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    };
+    let before = values(&t);
+    let m = t.step_served(&groups).unwrap();
+    assert!(!m.applied, "{m:?}");
+    assert_eq!(values(&t), before, "the step left no update behind");
+    assert_eq!(t.optimizer.step, 0);
+}

@@ -112,18 +112,51 @@ pub fn max_abs_diff(actual: &Tensor, expected: &Tensor) -> f32 {
         .unwrap()
 }
 
-/// Collects named comparisons and fails once with all of them.
+/// An elementwise tolerance, as numpy's `allclose`:
+/// `|actual - expected| <= atol + rtol * |expected|`. Absolute error alone
+/// does not scale: the same implementation is off by more on larger values.
+#[derive(Debug, Clone, Copy)]
+pub struct Tol {
+    pub atol: f32,
+    pub rtol: f32,
+}
+
+/// The largest `|actual - expected| - rtol * |expected|` (compared with
+/// `atol`) and the largest absolute difference.
+pub fn allclose_excess(actual: &Tensor, expected: &Tensor, rtol: f32) -> (f32, f32) {
+    let flat = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let (a, e) = (flat(actual), flat(expected));
+    assert_eq!(
+        a.dims(),
+        e.dims(),
+        "element counts differ: {:?} vs {:?}",
+        actual.shape(),
+        expected.shape()
+    );
+    let diff = (a - &e).unwrap().abs().unwrap();
+    let allowed = (e.abs().unwrap() * rtol as f64).unwrap();
+    let scalar = |t: Tensor| t.max(0).unwrap().to_scalar::<f32>().unwrap();
+    (scalar((&diff - allowed).unwrap()), scalar(diff))
+}
+
+/// Collects named comparisons and fails once with all of them, or when no
+/// case was checked (a fixture directory without cases must not pass).
 #[derive(Default)]
 pub struct Report {
     pub lines: Vec<String>,
     pub failures: Vec<String>,
+    /// Cases loaded and compared.
+    pub cases: usize,
 }
 
 impl Report {
-    pub fn close(&mut self, what: &str, actual: &Tensor, expected: &Tensor, tol: f32) {
-        let diff = max_abs_diff(actual, expected);
-        let line = format!("{what}: max abs diff {diff:.3e} (tol {tol:.0e})");
-        if diff.is_nan() || diff > tol {
+    pub fn close(&mut self, what: &str, actual: &Tensor, expected: &Tensor, tol: Tol) {
+        let (excess, diff) = allclose_excess(actual, expected, tol.rtol);
+        let line = format!(
+            "{what}: max abs diff {diff:.3e} (atol {:.0e} + rtol {:.0e} * |expected|)",
+            tol.atol, tol.rtol
+        );
+        if excess.is_nan() || excess > tol.atol {
             self.failures.push(line.clone());
         }
         self.lines.push(line);
@@ -146,8 +179,17 @@ impl Report {
         self.lines.push(line);
     }
 
+    /// Loads case `name` of `dir` and counts it; none when the directory
+    /// has no such case.
+    pub fn case(&mut self, dir: &Path, name: &str) -> Option<Case> {
+        let case = Case::load(dir, name)?;
+        self.cases += 1;
+        Some(case)
+    }
+
     pub fn finish(self, title: &str) {
-        println!("== {title}");
+        println!("== {title}: {} cases", self.cases);
+        assert!(self.cases > 0, "{title}: no case was checked");
         for l in &self.lines {
             println!("   {l}");
         }

@@ -28,6 +28,14 @@ use crate::RlError;
 use objective::all_finite;
 use rollout::{served_rollouts, Rollouts};
 
+/// What [`Trainer::snapshot`] keeps.
+struct Snapshot {
+    params: Vec<Tensor>,
+    /// Moment tensors are replaced, never written in place: clones suffice.
+    moments: Vec<(Tensor, Tensor)>,
+    optimizer_step: u64,
+}
+
 pub struct Trainer {
     pub bundle: ModelBundle,
     pub adaptation: Adaptation,
@@ -171,7 +179,15 @@ impl Trainer {
         let mut old = self.behaviour_logps(&und, &gen, prepared.und_len)?;
         let mut grads_total: Vec<Option<Tensor>> = Vec::new();
         let mut applied = true;
-        for iteration in 0..self.config.num_iterations.max(1) {
+        let iterations = self.config.num_iterations.max(1);
+        // Later iterations run on updated weights: an abandoned one must
+        // take the earlier updates back.
+        let before = if iterations > 1 {
+            Some(self.snapshot()?)
+        } else {
+            None
+        };
+        for iteration in 0..iterations {
             let pass = self.loss_and_grads(&prepared, &adv_und, &adv_gen, old.as_ref())?;
             metrics.loss = pass.loss;
             metrics.kl = pass.kl;
@@ -182,6 +198,9 @@ impl Trainer {
                     iteration,
                     "non-finite loss or gradient: step abandoned"
                 );
+                if let (Some(before), true) = (before, iteration > 0) {
+                    self.restore(before)?;
+                }
                 applied = false;
                 break;
             }
@@ -198,6 +217,31 @@ impl Trainer {
         metrics.tokens_per_s = metrics.tokens as f64 / started.elapsed().as_secs_f64();
         self.step += 1;
         Ok(metrics)
+    }
+
+    /// The trainable state a step changes: parameter values (copied) and
+    /// the optimizer's moments and step.
+    fn snapshot(&self) -> Result<Snapshot, RlError> {
+        let params = self
+            .adaptation
+            .params()
+            .iter()
+            .map(|(_, var)| var.as_tensor().copy())
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Snapshot {
+            params,
+            moments: self.optimizer.moments.clone(),
+            optimizer_step: self.optimizer.step,
+        })
+    }
+
+    fn restore(&mut self, snapshot: Snapshot) -> Result<(), RlError> {
+        for ((_, var), value) in self.adaptation.params().iter().zip(&snapshot.params) {
+            var.set(value)?;
+        }
+        self.optimizer.moments = snapshot.moments;
+        self.optimizer.step = snapshot.optimizer_step;
+        Ok(())
     }
 
     fn logprob_temperature(&self) -> f64 {
