@@ -162,8 +162,10 @@ fn inputs_on_the_demo(config: JobConfig, data: JobData) -> JobInputs {
 }
 
 fn shape() -> Shape {
+    let demo = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
     Shape {
         image_tokens: IMAGE_TOKENS,
+        input_images: demo.image_processor,
     }
 }
 

@@ -76,9 +76,12 @@ pub struct ServeArgs {
     /// Largest request body, bytes [default: 16 MiB].
     #[arg(long, env = "ULM_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
-    /// Largest input image, pixels [default: 40,000,000].
+    /// Largest input image, pixels [default: 16,777,216 (4096 x 4096)].
     #[arg(long, env = "ULM_MAX_IMAGE_PIXELS")]
     pub max_image_pixels: Option<u64>,
+    /// Input images decoded at once [default: 2].
+    #[arg(long, env = "ULM_MAX_CONCURRENT_DECODES")]
+    pub max_concurrent_decodes: Option<usize>,
     /// Start a refinement job when this many seconds passed since the last
     /// one [default: no timer].
     #[arg(long, env = "ULM_RL_INTERVAL_SECS")]
@@ -135,6 +138,7 @@ impl ServeArgs {
             request_timeout_secs,
             max_body_bytes,
             max_image_pixels,
+            max_concurrent_decodes,
             rl_interval_secs,
             rl_min_new_feedback,
             rl_job_config,
@@ -196,6 +200,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.max_image_pixels {
             limits.max_image_pixels = v;
+        }
+        if let Some(v) = self.max_concurrent_decodes {
+            limits.max_concurrent_decodes = v.max(1);
         }
         if let Some(v) = self.request_timeout_secs {
             limits.request_timeout = Duration::from_secs(v);
@@ -259,10 +266,12 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .context("starting the RL scheduler")?;
     let scheduler_task = (!args.no_rl_scheduler).then(|| scheduler.spawn());
+    let limits = args.limits();
     let state = AppState {
         engine,
         store: store.clone(),
-        limits: Arc::new(args.limits()),
+        decode_slots: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_decodes)),
+        limits: Arc::new(limits),
         metrics,
         registry,
         scheduler: scheduler.clone(),

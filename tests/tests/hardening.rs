@@ -176,3 +176,25 @@ async fn contract_edges_answer_in_the_error_envelope() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_images_are_bounded_to_what_the_model_can_use() {
+    use base64::Engine as _;
+    let server = Server::start().await;
+    let png = |w: u32, h: u32| {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x % 251) as u8, (y % 241) as u8, 7])
+        });
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(out.into_inner())
+    };
+    let mut body = answer_body(1);
+    body["max_new_tokens"] = json!(2);
+    body["image"] = json!(png(4097, 4096));
+    let (status, reply) = server.post("/v1/answer", &body).await;
+    assert_eq!((status, code(&reply)), (413, "image_too_large"), "{reply}");
+    body["image"] = json!(png(4096, 4096));
+    let (status, reply) = server.post("/v1/answer", &body).await;
+    assert_eq!(status, 200, "{reply}");
+}

@@ -19,6 +19,7 @@ use arc_swap::ArcSwap;
 use image::RgbImage;
 use tokio::sync::{mpsc, oneshot};
 use ulm_model::bundle::ModelBundle;
+use ulm_model::image_processor::ImageProcessorConfig;
 use ulm_model::processor::{Processor, TextStream};
 use ulm_model::{Janus, ModelError};
 
@@ -73,12 +74,6 @@ impl From<ModelError> for EngineError {
     fn from(e: ModelError) -> Self {
         EngineError::from(&e)
     }
-}
-
-/// Decodes an input image (PNG, JPEG or WebP) of at most `max_pixels`,
-/// checking the size before any pixel is decoded.
-pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, EngineError> {
-    Ok(ulm_model::image_processor::decode_image(bytes, max_pixels)?)
 }
 
 #[derive(Debug, Clone)]
@@ -194,6 +189,7 @@ pub struct Engine {
     queued: Arc<AtomicUsize>,
     alive: Arc<AtomicBool>,
     processor: Arc<Processor>,
+    image_processor: Arc<ImageProcessorConfig>,
     pub info: Arc<ModelInfo>,
     policy: Arc<ArcSwap<ServingModel>>,
 }
@@ -215,6 +211,7 @@ impl Engine {
             understanding_image_size: cfg.vision.image_size,
         };
         let processor = Arc::new(bundle.processor.clone());
+        let image_processor = Arc::new(bundle.image_processor.clone());
         metrics::gauge!("ulm_model_active", "version" => version.clone()).set(1.0);
         let policy = Arc::new(ArcSwap::from_pointee(ServingModel {
             version,
@@ -241,6 +238,7 @@ impl Engine {
             queued,
             alive,
             processor,
+            image_processor,
             info: Arc::new(info),
             policy,
         }
@@ -260,6 +258,15 @@ impl Engine {
     /// The version being served, as a model the trainer can start from.
     pub fn serving(&self) -> Arc<ServingModel> {
         self.policy.load_full()
+    }
+
+    /// An input image as the model will see it: decoded (PNG, JPEG or WebP,
+    /// at most `max_pixels`, checked before any pixel is decoded), then
+    /// resized and padded to the vision tower's input. Only this small image
+    /// is queued; preprocessing it again is the identity.
+    pub fn prepare_image(&self, bytes: &[u8], max_pixels: u64) -> Result<RgbImage, EngineError> {
+        let image = ulm_model::image_processor::decode_image(bytes, max_pixels)?;
+        Ok(self.image_processor.resize_and_pad(&image))
     }
 
     /// A decoder of one streamed answer's text, token by token.

@@ -15,7 +15,7 @@
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use ulm_model::image_processor::decode_image;
+use ulm_model::image_processor::{decode_image, ImageProcessorConfig};
 use ulm_rl::reward::verifiable::{qa_accuracy, QaType};
 use ulm_rl::reward::{QaItem, RewardTask, TrainItem};
 use ulm_rl::trainer::{ServedGroup, ServedSample};
@@ -26,9 +26,11 @@ use crate::store::training_data::RatedSample;
 use crate::store::{Store, StoreError, MAX_FEEDBACK_SCORE};
 
 /// What the model needs to know to accept a served group.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Shape {
     pub image_tokens: usize,
+    /// How input images reach the vision tower: a job keeps them at that size.
+    pub input_images: ImageProcessorConfig,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -113,7 +115,8 @@ pub async fn gather(
                     .get_image(sha)
                     .await
                     .ok()
-                    .and_then(|bytes| decode_image(&bytes, u64::MAX).ok());
+                    .and_then(|bytes| decode_image(&bytes, u64::MAX).ok())
+                    .map(|image| shape.input_images.resize_and_pad(&image));
                 match decoded {
                     Some(image) => Some(image),
                     None => {

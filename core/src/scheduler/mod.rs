@@ -344,8 +344,10 @@ impl Scheduler {
         let active = registry.serving();
         let parent = store.get_version(&active.version).await?;
         store.set_job_parent(&job.id, &parent.id).await?;
+        let base = registry.base();
         let shape = data::Shape {
-            image_tokens: registry.base().model.cfg.gen_vision.image_tokens(),
+            image_tokens: base.model.cfg.gen_vision.image_tokens(),
+            input_images: base.image_processor.clone(),
         };
         let holdout = self.inner.config.holdout_fraction;
         let data = data::gather(store, &config, holdout, job.created_at, shape).await?;

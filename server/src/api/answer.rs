@@ -9,7 +9,7 @@ use base64::Engine as _;
 use futures::stream::Stream;
 use tokio::sync::mpsc;
 
-use ulm_core::engine::{decode_image, AnswerOutput, AnswerTextStream, AnswerWork, StreamedToken};
+use ulm_core::engine::{AnswerOutput, AnswerTextStream, AnswerWork, StreamedToken};
 use ulm_core::record::{record_answers, AnswerParams};
 
 use super::error::{ApiError, ApiJson, ErrorBody};
@@ -60,8 +60,20 @@ pub async fn answer(
     let seeds = limits.seeds(body.seed, body.n)?;
     let image_bytes = decode_base64_image(&body.image, limits.max_image_bytes)?;
     let max_pixels = limits.max_image_pixels;
+    // Few images decode at once; what is queued is the small image the
+    // model sees, never the decoded original.
+    let slot = state
+        .decode_slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let engine = state.engine.clone();
     let (image, image_bytes) = tokio::task::spawn_blocking(move || {
-        decode_image(&image_bytes, max_pixels).map(|image| (image, image_bytes))
+        let _slot = slot;
+        engine
+            .prepare_image(&image_bytes, max_pixels)
+            .map(|image| (image, image_bytes))
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;

@@ -18,8 +18,12 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Largest encoded image inside a request.
     pub max_image_bytes: usize,
-    /// Largest decoded image, in pixels (decompression bombs stop here).
+    /// Largest decoded image, in pixels (decompression bombs stop here). The
+    /// model sees the image at its vision tower's size whatever it is sent.
     pub max_image_pixels: u64,
+    /// Images decoded at once; the others wait (each decode can take
+    /// `3 * max_image_pixels` bytes for a moment).
+    pub max_concurrent_decodes: usize,
     /// Longest prompt or question, in characters.
     pub max_prompt_chars: usize,
     pub max_images_per_request: u32,
@@ -36,7 +40,8 @@ impl Default for Limits {
         Self {
             max_body_bytes: 16 << 20,
             max_image_bytes: 10 << 20,
-            max_image_pixels: 40_000_000,
+            max_image_pixels: 4096 * 4096,
+            max_concurrent_decodes: 2,
             max_prompt_chars: 4000,
             max_images_per_request: 16,
             max_answers_per_request: 16,

@@ -46,6 +46,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub registry: Registry,
     pub scheduler: Scheduler,
+    /// Bounds the images being decoded at once (`Limits::max_concurrent_decodes`).
+    pub decode_slots: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(OpenApi)]
