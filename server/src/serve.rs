@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::api::auth::Auth;
 use crate::api::limits::Limits;
 use crate::api::{router, AppState};
+use crate::listen::serve_connections;
 use ulm_core::engine::{Engine, EngineConfig};
 use ulm_core::registry::Registry;
 use ulm_core::scheduler::config::JobConfig;
@@ -73,6 +74,14 @@ pub struct ServeArgs {
     /// Time a request may take, queueing included, seconds [default: 300].
     #[arg(long, env = "ULM_REQUEST_TIMEOUT_SECS")]
     pub request_timeout_secs: Option<u64>,
+    /// A connection that sends no complete request head within this many
+    /// seconds is closed, idle keep-alive connections included [default: 30].
+    #[arg(long, env = "ULM_HEADER_TIMEOUT_SECS")]
+    pub header_timeout_secs: Option<u64>,
+    /// A request body that sends nothing for this many seconds is refused
+    /// (408) [default: 30].
+    #[arg(long, env = "ULM_BODY_TIMEOUT_SECS")]
+    pub body_timeout_secs: Option<u64>,
     /// Largest request body, bytes [default: 16 MiB].
     #[arg(long, env = "ULM_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -139,6 +148,8 @@ impl ServeArgs {
             max_body_bytes,
             max_image_pixels,
             max_concurrent_decodes,
+            header_timeout_secs,
+            body_timeout_secs,
             rl_interval_secs,
             rl_min_new_feedback,
             rl_job_config,
@@ -200,6 +211,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.max_image_pixels {
             limits.max_image_pixels = v;
+        }
+        if let Some(v) = self.body_timeout_secs {
+            limits.body_timeout = Duration::from_secs(v.max(1));
         }
         if let Some(v) = self.max_concurrent_decodes {
             limits.max_concurrent_decodes = v.max(1);
@@ -267,6 +281,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .context("starting the RL scheduler")?;
     let scheduler_task = (!args.no_rl_scheduler).then(|| scheduler.spawn());
     let limits = args.limits();
+    let header_timeout = Duration::from_secs(args.header_timeout_secs.unwrap_or(30).max(1));
     let state = AppState {
         engine,
         store: store.clone(),
@@ -287,9 +302,13 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     // Tests and scripts read this line to find the port.
     println!("listening on http://{local}");
     tracing::info!(%local, data_dir = %data_dir.display(), "serving");
-    axum::serve(listener, router(state, auth))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    serve_connections(
+        listener,
+        router(state, auth),
+        header_timeout,
+        shutdown_signal(),
+    )
+    .await;
     tracing::info!("in-flight requests finished; shutting down");
     scheduler.stop();
     if let Some(task) = scheduler_task {

@@ -198,3 +198,58 @@ async fn input_images_are_bounded_to_what_the_model_can_use() {
     let (status, reply) = server.post("/v1/answer", &body).await;
     assert_eq!(status, 200, "{reply}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_or_idle_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start_with(&[
+        "--no-auth",
+        "--header-timeout-secs",
+        "1",
+        "--body-timeout-secs",
+        "1",
+    ])
+    .await;
+    let addr = server.base.trim_start_matches("http://").to_string();
+    // What the server sends before it closes, within `wait`.
+    let read_all = |mut stream: tokio::net::TcpStream, wait: u64| async move {
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(wait),
+            stream.read_to_end(&mut out),
+        )
+        .await;
+        (read.is_ok(), String::from_utf8_lossy(&out).into_owned())
+    };
+
+    // Half a header, then silence: closed.
+    let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    half.write_all(b"POST /v1/answer HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        .await
+        .unwrap();
+    let (closed, _) = read_all(half, 10).await;
+    assert!(closed, "a half-sent header keeps its connection");
+
+    // Nothing at all: closed.
+    let idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (closed, _) = read_all(idle, 10).await;
+    assert!(closed, "an idle connection stays open");
+
+    // A body that stalls: 408 in the error envelope.
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(
+            b"POST /v1/answer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"question\": ",
+        )
+        .await
+        .unwrap();
+    let (closed, reply) = read_all(stalled, 10).await;
+    assert!(closed, "a stalled body keeps its connection");
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("\"request_timeout\""), "{reply}");
+
+    // The server still serves.
+    let (status, _) = server.get("/healthz").await;
+    assert_eq!(status, 200);
+}

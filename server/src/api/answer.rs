@@ -32,6 +32,7 @@ use super::AppState;
          content((AnswerResponse = "application/json"), (TokenEvent = "text/event-stream"))),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 408, description = "The body stalled (body timeout)", body = ErrorBody),
         (status = 413, description = "Body or image too large", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "Invalid field or undecodable image", body = ErrorBody),

@@ -32,6 +32,8 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    #[error("the request body stalled: nothing arrived within the body timeout")]
+    RequestTimeout,
     #[error("missing or invalid API key")]
     Unauthorized,
     #[error("this API key may not use this endpoint")]
@@ -62,7 +64,7 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Stable machine-readable code: invalid_json, invalid_body,
     /// invalid_parameter, invalid_image, image_too_large, payload_too_large,
-    /// unsupported_media_type, unauthorized, forbidden, not_found,
+    /// unsupported_media_type, request_timeout, unauthorized, forbidden, not_found,
     /// method_not_allowed, conflict, queue_full, unavailable,
     /// deadline_exceeded, internal.
     pub code: String,
@@ -91,6 +93,7 @@ impl ApiError {
             ApiError::ImageTooLarge(_) => "image_too_large",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::RequestTimeout => "request_timeout",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound(_) => "not_found",
@@ -113,6 +116,7 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -166,6 +170,7 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::MissingJsonContentType(_) => {
                 ApiError::UnsupportedMediaType("expected Content-Type: application/json".into())
             }
+            JsonRejection::BytesRejection(e) if caused_by_timeout(&e) => ApiError::RequestTimeout,
             JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 ApiError::PayloadTooLarge(
                     "the request body is larger than the server accepts".into(),
@@ -174,6 +179,18 @@ impl From<JsonRejection> for ApiError {
             other => ApiError::InvalidBody(other.body_text()),
         }
     }
+}
+
+/// Whether the body timeout (tower-http's `TimeoutError`) is in the chain.
+fn caused_by_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 impl From<PathRejection> for ApiError {

@@ -33,6 +33,7 @@ const MAX_ID_CHARS: usize = 128;
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "An item names an unknown sample", body = ErrorBody),
         (status = 409, description = "A client_id was used before with a different body", body = ErrorBody),
+        (status = 408, description = "The body stalled (body timeout)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "Invalid item", body = ErrorBody),

@@ -33,6 +33,8 @@ pub struct Limits {
     pub max_feedback_items: usize,
     /// Time a request may take, queueing included.
     pub request_timeout: Duration,
+    /// Time a request body may send nothing.
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -48,6 +50,7 @@ impl Default for Limits {
             max_new_tokens: 2048,
             max_feedback_items: 1000,
             request_timeout: Duration::from_secs(300),
+            body_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -25,6 +25,7 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -203,6 +204,7 @@ fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response {
 pub fn router(state: AppState, auth: Auth) -> Router {
     let auth = Arc::new(auth);
     let body_limit = state.limits.max_body_bytes;
+    let body_timeout = state.limits.body_timeout;
     let user_routes = Router::new()
         .route("/v1/generate", post(generate::generate))
         .route("/v1/answer", post(answer::answer))
@@ -232,6 +234,7 @@ pub fn router(state: AppState, auth: Auth) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(RequestBodyTimeoutLayer::new(body_timeout))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(track))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {

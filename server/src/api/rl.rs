@@ -56,6 +56,7 @@ fn view(j: JobRecord) -> JobView {
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 403, description = "Not an admin key", body = ErrorBody),
         (status = 409, description = "Another job is queued or running", body = ErrorBody),
+        (status = 408, description = "The body stalled (body timeout)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "Invalid configuration", body = ErrorBody),
