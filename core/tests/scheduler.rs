@@ -330,3 +330,49 @@ async fn non_finite_numbers_are_never_stored_and_old_rows_do_not_break_jobs() {
         .unwrap();
     assert_eq!(text, "[]");
 }
+
+#[tokio::test]
+async fn a_group_that_fails_alone_is_dropped_and_the_job_goes_on() {
+    let f = fixture().await;
+    let config = JobConfig {
+        steps: 2,
+        groups_per_step: 2,
+        max_new_tokens: 4,
+        lr: 1e-3,
+        lora_rank: 4,
+        mix: ulm_core::scheduler::config::DataMix {
+            feedback: 1.0,
+            reference_answers: 0.0,
+            prompts: 0.0,
+        },
+        ..JobConfig::default()
+    };
+    let mut data = gather(&f.store, &config, 0.3, now_ms(), shape())
+        .await
+        .unwrap();
+    assert!(data.train.len() >= 2);
+    // Tokens the model has no embedding for: the training forward fails.
+    let mut bad = data.train[0].clone();
+    for sample in &mut bad.samples {
+        sample.tokens = vec![u32::MAX - 7; sample.tokens.len()];
+    }
+    data.train.insert(1, bad);
+    let groups = data.train.len();
+    let inputs = inputs_on_the_demo(config, data);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let end = tokio::task::spawn_blocking(move || job::run(inputs, &AtomicBool::new(false), &tx))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(end, RunEnd::Trained(_)));
+    let mut steps = Vec::new();
+    while let Ok(p) = rx.try_recv() {
+        if let Progress::Step(s) = p {
+            steps.push(s);
+        }
+    }
+    assert_eq!(steps.len(), 2, "both steps ran");
+    let dropped: Vec<&String> = steps.iter().flat_map(|s| &s.dropped).collect();
+    assert_eq!(dropped.len(), 1, "{dropped:?} of {groups} groups");
+    assert!(steps.iter().all(|s| s.applied));
+}

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use ulm_model::image_processor::{decode_image, ImageProcessorConfig};
 use ulm_rl::reward::verifiable::{qa_accuracy, QaType};
 use ulm_rl::reward::{QaItem, RewardTask, TrainItem};
-use ulm_rl::trainer::{ServedGroup, ServedSample};
+use ulm_rl::trainer::{ServedGroup, ServedSample, Trainer};
 
 use super::config::JobConfig;
 use crate::record::Task;
@@ -54,6 +54,59 @@ pub struct JobData {
     pub reference_answers: Vec<TrainItem>,
     pub prompts: Vec<TrainItem>,
     pub counts: DataCounts,
+}
+
+impl JobData {
+    /// The fresh-rollout items of source `name` (reference answers or prompts).
+    pub fn items(&self, name: &str) -> &[TrainItem] {
+        if name == "prompts" {
+            &self.prompts
+        } else {
+            &self.reference_answers
+        }
+    }
+
+    /// Drops the entries of source `name` at `first..first + n` (wrapping)
+    /// that fail on their own, and says why each went.
+    pub fn drop_failing(
+        &mut self,
+        trainer: &Trainer,
+        name: &str,
+        first: usize,
+        n: usize,
+    ) -> Vec<String> {
+        fn drop_where<T>(
+            all: &mut Vec<T>,
+            first: usize,
+            n: usize,
+            fails: impl Fn(&T) -> Option<String>,
+        ) -> Vec<String> {
+            let len = all.len();
+            let mut bad: Vec<(usize, String)> = (0..n.min(len))
+                .map(|k| (first + k) % len)
+                .filter_map(|i| fails(&all[i]).map(|why| (i, why)))
+                .collect();
+            bad.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+            bad.dedup_by_key(|(i, _)| *i);
+            bad.into_iter()
+                .map(|(i, why)| {
+                    all.remove(i);
+                    why
+                })
+                .collect()
+        }
+        match name {
+            "feedback" => drop_where(&mut self.train, first, n, |g| {
+                trainer.probe_served(g).err().map(|e| e.to_string())
+            }),
+            "prompts" => drop_where(&mut self.prompts, first, n, |item| {
+                trainer.probe_item(item).err().map(|e| e.to_string())
+            }),
+            _ => drop_where(&mut self.reference_answers, first, n, |item| {
+                trainer.probe_item(item).err().map(|e| e.to_string())
+            }),
+        }
+    }
 }
 
 /// Where a request falls: held out for evaluation when its hash is below

@@ -35,6 +35,9 @@ pub struct StepSummary {
     pub zero_variance_groups: usize,
     pub applied: bool,
     pub seconds: f64,
+    /// Groups dropped before this step because they failed on their own.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<String>,
 }
 
 pub enum Progress {
@@ -115,6 +118,7 @@ fn summary(m: &StepMetrics, source: &'static str) -> StepSummary {
         zero_variance_groups: m.zero_variance_groups,
         applied: m.applied,
         seconds: m.rollout_s + m.reward_s + m.train_s + m.update_s,
+        dropped: Vec::new(),
     }
 }
 
@@ -213,32 +217,58 @@ pub fn run(
         return Err(JobError::NoTrainingData);
     }
     let per_step = config.groups_per_step as usize;
+    let mut data = data;
     let mut applied = 0;
-    for _ in 0..config.steps {
+    let mut done = 0;
+    // Groups dropped since the last step, with why.
+    let mut dropped = Vec::new();
+    while done < config.steps {
         if cancel.load(Ordering::SeqCst) {
             return Ok(RunEnd::Cancelled);
         }
         let k = next_source(&mut sources);
         let source = &mut sources[k];
         debug_assert!(source.len > 0);
-        let metrics = match source.name {
+        let first = source.cursor;
+        let outcome = match source.name {
             "feedback" => {
                 let batch: Vec<ServedGroup> =
                     take_cyclic(&data.train, &mut source.cursor, per_step);
-                trainer.step_served(&batch)?
+                trainer.step_served(&batch)
             }
             name => {
-                let all = if name == "prompts" {
-                    &data.prompts
-                } else {
-                    &data.reference_answers
-                };
-                let batch: Vec<TrainItem> = take_cyclic(all, &mut source.cursor, per_step);
-                trainer.step(&batch)?
+                let batch: Vec<TrainItem> =
+                    take_cyclic(data.items(name), &mut source.cursor, per_step);
+                trainer.step(&batch)
             }
         };
+        let metrics = match outcome {
+            Ok(metrics) => metrics,
+            Err(error) => {
+                // One bad group must not fail the job: drop the groups of
+                // this batch that fail on their own, then go on.
+                let reasons = data.drop_failing(&trainer, source.name, first, per_step);
+                if reasons.is_empty() {
+                    return Err(error.into());
+                }
+                tracing::warn!(%error, dropped = reasons.len(), "a step failed; its bad groups are dropped");
+                source.len -= reasons.len();
+                source.cursor = first % source.len.max(1);
+                dropped.extend(reasons);
+                if source.len == 0 {
+                    sources.remove(k);
+                }
+                if sources.is_empty() {
+                    return Err(JobError::NoTrainingData);
+                }
+                continue;
+            }
+        };
+        done += 1;
         applied += metrics.applied as usize;
-        let _ = progress.send(Progress::Step(summary(&metrics, source.name)));
+        let mut summary = summary(&metrics, source.name);
+        summary.dropped = std::mem::take(&mut dropped);
+        let _ = progress.send(Progress::Step(summary));
     }
     if applied == 0 {
         return Err(JobError::NoStepApplied);

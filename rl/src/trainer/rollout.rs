@@ -79,6 +79,19 @@ pub struct ServedSample {
 }
 
 impl Trainer {
+    /// Whether `item`'s prompts build, as a fresh rollout needs them first.
+    /// Finds the bad item of a step that failed.
+    pub fn probe_item(&self, item: &TrainItem) -> Result<(), RlError> {
+        let b = &self.bundle;
+        if let Some(qa) = &item.qa {
+            RewardContext::of(b).question(&qa.image, &qa.question, 1)?;
+        }
+        if let Some(caption) = &item.caption {
+            b.processor.generation_prompt(caption)?;
+        }
+        Ok(())
+    }
+
     pub(super) fn rollout_understanding(&self, items: &[TrainItem]) -> Result<Rollouts, RlError> {
         let b = &self.bundle;
         let mut requests = Vec::new();

@@ -24,6 +24,13 @@ pub struct PreparedServed {
 type RowLogps = Vec<Vec<f32>>;
 
 impl Trainer {
+    /// Whether `group` can be trained on: the training forward scores it.
+    /// Finds the bad group of a step that failed.
+    pub fn probe_served(&self, group: &ServedGroup) -> Result<(), RlError> {
+        let prepared = self.prepare_served(std::slice::from_ref(group))?;
+        self.served_logps(&self.bundle.model, &prepared).map(|_| ())
+    }
+
     /// Served groups in the shape of the training forward, prepared once
     /// (prompts tokenized, images through the frozen vision tower) to be
     /// scored under several policies.
