@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 use ulm_core::scheduler::config as core;
 use utoipa::ToSchema;
 
+use super::error::ApiError;
+
 /// Share of each data source in the job's steps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -134,12 +136,16 @@ impl Default for JobConfig {
     }
 }
 
-impl From<JobConfig> for core::JobConfig {
+impl TryFrom<JobConfig> for core::JobConfig {
+    type Error = ApiError;
+
     /// Through serde: the two types have the same fields (see `Default`).
-    fn from(c: JobConfig) -> Self {
+    /// A number too large for its field (an f32 read as infinity) has no
+    /// JSON form and is refused here.
+    fn try_from(c: JobConfig) -> Result<Self, ApiError> {
         serde_json::to_value(c)
             .and_then(serde_json::from_value)
-            .expect("the wire job configuration has the core's fields")
+            .map_err(|e| ApiError::InvalidParameter(format!("every number must be finite: {e}")))
     }
 }
 
@@ -150,9 +156,11 @@ mod tests {
     #[test]
     fn the_wire_defaults_are_the_cores() {
         assert_eq!(
-            core::JobConfig::from(JobConfig::default()),
+            core::JobConfig::try_from(JobConfig::default()).unwrap(),
             core::JobConfig::default()
         );
+        let huge: JobConfig = serde_json::from_str(r#"{"temperature": 1.2e76}"#).unwrap();
+        assert!(core::JobConfig::try_from(huge).is_err());
         let every_field: JobConfig = serde_json::from_value(
             serde_json::to_value(core::JobConfig {
                 steps: 3,
@@ -162,6 +170,6 @@ mod tests {
             .unwrap(),
         )
         .unwrap();
-        assert_eq!(core::JobConfig::from(every_field).steps, 3);
+        assert_eq!(core::JobConfig::try_from(every_field).unwrap().steps, 3);
     }
 }

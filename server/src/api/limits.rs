@@ -10,6 +10,8 @@ use super::types::MAX_SEED;
 /// overflow f32.
 pub const MIN_TEMPERATURE: f32 = 0.01;
 pub const MAX_TEMPERATURE: f32 = 5.0;
+/// Beyond any vocabulary: a larger k truncates nothing.
+pub const MAX_TOP_K: u32 = 1_000_000;
 pub use ulm_core::store::MAX_FEEDBACK_SCORE as MAX_SCORE;
 
 #[derive(Debug, Clone)]
@@ -99,8 +101,10 @@ impl Limits {
                 "temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, got {temperature}"
             )));
         }
-        if top_k == Some(0) {
-            return Err(bad("top_k must be at least 1".into()));
+        if let Some(k) = top_k.filter(|k| !(1..=MAX_TOP_K).contains(k)) {
+            return Err(bad(format!(
+                "top_k must be between 1 and {MAX_TOP_K}, got {k}"
+            )));
         }
         if let Some(p) = top_p {
             if !p.is_finite() || p <= 0.0 || p > 1.0 {

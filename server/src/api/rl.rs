@@ -68,7 +68,7 @@ pub async fn start_job(
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
     let job = state
         .scheduler
-        .submit(config.into(), JobTrigger::Api)
+        .submit(config.try_into()?, JobTrigger::Api)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(view(job))))
 }
@@ -77,6 +77,7 @@ pub async fn start_job(
 #[into_params(parameter_in = Query)]
 pub struct ListJobs {
     /// At most this many jobs, newest first (1 to 500, default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
 }
 

@@ -31,7 +31,11 @@ fn default_max_new_tokens() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
     /// What to draw.
-    #[schema(example = "A red circle above a blue square on a white background.")]
+    #[schema(
+        example = "A red circle above a blue square on a white background.",
+        min_length = 1,
+        max_length = 4000
+    )]
     pub prompt: String,
     /// Images to generate for the prompt.
     #[serde(default = "default_images")]
@@ -47,7 +51,7 @@ pub struct GenerateRequest {
     #[schema(minimum = 0.0, maximum = 5.0, default = 1.0)]
     pub temperature: f32,
     /// Sample only among the k most likely image tokens.
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 1000000)]
     pub top_k: Option<u32>,
     /// Seed of the first image; image i uses seed + i. Random when absent.
     #[schema(minimum = 0, maximum = 9007199254740991_u64)]
@@ -96,9 +100,14 @@ pub struct GenerateResponse {
 #[serde(deny_unknown_fields)]
 pub struct AnswerRequest {
     /// The image: base64 PNG, JPEG or WebP (a `data:image/...;base64,` prefix is accepted).
+    #[schema(min_length = 1)]
     pub image: String,
     /// The question about the image.
-    #[schema(example = "What shape is in the top left corner?")]
+    #[schema(
+        example = "What shape is in the top left corner?",
+        min_length = 1,
+        max_length = 4000
+    )]
     pub question: String,
     /// Answers to sample.
     #[serde(default = "default_one")]
@@ -115,7 +124,7 @@ pub struct AnswerRequest {
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.
     #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f32>,
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 1000000)]
     pub top_k: Option<u32>,
     /// Seed of the first answer; answer i uses seed + i. Random when absent.
     #[schema(minimum = 0, maximum = 9007199254740991_u64)]
