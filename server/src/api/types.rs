@@ -31,11 +31,7 @@ fn default_max_new_tokens() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
     /// What to draw.
-    #[schema(
-        example = "A red circle above a blue square on a white background.",
-        min_length = 1,
-        max_length = 4000
-    )]
+    #[schema(example = "A red circle above a blue square on a white background.")]
     pub prompt: String,
     /// Images to generate for the prompt.
     #[serde(default = "default_images")]
@@ -100,14 +96,9 @@ pub struct GenerateResponse {
 #[serde(deny_unknown_fields)]
 pub struct AnswerRequest {
     /// The image: base64 PNG, JPEG or WebP (a `data:image/...;base64,` prefix is accepted).
-    #[schema(min_length = 1)]
     pub image: String,
     /// The question about the image.
-    #[schema(
-        example = "What shape is in the top left corner?",
-        min_length = 1,
-        max_length = 4000
-    )]
+    #[schema(example = "What shape is in the top left corner?")]
     pub question: String,
     /// Answers to sample.
     #[serde(default = "default_one")]
