@@ -161,6 +161,33 @@ fn inputs_on_the_demo(config: JobConfig, data: JobData) -> JobInputs {
     }
 }
 
+/// The fixture's data for `config`, 30% held out.
+async fn data_for(f: &Fixture, config: &JobConfig) -> JobData {
+    gather(&f.store, config, 0.3, now_ms(), shape())
+        .await
+        .unwrap()
+}
+
+/// A job run on the demo model: how it ended and everything it reported.
+async fn run_on_the_demo(
+    config: JobConfig,
+    data: JobData,
+    cancelled: bool,
+) -> (RunEnd, Vec<Progress>) {
+    let inputs = inputs_on_the_demo(config, data);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let end =
+        tokio::task::spawn_blocking(move || job::run(inputs, &AtomicBool::new(cancelled), &tx))
+            .await
+            .unwrap()
+            .unwrap();
+    let mut progress = Vec::new();
+    while let Ok(p) = rx.try_recv() {
+        progress.push(p);
+    }
+    (end, progress)
+}
+
 fn shape() -> Shape {
     let demo = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
     Shape {
@@ -173,9 +200,7 @@ fn shape() -> Shape {
 async fn a_job_gathers_every_source_and_holds_out_a_stable_share() {
     let f = fixture().await;
     let config = JobConfig::default();
-    let data = gather(&f.store, &config, 0.3, now_ms(), shape())
-        .await
-        .unwrap();
+    let data = data_for(&f, &config).await;
     let c = &data.counts;
     assert_eq!(c.rated_requests, 9, "{c:?}");
     assert_eq!(c.skipped_other_temperature, 1, "{c:?}");
@@ -232,19 +257,12 @@ async fn a_job_run_draws_on_every_source_and_evaluates() {
         lora_rank: 4,
         ..JobConfig::default()
     };
-    let data = gather(&f.store, &config, 0.3, now_ms(), shape())
-        .await
-        .unwrap();
+    let data = data_for(&f, &config).await;
     let has_reference = data.counts.reference_answers > 0;
-    let inputs = inputs_on_the_demo(config, data);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let end = tokio::task::spawn_blocking(move || job::run(inputs, &AtomicBool::new(false), &tx))
-        .await
-        .unwrap()
-        .unwrap();
+    let (end, progress) = run_on_the_demo(config, data, false).await;
     let mut sources = Vec::new();
     let mut evaluating = false;
-    while let Ok(p) = rx.try_recv() {
+    for p in progress {
         match p {
             Progress::Step(s) => {
                 assert!(s.applied, "{s:?}");
@@ -272,17 +290,10 @@ async fn a_job_run_draws_on_every_source_and_evaluates() {
 async fn a_cancelled_run_stops_before_its_first_step() {
     let f = fixture().await;
     let config = JobConfig::default();
-    let data = gather(&f.store, &config, 0.3, now_ms(), shape())
-        .await
-        .unwrap();
-    let inputs = inputs_on_the_demo(config, data);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let end = tokio::task::spawn_blocking(move || job::run(inputs, &AtomicBool::new(true), &tx))
-        .await
-        .unwrap()
-        .unwrap();
+    let data = data_for(&f, &config).await;
+    let (end, progress) = run_on_the_demo(config, data, true).await;
     assert!(matches!(end, RunEnd::Cancelled));
-    assert!(rx.try_recv().is_err());
+    assert!(progress.is_empty());
 }
 
 #[tokio::test]
@@ -347,9 +358,7 @@ async fn a_group_that_fails_alone_is_dropped_and_the_job_goes_on() {
         },
         ..JobConfig::default()
     };
-    let mut data = gather(&f.store, &config, 0.3, now_ms(), shape())
-        .await
-        .unwrap();
+    let mut data = data_for(&f, &config).await;
     assert!(data.train.len() >= 2);
     // Tokens the model has no embedding for: the training forward fails.
     let mut bad = data.train[0].clone();
@@ -358,19 +367,15 @@ async fn a_group_that_fails_alone_is_dropped_and_the_job_goes_on() {
     }
     data.train.insert(1, bad);
     let groups = data.train.len();
-    let inputs = inputs_on_the_demo(config, data);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let end = tokio::task::spawn_blocking(move || job::run(inputs, &AtomicBool::new(false), &tx))
-        .await
-        .unwrap()
-        .unwrap();
+    let (end, progress) = run_on_the_demo(config, data, false).await;
     assert!(matches!(end, RunEnd::Trained(_)));
-    let mut steps = Vec::new();
-    while let Ok(p) = rx.try_recv() {
-        if let Progress::Step(s) = p {
-            steps.push(s);
-        }
-    }
+    let steps: Vec<_> = progress
+        .into_iter()
+        .filter_map(|p| match p {
+            Progress::Step(s) => Some(s),
+            Progress::Evaluating => None,
+        })
+        .collect();
     assert_eq!(steps.len(), 2, "both steps ran");
     let dropped: Vec<&String> = steps.iter().flat_map(|s| &s.dropped).collect();
     assert_eq!(dropped.len(), 1, "{dropped:?} of {groups} groups");

@@ -17,25 +17,13 @@ use ulm_model::image_processor::resize_bicubic;
 use ulm_model::ops::Pass;
 
 /// Activations, hidden states and logits (README 7: ~1e-5).
-const TOL: Tol = Tol {
-    atol: 2e-5,
-    rtol: 1e-5,
-};
+const TOL: Tol = Tol::new(2e-5, 1e-5);
 /// CFG logits amplify differences by the guidance weight (README 7: ~4e-5).
-const TOL_CFG: Tol = Tol {
-    atol: 5e-5,
-    rtol: 1e-5,
-};
+const TOL_CFG: Tol = Tol::new(5e-5, 1e-5);
 /// Normalised pixels: the resize rounds to u8 first (README 7).
-const TOL_PIXELS: Tol = Tol {
-    atol: 2.0 / 255.0 + 1e-6,
-    rtol: 0.0,
-};
+const TOL_PIXELS: Tol = Tol::new(2.0 / 255.0 + 1e-6, 0.0);
 /// Decoded VQ output, ~1.5e-5 (README 7).
-const TOL_DECODED: Tol = Tol {
-    atol: 3e-5,
-    rtol: 1e-5,
-};
+const TOL_DECODED: Tol = Tol::new(3e-5, 1e-5);
 
 fn u8_image_tensor(img: &image::RgbImage) -> Tensor {
     let (w, h) = img.dimensions();

@@ -13,20 +13,11 @@ use candle_nn::VarBuilder;
 use common::{janus_fixture_dirs, Case, Report, Tol};
 
 /// Per-token log-probs: ~3e-6 against an independent implementation (README 7).
-const LOGPS: Tol = Tol {
-    atol: 1e-5,
-    rtol: 1e-5,
-};
+const LOGPS: Tol = Tol::new(1e-5, 1e-5);
 /// Advantages and losses.
-const SCALARS: Tol = Tol {
-    atol: 1e-6,
-    rtol: 1e-5,
-};
+const SCALARS: Tol = Tol::new(1e-6, 1e-5);
 /// Weights after one AdamW step, where the gradient is well above eps.
-const AFTER_ADAMW: Tol = Tol {
-    atol: 1e-6,
-    rtol: 1e-6,
-};
+const AFTER_ADAMW: Tol = Tol::new(1e-6, 1e-6);
 use ulm_model::ops::Pass;
 use ulm_model::weights::read_config;
 use ulm_model::Janus;

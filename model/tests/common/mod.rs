@@ -89,27 +89,7 @@ impl Case {
 
 /// Largest absolute difference; panics on a shape mismatch.
 pub fn max_abs_diff(actual: &Tensor, expected: &Tensor) -> f32 {
-    let a = actual.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let e = expected
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap();
-    assert_eq!(
-        a.dims(),
-        e.dims(),
-        "element counts differ: {:?} vs {:?}",
-        actual.shape(),
-        expected.shape()
-    );
-    (a - e)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    allclose_excess(actual, expected, 0.0).1
 }
 
 /// An elementwise tolerance, as numpy's `allclose`:
@@ -119,6 +99,12 @@ pub fn max_abs_diff(actual: &Tensor, expected: &Tensor) -> f32 {
 pub struct Tol {
     pub atol: f32,
     pub rtol: f32,
+}
+
+impl Tol {
+    pub const fn new(atol: f32, rtol: f32) -> Self {
+        Self { atol, rtol }
+    }
 }
 
 /// The largest `|actual - expected| - rtol * |expected|` (compared with

@@ -108,21 +108,13 @@ mod tests {
 
     #[test]
     fn only_admins_see_server_paths() {
-        let version = ModelView {
-            id: "v1".into(),
-            description: String::new(),
-            demo: true,
-            active: true,
-            parent: Some("demo-base".into()),
-            job_id: Some("job".into()),
-            checkpoint_path: Some("/data/versions/v1".into()),
-            metrics: serde_json::json!({}),
-            created_at: 0,
-            max_context_tokens: 1,
-            image_tokens_per_image: 1,
-            generated_image_size: 1,
-            understanding_image_size: 1,
-        };
+        let version: ModelView = serde_json::from_value(serde_json::json!({
+            "id": "v1", "description": "", "demo": true, "active": true, "parent": "demo-base",
+            "job_id": "job", "checkpoint_path": "/data/versions/v1", "metrics": {}, "created_at": 0,
+            "max_context_tokens": 1, "image_tokens_per_image": 1, "generated_image_size": 1,
+            "understanding_image_size": 1,
+        }))
+        .unwrap();
         assert!(for_role(version.clone(), Role::User)
             .checkpoint_path
             .is_none());
