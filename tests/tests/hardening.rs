@@ -41,7 +41,8 @@ async fn text_spelling_control_tokens_is_plain_text_and_harms_no_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numbers_that_would_not_stay_finite_are_refused() {
     let server = Server::start().await;
-    for temperature in [1e-30, 0.009, -0.0001, 5.01] {
+    // Values just outside a bound must not round onto it as f32.
+    for temperature in [1e-30, 0.009, -0.0001, 5.01, -4.7e-234, 5.0000001] {
         let mut body = answer_body(1);
         body["temperature"] = json!(temperature);
         let (status, reply) = server.post("/v1/answer", &body).await;
@@ -51,6 +52,14 @@ async fn numbers_that_would_not_stay_finite_are_refused() {
         let (status, _) = server.post("/v1/generate", &body).await;
         assert_eq!(status, 422, "temperature {temperature}");
     }
+    for (field, value) in [("cfg_weight", -1e-300), ("cfg_weight", 20.0000001)] {
+        let body = json!({"prompt": "a red circle", "n": 1, field: value});
+        let (status, _) = server.post("/v1/generate", &body).await;
+        assert_eq!(status, 422, "{field} {value}");
+    }
+    let mut top_p = answer_body(1);
+    top_p["top_p"] = json!(1.00000001);
+    assert_eq!(server.post("/v1/answer", &top_p).await.0, 422);
     let mut greedy = answer_body(1);
     greedy["temperature"] = json!(0.0);
     greedy["max_new_tokens"] = json!(3);

@@ -36,7 +36,7 @@ pub struct JobConfig {
     pub group_size: u32,
     /// Sampling temperature of fresh rollouts; served groups are used only
     /// when they were sampled at this temperature (their log-probs are).
-    pub temperature: f32,
+    pub temperature: f64,
     /// New tokens per fresh answer rollout.
     pub max_new_tokens: u32,
     pub lr: f64,
@@ -122,7 +122,7 @@ impl JobConfig {
         range("steps", self.steps as f64, 1.0, 1000.0)?;
         range("groups_per_step", self.groups_per_step as f64, 1.0, 64.0)?;
         range("group_size", self.group_size as f64, 2.0, 32.0)?;
-        range("temperature", self.temperature as f64, 0.05, 5.0)?;
+        range("temperature", self.temperature, 0.05, 5.0)?;
         range("max_new_tokens", self.max_new_tokens as f64, 1.0, 4096.0)?;
         range("lr", self.lr, 0.0, 1.0)?;
         range("beta", self.beta, 0.0, 10.0)?;

@@ -208,7 +208,7 @@ pub async fn gather(
             data.counts.skipped_single_sample += 1;
             continue;
         }
-        if (first.params.logprob_temperature() - config.temperature).abs() > 1e-6 {
+        if (first.params.logprob_temperature() as f64 - config.temperature).abs() > 1e-6 {
             data.counts.skipped_other_temperature += 1;
             continue;
         }

@@ -54,8 +54,8 @@ pub async fn answer(
     let params = AnswerParams {
         n: body.n,
         max_new_tokens: body.max_new_tokens,
-        temperature: body.temperature,
-        top_p: body.top_p,
+        temperature: body.temperature as f32,
+        top_p: body.top_p.map(|p| p as f32),
         top_k: body.top_k,
     };
     let seeds = limits.seeds(body.seed, body.n)?;

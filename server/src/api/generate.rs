@@ -41,7 +41,7 @@ pub async fn generate(
     let limits = &state.limits;
     limits.text("prompt", &body.prompt)?;
     limits.count("n", body.n, limits.max_images_per_request)?;
-    if !body.cfg_weight.is_finite() || !(0.0..=20.0).contains(&body.cfg_weight) {
+    if !(0.0..=20.0).contains(&body.cfg_weight) || body.cfg_weight.is_sign_negative() {
         return Err(ApiError::InvalidParameter(format!(
             "cfg_weight must be between 0 and 20, got {}",
             body.cfg_weight
@@ -50,8 +50,8 @@ pub async fn generate(
     limits.sampling(body.temperature, body.top_k, None)?;
     let params = GenerateParams {
         n: body.n,
-        cfg_weight: body.cfg_weight,
-        temperature: body.temperature,
+        cfg_weight: body.cfg_weight as f32,
+        temperature: body.temperature as f32,
         top_k: body.top_k,
     };
     let seeds = limits.seeds(body.seed, body.n)?;

@@ -69,7 +69,7 @@ pub struct JobConfig {
     pub t2i_match_weight: f64,
     /// Sampling temperature of fresh rollouts; served groups are used only
     /// when they were sampled at this temperature (their log-probs are).
-    pub temperature: f32,
+    pub temperature: f64,
 }
 
 impl Default for DataMix {

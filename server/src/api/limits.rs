@@ -8,8 +8,8 @@ use super::types::MAX_SEED;
 
 /// The smallest sampling temperature above 0: logits divided by less can
 /// overflow f32.
-pub const MIN_TEMPERATURE: f32 = 0.01;
-pub const MAX_TEMPERATURE: f32 = 5.0;
+pub const MIN_TEMPERATURE: f64 = 0.01;
+pub const MAX_TEMPERATURE: f64 = 5.0;
 /// Beyond any vocabulary: a larger k truncates nothing.
 pub const MAX_TOP_K: u32 = 1_000_000;
 pub use ulm_core::store::MAX_FEEDBACK_SCORE as MAX_SCORE;
@@ -91,11 +91,11 @@ impl Limits {
     /// Sampling parameters in the ranges the sampler accepts.
     pub fn sampling(
         &self,
-        temperature: f32,
+        temperature: f64,
         top_k: Option<u32>,
-        top_p: Option<f32>,
+        top_p: Option<f64>,
     ) -> Result<(), ApiError> {
-        let greedy = temperature == 0.0;
+        let greedy = temperature == 0.0 && temperature.is_sign_positive();
         if !greedy && !(MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&temperature) {
             return Err(bad(format!(
                 "temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, got {temperature}"

@@ -6,6 +6,9 @@ use ulm_core::engine::RequestTimings;
 use ulm_core::record;
 use utoipa::ToSchema;
 
+// Sampling floats are read as f64 and checked before they narrow to f32: a
+// value just outside a bound (-1e-300, 5.0000001) must not round onto it.
+
 /// Largest seed a client can send or receive exactly (2^53 - 1: JSON numbers
 /// beyond it lose precision in many clients).
 pub const MAX_SEED: u64 = (1 << 53) - 1;
@@ -16,10 +19,10 @@ fn default_images() -> u32 {
 fn default_one() -> u32 {
     1
 }
-fn default_cfg_weight() -> f32 {
+fn default_cfg_weight() -> f64 {
     5.0
 }
-fn default_temperature() -> f32 {
+fn default_temperature() -> f64 {
     1.0
 }
 fn default_max_new_tokens() -> u32 {
@@ -40,12 +43,12 @@ pub struct GenerateRequest {
     /// Classifier-free guidance weight: `uncond + w * (cond - uncond)`.
     #[serde(default = "default_cfg_weight")]
     #[schema(minimum = 0.0, maximum = 20.0, default = 5.0)]
-    pub cfg_weight: f32,
+    pub cfg_weight: f64,
     /// Sampling temperature: 0 picks the most likely token; otherwise at
     /// least 0.01.
     #[serde(default = "default_temperature")]
     #[schema(minimum = 0.0, maximum = 5.0, default = 1.0)]
-    pub temperature: f32,
+    pub temperature: f64,
     /// Sample only among the k most likely image tokens.
     #[schema(minimum = 1, maximum = 1000000)]
     pub top_k: Option<u32>,
@@ -111,10 +114,10 @@ pub struct AnswerRequest {
     /// Sampling temperature: 0 decodes greedily; otherwise at least 0.01.
     #[serde(default = "default_temperature")]
     #[schema(minimum = 0.0, maximum = 5.0, default = 1.0)]
-    pub temperature: f32,
+    pub temperature: f64,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.
     #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
-    pub top_p: Option<f32>,
+    pub top_p: Option<f64>,
     #[schema(minimum = 1, maximum = 1000000)]
     pub top_k: Option<u32>,
     /// Seed of the first answer; answer i uses seed + i. Random when absent.
