@@ -101,6 +101,14 @@ pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
     }
 }
 
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// `f32`, `bf16` or `f16`.
 pub fn parse_dtype(spec: &str) -> Result<DType, ModelError> {
     match spec {
@@ -122,11 +130,26 @@ impl ModelBundle {
     }
 
     /// A checkpoint when `dir` is given, else the demo model.
+    /// Checked with one tiny forward: a dtype the device cannot compute is
+    /// an error here.
     pub fn open(dir: Option<&Path>, dtype: DType, device: &Device) -> Result<Self, ModelError> {
-        match dir {
-            Some(dir) => Self::load(dir, dtype, device),
-            None => Self::demo(demo::DEFAULT_SEED, dtype, device),
-        }
+        let bundle = match dir {
+            Some(dir) => Self::load(dir, dtype, device)?,
+            None => Self::demo(demo::DEFAULT_SEED, dtype, device)?,
+        };
+        bundle.model.check_runs().map_err(|e| {
+            let hint = if device.is_cpu() && dtype == DType::BF16 {
+                " (candle's CPU backend has no bf16 matmul: use --dtype f32 or f16 on the CPU, bf16 on a GPU)"
+            } else {
+                ""
+            };
+            ModelError::Unsupported(format!(
+                "the model cannot run in {} on {}{hint}: {e}",
+                dtype.as_str(),
+                device_name(device)
+            ))
+        })?;
+        Ok(bundle)
     }
 
     /// A short human description for logs and `/v1/models`.

@@ -118,4 +118,22 @@ impl Janus {
             .forward(&rows)?
             .reshape((b, t, self.cfg.language.hidden_size))
     }
+
+    /// One tiny forward through the parts that serve and train (a token
+    /// through the decoder and both heads, an image token through the
+    /// generation embedding, one code through the VQ decoder), so that a
+    /// dtype the device cannot compute fails at start-up, not request by
+    /// request. Returns the first op that fails.
+    pub fn check_runs(&self) -> Result<()> {
+        let device = self.device();
+        let ids = Tensor::zeros((1, 1), DType::U32, device)?;
+        let lm = &self.language_model;
+        let ctx = lm.context(&[vec![0]], &[vec![true]])?;
+        let hidden = lm.forward_hidden(&lm.embed(&ids)?, &ctx, None, Pass::Inference)?;
+        lm.logits(&hidden)?.to_dtype(DType::F32)?;
+        self.gen_head.forward(&hidden)?.to_dtype(DType::F32)?;
+        self.gen_token_embeds(&ids)?.to_dtype(DType::F32)?;
+        self.gen_vision.decode_codes(&ids)?.to_dtype(DType::F32)?;
+        Ok(())
+    }
 }

@@ -41,6 +41,8 @@ pub enum ModelError {
     ImageTooLarge(String),
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    #[error("{0}")]
+    Unsupported(String),
     #[error("model computation failed: {0}")]
     Compute(#[from] candle_core::Error),
 }

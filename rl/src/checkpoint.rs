@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::lora::ADAPTER_FILE;
 use crate::trainer::{Adaptation, Trainer, TrainerConfig};
 use crate::RlError;
 use ulm_model::weights::WEIGHTS_FILE;
@@ -73,18 +74,17 @@ pub fn save(
         uuid::Uuid::new_v4()
     ));
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let params = trainer.adaptation.params();
+    // What was trained, at the precision it was trained in.
+    let values = trainer.optimizer.values(params)?;
     let kind = match &trainer.adaptation {
         Adaptation::Lora(lora) => {
-            lora.save(&tmp)?;
+            lora.save(&tmp, &values)?;
             "lora"
         }
         Adaptation::Full { params, .. } => {
             let mut tensors: HashMap<String, Tensor> = frozen.iter().cloned().collect();
-            tensors.extend(
-                params
-                    .iter()
-                    .map(|(n, v)| (n.clone(), v.as_tensor().clone())),
-            );
+            tensors.extend(params.iter().map(|(n, _)| n.clone()).zip(values));
             candle_core::safetensors::save(&tensors, tmp.join(WEIGHTS_FILE))?;
             trainer
                 .bundle
@@ -93,7 +93,6 @@ pub fn save(
             "full"
         }
     };
-    let params = trainer.adaptation.params();
     let mut moments = HashMap::new();
     for ((name, _), (m, v)) in params.iter().zip(&trainer.optimizer.moments) {
         moments.insert(format!("m.{name}"), m.clone());
@@ -128,14 +127,38 @@ pub fn read_state(dir: &Path) -> Result<TrainerState, RlError> {
     serde_json::from_str(&text).map_err(|e| RlError::Checkpoint(format!("{STATE_FILE}: {e}")))
 }
 
-/// Restores the optimizer moments and step counters saved in `dir` into a
-/// trainer whose parameters were already loaded from it.
+/// Sets the trainable parameters (and the optimizer's master copies) to
+/// the values saved in `dir`, at the precision they were saved in: loading
+/// them into a half-precision model rounds them, the master must not be.
+pub fn restore_values(trainer: &mut Trainer, dir: &Path, device: &Device) -> Result<(), RlError> {
+    let file = match trainer.adaptation {
+        Adaptation::Lora(_) => ADAPTER_FILE,
+        Adaptation::Full { .. } => WEIGHTS_FILE,
+    };
+    let saved = candle_core::safetensors::load(dir.join(file), device)?;
+    let params = trainer.adaptation.params();
+    let values = params
+        .iter()
+        .map(|(name, _)| {
+            saved
+                .get(name)
+                .cloned()
+                .ok_or_else(|| RlError::Checkpoint(format!("{file} has no tensor {name}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    trainer.optimizer.set_values(params, &values)?;
+    Ok(())
+}
+
+/// Restores the trained values, the optimizer moments and the step counters
+/// saved in `dir` into a trainer whose parameters were loaded from it.
 pub fn restore_optimizer(
     trainer: &mut Trainer,
     dir: &Path,
     device: &Device,
 ) -> Result<(), RlError> {
     let state = read_state(dir)?;
+    restore_values(trainer, dir, device)?;
     let saved = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), device)?;
     let names: Vec<String> = trainer
         .adaptation
@@ -144,11 +167,15 @@ pub fn restore_optimizer(
         .map(|(n, _)| n.clone())
         .collect();
     for (name, (m, v)) in names.iter().zip(trainer.optimizer.moments.iter_mut()) {
+        let dtype = m.dtype();
         let get = |key: String| {
             saved
                 .get(&key)
-                .cloned()
-                .ok_or_else(|| RlError::Checkpoint(format!("{OPTIMIZER_FILE} has no {key}")))
+                .ok_or_else(|| RlError::Checkpoint(format!("{OPTIMIZER_FILE} has no {key}")))?
+                // Checkpoints written before the moments were kept in f32
+                // hold them in the model's dtype.
+                .to_dtype(dtype)
+                .map_err(RlError::from)
         };
         *m = get(format!("m.{name}"))?;
         *v = get(format!("v.{name}"))?;

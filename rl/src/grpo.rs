@@ -236,6 +236,12 @@ fn masked_sequence_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
 }
 
 /// AdamW as `torch.optim.AdamW`, with its state exposed for checkpoints.
+///
+/// The update runs in f32 (f64 for f64 parameters) whatever the model's
+/// dtype: a half-precision parameter is the working copy of an f32 master
+/// that the optimizer owns and updates, then casts back. Updating in bf16
+/// loses the step: beta2 = 0.999 rounds to 1.0, eps = 1e-8 to 0 in f16, and
+/// 0.02 - 4e-6 stays 0.02.
 pub struct AdamW {
     pub lr: f64,
     pub beta1: f64,
@@ -243,16 +249,27 @@ pub struct AdamW {
     pub eps: f64,
     pub weight_decay: f64,
     pub step: u64,
-    /// First and second moments, one pair per parameter.
+    /// First and second moments, one pair per parameter, in the update dtype.
     pub moments: Vec<(Tensor, Tensor)>,
+    /// The master copy of each half-precision parameter; none where the
+    /// parameter itself is in the update dtype.
+    masters: Vec<Option<Tensor>>,
 }
 
 impl AdamW {
     pub fn new(params: &[(String, Var)], lr: f64, weight_decay: f64) -> Result<Self> {
-        let moments = params
-            .iter()
-            .map(|(_, v)| Ok((v.zeros_like()?, v.zeros_like()?)))
-            .collect::<Result<Vec<_>>>()?;
+        let mut moments = Vec::with_capacity(params.len());
+        let mut masters = Vec::with_capacity(params.len());
+        for (_, v) in params {
+            let dtype = compute_dtype(v.dtype());
+            let zeros = Tensor::zeros(v.shape(), dtype, v.device())?;
+            moments.push((zeros.clone(), zeros));
+            masters.push(if dtype == v.dtype() {
+                None
+            } else {
+                Some(v.as_tensor().to_dtype(dtype)?)
+            });
+        }
         Ok(Self {
             lr,
             beta1: 0.9,
@@ -261,7 +278,36 @@ impl AdamW {
             weight_decay,
             step: 0,
             moments,
+            masters,
         })
+    }
+
+    /// What was trained: each parameter's value in the update dtype (the
+    /// master copy where there is one), copied.
+    pub fn values(&self, params: &[(String, Var)]) -> Result<Vec<Tensor>> {
+        params
+            .iter()
+            .zip(&self.masters)
+            .map(|((_, var), master)| master.as_ref().unwrap_or(var.as_tensor()).copy())
+            .collect()
+    }
+
+    /// Sets every parameter (and its master copy) to `values`, as read from
+    /// a checkpoint or a snapshot.
+    pub fn set_values(&mut self, params: &[(String, Var)], values: &[Tensor]) -> Result<()> {
+        if values.len() != params.len() {
+            candle_core::bail!("{} values for {} parameters", values.len(), params.len());
+        }
+        for (((_, var), master), value) in params.iter().zip(&mut self.masters).zip(values) {
+            if value.dims() != var.dims() {
+                candle_core::bail!("a value of shape {:?} for {:?}", value.dims(), var.dims());
+            }
+            var.set(&value.to_dtype(var.dtype())?)?;
+            if let Some(master) = master {
+                *master = value.to_dtype(master.dtype())?;
+            }
+        }
+        Ok(())
     }
 
     /// One update from `grads` (one per parameter, `None` for no gradient).
@@ -271,16 +317,25 @@ impl AdamW {
         let (b1, b2) = (self.beta1, self.beta2);
         let bias1 = 1.0 - b1.powi(t);
         let bias2 = 1.0 - b2.powi(t);
-        for (((_, var), grad), (m, v)) in params.iter().zip(grads).zip(self.moments.iter_mut()) {
+        let state = self.moments.iter_mut().zip(self.masters.iter_mut());
+        for (((_, var), grad), ((m, v), master)) in params.iter().zip(grads).zip(state) {
             let Some(g) = grad else { continue };
             let g = g.to_dtype(m.dtype())?;
             *m = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
             *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let m_hat = (&*m / bias1)?;
             let v_hat = (&*v / bias2)?;
-            let decayed = (var.as_tensor() * (1.0 - self.lr * self.weight_decay))?;
+            let value = master.as_ref().unwrap_or(var.as_tensor());
+            let decayed = (value * (1.0 - self.lr * self.weight_decay))?;
             let update = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
-            var.set(&(decayed - (update * self.lr)?)?)?;
+            let updated = (decayed - (update * self.lr)?)?;
+            match master {
+                Some(master) => {
+                    var.set(&updated.to_dtype(var.dtype())?)?;
+                    *master = updated;
+                }
+                None => var.set(&updated)?,
+            }
         }
         Ok(())
     }
@@ -337,5 +392,63 @@ mod tests {
         assert!(loss.is_finite() && grad.iter().all(|g| g.is_finite()));
         // Masked positions get no gradient.
         assert_eq!((grad[2], grad[4], grad[5]), (0.0, 0.0, 0.0));
+    }
+
+    /// bf16 has no CPU matmul, but the update needs none: a bf16 weight of
+    /// 0.02 under steps of 4e-6 moves as in f32 (in bf16 arithmetic each
+    /// step rounds away and beta2 is 1.0).
+    #[test]
+    fn adamw_updates_bf16_parameters_through_f32_masters() {
+        let dev = &Device::Cpu;
+        let run = |dtype: DType| {
+            let w = Var::from_tensor(
+                &Tensor::full(0.02f32, 8, dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let params = vec![("w".to_string(), w)];
+            let mut adam = AdamW::new(&params, 4e-6, 0.0).unwrap();
+            let grad = Tensor::full(0.5f32, 8, dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            for _ in 0..50 {
+                adam.apply(&params, &[Some(grad.clone())]).unwrap();
+            }
+            let master: Vec<f32> = adam.values(&params).unwrap()[0].to_vec1().unwrap();
+            let working: Vec<f32> = params[0]
+                .1
+                .as_tensor()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (master[0], working[0])
+        };
+        let (f32_value, _) = run(DType::F32);
+        let (master, working) = run(DType::BF16);
+        assert!(
+            (f32_value - (0.02 - 50.0 * 4e-6)).abs() < 1e-7,
+            "{f32_value}"
+        );
+        // The bf16 run starts from 0.02 rounded to bf16; it moves as far.
+        let start = Tensor::new(0.02f32, dev)
+            .and_then(|t| {
+                t.to_dtype(DType::BF16)?
+                    .to_dtype(DType::F32)?
+                    .to_scalar::<f32>()
+            })
+            .unwrap();
+        assert!(
+            ((master - start) - (f32_value - 0.02)).abs() < 1e-7,
+            "{master} from {start} vs {f32_value}"
+        );
+        // The working copy is the master rounded to bf16: it moved too.
+        assert!(
+            working < 0.02 && (working - master).abs() < 1e-4,
+            "{working}"
+        );
     }
 }

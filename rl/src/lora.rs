@@ -61,13 +61,15 @@ impl Lora {
         self.enabled.store(on, Ordering::Relaxed);
     }
 
-    /// Writes the adapters and their config into `dir`.
-    pub fn save(&self, dir: &Path) -> Result<(), RlError> {
+    /// Writes the adapters, with `values` (one per parameter, as trained:
+    /// the optimizer's master copies), and their config into `dir`.
+    pub fn save(&self, dir: &Path, values: &[Tensor]) -> Result<(), RlError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let tensors: HashMap<String, Tensor> = self
             .params
             .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .zip(values)
+            .map(|((n, _), v)| (n.clone(), v.clone()))
             .collect();
         candle_core::safetensors::save(&tensors, dir.join(ADAPTER_FILE))?;
         let json = serde_json::to_string_pretty(&self.config).unwrap_or_default();

@@ -9,8 +9,11 @@ use ulm_model::decode::TextPrompt;
 use ulm_model::demo::DEFAULT_SEED;
 use ulm_model::generate::{answer_batch, generate_images_batch, AnswerItem, ImageItem};
 use ulm_model::sampling::SamplingParams;
+use ulm_model::weights::WEIGHTS_FILE;
+use ulm_rl::checkpoint;
 use ulm_rl::evaluate::evaluate;
-use ulm_rl::lora::{attach, LoraConfig};
+use ulm_rl::lora::{attach, LoraConfig, ADAPTER_FILE};
+use ulm_rl::policy::load_trainable;
 use ulm_rl::reward::verifiable::QaType;
 use ulm_rl::reward::{QaItem, RewardTask, TrainItem};
 use ulm_rl::trainer::{Adaptation, ServedGroup, ServedSample, Trainer, TrainerConfig};
@@ -225,4 +228,123 @@ fn an_abandoned_later_iteration_takes_the_earlier_updates_back() {
     assert!(!m.applied, "{m:?}");
     assert_eq!(values(&t), before, "the step left no update behind");
     assert_eq!(t.optimizer.step, 0);
+}
+
+/// Every trained tensor of the checkpoint `t` writes, flattened in f32, by name.
+fn trained_values(
+    t: &Trainer,
+    frozen: &[(String, candle_core::Tensor)],
+) -> Vec<(String, Vec<f32>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("checkpoint");
+    checkpoint::save(t, &path, None, frozen).unwrap();
+    let file = match t.adaptation {
+        Adaptation::Lora(_) => path.join(ADAPTER_FILE),
+        Adaptation::Full { .. } => path.join(WEIGHTS_FILE),
+    };
+    let saved = candle_core::safetensors::load(file, &Device::Cpu).unwrap();
+    t.adaptation
+        .params()
+        .iter()
+        .map(|(name, _)| {
+            let values = saved[name]
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (name.clone(), values)
+        })
+        .collect()
+}
+
+/// Trained values by name, before and after a run.
+type Values = Vec<(String, Vec<f32>)>;
+
+/// How far the half-precision run's updates are from the f32 run's, relative
+/// to the f32 updates' size: `|d16 - d32| / |d32|` over all trained values.
+fn update_error(f32_run: &(Values, Values), f16_run: &(Values, Values)) -> f64 {
+    let (mut diff, mut norm) = (0f64, 0f64);
+    let pairs = |(init, after): &(Values, Values)| {
+        init.iter()
+            .zip(after)
+            .map(|((name, i), (_, a))| (name.clone(), i.clone(), a.clone()))
+            .collect::<Vec<_>>()
+    };
+    for ((name, i32_, a32), (_, i16_, a16)) in pairs(f32_run).into_iter().zip(pairs(f16_run)) {
+        assert_eq!(a32.len(), a16.len(), "{name}");
+        for k in 0..a32.len() {
+            let d32 = (a32[k] - i32_[k]) as f64;
+            let d16 = (a16[k] - i16_[k]) as f64;
+            diff += (d16 - d32).powi(2);
+            norm += d32 * d32;
+        }
+    }
+    assert!(norm > 0.0, "the f32 run moved nothing");
+    (diff / norm).sqrt()
+}
+
+const STEPS: usize = 3;
+
+/// LoRA at the default learning rate in f16 (which candle computes on the
+/// CPU) moves the adapters as in f32. Before the optimizer kept f32 master
+/// copies, the f16 run's adapters came out NaN (eps = 1e-8 is 0 in f16).
+#[test]
+fn half_precision_lora_updates_match_f32() {
+    let reference = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
+    let groups = served_groups(&reference, |i, _| i as f32 / 4.0);
+    let run = |dtype: DType| {
+        let mut t = trainer(ModelBundle::demo(DEFAULT_SEED, dtype, &Device::Cpu).unwrap());
+        t.config.lr = TrainerConfig::default().lr;
+        let init = trained_values(&t, &[]);
+        for _ in 0..STEPS {
+            assert!(t.step_served(&groups).unwrap().applied);
+        }
+        (init, trained_values(&t, &[]))
+    };
+    let error = update_error(&run(DType::F32), &run(DType::F16));
+    eprintln!("f16 LoRA updates differ from f32 by {error:.4} of their size");
+    assert!(
+        error < 0.1,
+        "f16 updates differ from f32 by {error:.3} of their size"
+    );
+}
+
+/// Full fine-tuning at the default learning rate: a 4e-6 step is below half
+/// the f16 spacing of most weights, so without master copies the weights
+/// never moved.
+#[test]
+fn half_precision_full_fine_tuning_updates_match_f32() {
+    let groups = served_groups(
+        &ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap(),
+        |i, _| i as f32 / 4.0,
+    );
+    let run = |dtype: DType| {
+        let mut bundle = ModelBundle::demo(DEFAULT_SEED, dtype, &Device::Cpu).unwrap();
+        let trainable =
+            load_trainable(&bundle.source, &bundle.model.cfg, dtype, &Device::Cpu).unwrap();
+        let reference = std::mem::replace(&mut bundle.model, trainable.model);
+        let adaptation = Adaptation::Full {
+            params: trainable.params,
+            reference: Box::new(reference),
+        };
+        let config = TrainerConfig {
+            beta: 0.04,
+            micro_batch_rows: 3,
+            ..TrainerConfig::default()
+        };
+        let mut t = Trainer::new(bundle, adaptation, config, Vec::new()).unwrap();
+        let init = trained_values(&t, &trainable.frozen);
+        for _ in 0..STEPS {
+            assert!(t.step_served(&groups).unwrap().applied);
+        }
+        (init, trained_values(&t, &trainable.frozen))
+    };
+    let error = update_error(&run(DType::F32), &run(DType::F16));
+    eprintln!("f16 full fine-tuning updates differ from f32 by {error:.4} of their size");
+    assert!(
+        error < 0.1,
+        "f16 updates differ from f32 by {error:.3} of their size"
+    );
 }

@@ -350,6 +350,11 @@ async fn jobs_need_an_admin_run_one_at_a_time_and_cancel_within_a_step() {
 async fn enough_new_feedback_starts_a_job_with_the_configured_defaults() {
     let server = Server::start_with(&[
         "--no-auth",
+        // Two rated groups: with the default share both may hash into it
+        // (p = 0.04), leaving nothing to train on. Here one trains and the
+        // other is held out by the rule for little data.
+        "--rl-holdout-fraction",
+        "0.000001",
         "--rl-min-new-feedback",
         "16",
         "--rl-job-config",

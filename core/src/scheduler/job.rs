@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use ulm_model::bundle::ModelBundle;
+use ulm_rl::checkpoint;
 use ulm_rl::evaluate::{evaluate, Evaluation};
 use ulm_rl::lora::{self, LoraConfig};
 use ulm_rl::reward::{SelfCycle, T2iMatch, TrainItem, Weighted, FORMAT, QA_ACCURACY};
@@ -148,6 +149,11 @@ fn rewards(config: &JobConfig) -> Vec<Weighted> {
     rewards
 }
 
+/// What a job's data held, as stored on the job and quoted in its errors.
+pub fn data_counts(data: &JobData) -> serde_json::Value {
+    serde_json::to_value(&data.counts).unwrap_or_default()
+}
+
 pub fn run(
     inputs: JobInputs,
     cancel: &AtomicBool,
@@ -193,6 +199,11 @@ pub fn run(
         trainer_config,
         rewards(&config),
     )?;
+    if let Some(dir) = &parent_checkpoint {
+        // The adapters continue from the parent's values as it trained them,
+        // not as rounded into the model's dtype.
+        checkpoint::restore_values(&mut trainer, dir, &device)?;
+    }
     let mix = &config.mix;
     let mut sources: Vec<Source> = [
         ("feedback", mix.feedback, data.train.len()),
@@ -214,7 +225,7 @@ pub fn run(
     })
     .collect();
     if sources.is_empty() {
-        return Err(JobError::NoTrainingData);
+        return Err(JobError::NoTrainingData(data_counts(&data)));
     }
     let per_step = config.groups_per_step as usize;
     let mut data = data;
@@ -259,7 +270,7 @@ pub fn run(
                     sources.remove(k);
                 }
                 if sources.is_empty() {
-                    return Err(JobError::NoTrainingData);
+                    return Err(JobError::NoTrainingData(data_counts(&data)));
                 }
                 continue;
             }

@@ -69,8 +69,10 @@ pub enum JobError {
     Config(#[from] serde_json::Error),
     #[error("no evaluation data: the gate needs at least one held-out rated group with 2 or more scored samples ({0})")]
     NoEvaluationData(serde_json::Value),
-    #[error("no training data: no rated served groups, reference answers or unrated prompts (with a positive mix weight)")]
-    NoTrainingData,
+    /// Rated groups that all hash into the held-out share stay held out, so
+    /// that no later job's gate evaluates on data the model trained on.
+    #[error("no training data: no rated served group outside the held-out share, reference answer or unrated prompt with a positive mix weight ({0})")]
+    NoTrainingData(serde_json::Value),
     #[error("no training step could be applied (every step had a non-finite loss or gradient)")]
     NoStepApplied,
     #[error("training failed: {0}")]
@@ -351,7 +353,7 @@ impl Scheduler {
         };
         let holdout = self.inner.config.holdout_fraction;
         let data = data::gather(store, &config, holdout, job.created_at, shape).await?;
-        let counts = serde_json::to_value(&data.counts).unwrap_or_default();
+        let counts = job::data_counts(&data);
         store.set_job_data_counts(&job.id, &counts).await?;
         if data.eval.is_empty() {
             return Err(JobError::NoEvaluationData(counts));

@@ -30,6 +30,7 @@ use rollout::{served_rollouts, Rollouts};
 
 /// What [`Trainer::snapshot`] keeps.
 struct Snapshot {
+    /// The parameters' values in the update dtype (their master copies).
     params: Vec<Tensor>,
     /// Moment tensors are replaced, never written in place: clones suffice.
     moments: Vec<(Tensor, Tensor)>,
@@ -43,6 +44,59 @@ pub struct Trainer {
     pub config: TrainerConfig,
     pub rewards: Vec<Weighted>,
     pub step: u64,
+    pub loss_scale: LossScale,
+}
+
+/// Dynamic loss scaling for f16 (as `torch.cuda.amp.GradScaler`): small
+/// gradients underflow f16's range (a LoRA A gradient is its B, about 1e-6
+/// early on, times the output gradient), so the backward pass runs on the
+/// loss times `factor` and the gradients are divided by it in f32. A pass
+/// whose gradients overflow halves the factor and runs again; a run of
+/// good steps doubles it. bf16 has f32's range: its factor stays 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScale {
+    pub factor: f64,
+    /// The factor it starts at and grows back to.
+    ceiling: f64,
+    good_steps: u32,
+}
+
+impl LossScale {
+    const GROWTH_INTERVAL: u32 = 200;
+
+    pub fn for_dtype(dtype: candle_core::DType) -> Self {
+        let ceiling = if dtype == candle_core::DType::F16 {
+            65536.0
+        } else {
+            1.0
+        };
+        Self {
+            factor: ceiling,
+            ceiling,
+            good_steps: 0,
+        }
+    }
+
+    /// After gradients that overflowed: true when a smaller factor is left to try.
+    fn back_off(&mut self) -> bool {
+        self.good_steps = 0;
+        if self.factor <= 1.0 {
+            return false;
+        }
+        self.factor = (self.factor / 2.0).max(1.0);
+        true
+    }
+
+    fn applied(&mut self) {
+        if self.factor >= self.ceiling {
+            return;
+        }
+        self.good_steps += 1;
+        if self.good_steps >= Self::GROWTH_INTERVAL {
+            self.good_steps = 0;
+            self.factor = (self.factor * 2.0).min(self.ceiling);
+        }
+    }
 }
 
 impl Trainer {
@@ -53,7 +107,9 @@ impl Trainer {
         rewards: Vec<Weighted>,
     ) -> Result<Self, RlError> {
         let optimizer = AdamW::new(adaptation.params(), config.lr, config.weight_decay)?;
+        let loss_scale = LossScale::for_dtype(bundle.model.dtype());
         Ok(Self {
+            loss_scale,
             bundle,
             adaptation,
             optimizer,
@@ -188,7 +244,18 @@ impl Trainer {
             None
         };
         for iteration in 0..iterations {
-            let pass = self.loss_and_grads(&prepared, &adv_und, &adv_gen, old.as_ref())?;
+            let pass = loop {
+                let pass = self.loss_and_grads(&prepared, &adv_und, &adv_gen, old.as_ref())?;
+                let overflowed =
+                    pass.loss.is_finite() && pass.grads.iter().flatten().any(|g| !all_finite(g));
+                if !overflowed || !self.loss_scale.back_off() {
+                    break pass;
+                }
+                tracing::debug!(
+                    factor = self.loss_scale.factor,
+                    "gradients overflowed: loss scale lowered"
+                );
+            };
             metrics.loss = pass.loss;
             metrics.kl = pass.kl;
             metrics.clip_fraction = pass.clip_fraction;
@@ -210,6 +277,7 @@ impl Trainer {
             grads_total = pass.grads;
             let update_started = Instant::now();
             metrics.grad_norm = self.clip_and_apply(&mut grads_total)?;
+            self.loss_scale.applied();
             metrics.update_s += update_started.elapsed().as_secs_f64();
         }
         metrics.train_s = train_started.elapsed().as_secs_f64() - metrics.update_s;
@@ -222,23 +290,16 @@ impl Trainer {
     /// The trainable state a step changes: parameter values (copied) and
     /// the optimizer's moments and step.
     fn snapshot(&self) -> Result<Snapshot, RlError> {
-        let params = self
-            .adaptation
-            .params()
-            .iter()
-            .map(|(_, var)| var.as_tensor().copy())
-            .collect::<candle_core::Result<_>>()?;
         Ok(Snapshot {
-            params,
+            params: self.optimizer.values(self.adaptation.params())?,
             moments: self.optimizer.moments.clone(),
             optimizer_step: self.optimizer.step,
         })
     }
 
     fn restore(&mut self, snapshot: Snapshot) -> Result<(), RlError> {
-        for ((_, var), value) in self.adaptation.params().iter().zip(&snapshot.params) {
-            var.set(value)?;
-        }
+        self.optimizer
+            .set_values(self.adaptation.params(), &snapshot.params)?;
         self.optimizer.moments = snapshot.moments;
         self.optimizer.step = snapshot.optimizer_step;
         Ok(())

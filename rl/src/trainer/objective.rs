@@ -250,17 +250,22 @@ impl Trainer {
         Ok(Some(Tensor::cat(&olds, 0)?))
     }
 
+    /// Adds the gradients of `loss` into `grads`, in f32 for half-precision
+    /// parameters, with the loss scaled by [`Trainer::loss_scale`] for the
+    /// backward pass and the gradients unscaled after.
     pub(super) fn accumulate(
         &self,
         loss: &Tensor,
         grads: &mut [Option<Tensor>],
     ) -> Result<(), RlError> {
-        let store = loss.backward()?;
+        let scale = self.loss_scale.factor;
+        let store = (loss * scale)?.backward()?;
         for ((_, var), acc) in self.adaptation.params().iter().zip(grads.iter_mut()) {
             if let Some(g) = store.get(var) {
+                let g = (g.to_dtype(compute_dtype(g.dtype()))? / scale)?;
                 *acc = Some(match acc.take() {
                     Some(a) => (a + g)?,
-                    None => g.clone(),
+                    None => g,
                 });
             }
         }
