@@ -53,17 +53,183 @@ fn positions(mask: &[Vec<bool>]) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// `log softmax(logits / temperature)` at `ids`: `[G, L, V]`, `[G, L]` -> `[G, L]`.
-fn token_logps(logits: &Tensor, ids: &Tensor, temperature: f64) -> Result<Tensor> {
-    let logits = (logits.to_dtype(compute_dtype(logits.dtype()))? / temperature)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    logp.gather(
-        &ids.to_dtype(DType::U32)?
-            .contiguous()?
-            .unsqueeze(D::Minus1)?,
-        D::Minus1,
-    )?
-    .squeeze(D::Minus1)
+/// The head that turns scoring states into logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// The language model's head over the text vocabulary.
+    Text,
+    /// The generation head over the image codebook.
+    Image,
+}
+
+impl Head {
+    fn logits(self, model: &Janus, hidden: &Tensor) -> Result<Tensor> {
+        match self {
+            Head::Text => model.language_model.logits(hidden),
+            Head::Image => model.gen_head.forward(hidden),
+        }
+    }
+}
+
+/// Logit values one chunk of positions may hold: about 16M (64 MB in f32)
+/// whatever the vocabulary, so that `[rows, length, vocab]` is never
+/// materialised (1.7 GB per tensor at 16 x 256 x 102k).
+const CHUNK_LOGITS: usize = 1 << 24;
+
+/// The hidden states that score completion tokens, before the head: what
+/// the log-probs and their gradient are computed from, chunk by chunk.
+pub struct ScoringStates {
+    /// `[G, L, H]`.
+    pub hidden: Tensor,
+    /// `[G, L]` token ids.
+    pub targets: Tensor,
+    pub head: Head,
+    /// Divides the logits (the sampling temperature).
+    pub temperature: f64,
+    /// Logit values per chunk ([`CHUNK_LOGITS`] unless set).
+    pub chunk_logits: usize,
+}
+
+/// Gradients of one backward pass through [`ScoringStates::backward`]:
+/// the stores of every chunk and of the network below the states.
+pub type GradStores = Vec<candle_core::backprop::GradStore>;
+
+impl ScoringStates {
+    fn rows(&self) -> Result<(usize, usize, usize)> {
+        self.hidden.dims3()
+    }
+
+    /// Positions per chunk.
+    fn chunk(&self, model: &Janus) -> usize {
+        let vocab = match self.head {
+            Head::Text => model.cfg.language.vocab_size,
+            Head::Image => model.cfg.gen_vision.codebook_size,
+        };
+        (self.chunk_logits / vocab.max(1)).max(1)
+    }
+
+    /// `log softmax(head(h) / T)` at the targets of positions `h` (`[n, H]`,
+    /// `targets` `[n]`): the target logit minus a log-sum-exp, in f32.
+    fn chunk_logps(&self, model: &Janus, h: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let logits = self.head.logits(model, h)?;
+        let logits = (logits.to_dtype(compute_dtype(logits.dtype()))? / self.temperature)?;
+        // The maximum only keeps exp in range; its gradient cancels.
+        let max = logits.max_keepdim(D::Minus1)?.detach();
+        let lse = (logits
+            .broadcast_sub(&max)?
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?
+            + max)?;
+        let target = logits.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?;
+        (target - lse)?.squeeze(D::Minus1)
+    }
+
+    fn flat(&self) -> Result<(Tensor, Tensor)> {
+        let (g, l, h) = self.rows()?;
+        Ok((
+            self.hidden.reshape((g * l, h))?,
+            self.targets
+                .to_dtype(DType::U32)?
+                .contiguous()?
+                .reshape(g * l)?,
+        ))
+    }
+
+    /// Per-token log-probs `[G, L]`, differentiable through the head and
+    /// the states (every chunk's logits stay alive for the backward pass:
+    /// for tests and small models; the trainer uses [`Self::backward`]).
+    pub fn logps(&self, model: &Janus) -> Result<Tensor> {
+        let (g, l, _) = self.rows()?;
+        let (hidden, targets) = self.flat()?;
+        let chunk = self.chunk(model);
+        let parts = (0..g * l)
+            .step_by(chunk)
+            .map(|r| {
+                let n = chunk.min(g * l - r);
+                self.chunk_logps(model, &hidden.narrow(0, r, n)?, &targets.narrow(0, r, n)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)?.reshape((g, l))
+    }
+
+    /// The log-probs' values `[G, L]`, no gradient: each chunk's logits
+    /// are freed before the next chunk's are computed.
+    pub fn logp_values(&self, model: &Janus) -> Result<Tensor> {
+        let (g, l, _) = self.rows()?;
+        let (hidden, targets) = self.flat()?;
+        let hidden = hidden.detach();
+        let chunk = self.chunk(model);
+        let parts = (0..g * l)
+            .step_by(chunk)
+            .map(|r| {
+                let n = chunk.min(g * l - r);
+                let h = hidden.narrow(0, r, n)?;
+                Ok(self
+                    .chunk_logps(model, &h, &targets.narrow(0, r, n)?)?
+                    .detach())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)?.reshape((g, l))
+    }
+
+    /// Backpropagates `scale * sum(upstream * logps)` (`upstream` `[G, L]`:
+    /// the loss's gradient with respect to the log-probs) through the head
+    /// chunk by chunk, then through the network below the states once.
+    /// Peak memory holds one chunk's logits, not `[G, L, vocab]`.
+    pub fn backward(&self, model: &Janus, upstream: &Tensor, scale: f64) -> Result<GradStores> {
+        let (g, l, _) = self.rows()?;
+        let (hidden, targets) = self.flat()?;
+        let wide = compute_dtype(hidden.dtype());
+        let upstream = upstream.to_dtype(wide)?.reshape(g * l)?.detach();
+        let detached = hidden.detach();
+        let chunk = self.chunk(model);
+        let mut stores = Vec::new();
+        let mut state_grads = Vec::new();
+        for r in (0..g * l).step_by(chunk) {
+            let n = chunk.min(g * l - r);
+            let h = Var::from_tensor(&detached.narrow(0, r, n)?)?;
+            let logps = self.chunk_logps(model, h.as_tensor(), &targets.narrow(0, r, n)?)?;
+            let surrogate = ((logps * upstream.narrow(0, r, n)?)?.sum_all()? * scale)?;
+            let mut store = surrogate.backward()?;
+            let grad = match store.remove(h.as_tensor()) {
+                Some(grad) => grad,
+                None => h.zeros_like()?,
+            };
+            state_grads.push(grad);
+            stores.push(store);
+        }
+        // Detached: a gradient computed from tracked tensors records ops,
+        // and through them this product would reach the head a second time.
+        let state_grads = Tensor::cat(&state_grads, 0)?.to_dtype(wide)?.detach();
+        // d/dθ sum(hidden * dL/dhidden) is the loss's gradient below the states.
+        let below = (hidden.to_dtype(wide)? * state_grads)?.sum_all()?;
+        stores.push(below.backward()?);
+        Ok(stores)
+    }
+}
+
+/// The states scoring the completions of understanding rows.
+pub fn understanding_states(
+    model: &Janus,
+    batch: &UnderstandingBatch,
+    temperature: f64,
+    pass: Pass,
+) -> Result<ScoringStates> {
+    let lm = &model.language_model;
+    let (_, total) = batch.ids.dims2()?;
+    let embeds = model.merge_image_embeds(batch.ids, batch.images_seq_mask, batch.image_embeds)?;
+    let ctx = lm.context(&positions(batch.attention_mask), batch.attention_mask)?;
+    let hidden = lm.forward_hidden(&embeds, &ctx, None, pass)?;
+    let l = batch.completion_len;
+    // The states at T-1 .. T+L-2 predict the completion tokens T .. T+L-1.
+    Ok(ScoringStates {
+        hidden: hidden.narrow(1, total - l - 1, l)?,
+        targets: batch.ids.narrow(1, total - l, l)?,
+        head: Head::Text,
+        temperature,
+        chunk_logits: CHUNK_LOGITS,
+    })
 }
 
 /// Per-token log-probs `[G, L]` of the completions of understanding rows.
@@ -73,26 +239,17 @@ pub fn understanding_logps(
     temperature: f64,
     pass: Pass,
 ) -> Result<Tensor> {
-    let lm = &model.language_model;
-    let (_, total) = batch.ids.dims2()?;
-    let embeds = model.merge_image_embeds(batch.ids, batch.images_seq_mask, batch.image_embeds)?;
-    let ctx = lm.context(&positions(batch.attention_mask), batch.attention_mask)?;
-    let hidden = lm.forward_hidden(&embeds, &ctx, None, pass)?;
-    let l = batch.completion_len;
-    // The states at T-1 .. T+L-2 predict the completion tokens T .. T+L-1.
-    let predicting = hidden.narrow(1, total - l - 1, l)?;
-    let completion = batch.ids.narrow(1, total - l, l)?;
-    token_logps(&lm.logits(&predicting)?, &completion, temperature)
+    understanding_states(model, batch, temperature, pass)?.logps(model)
 }
 
-/// Per-token log-probs `[G, M]` of image tokens, conditional rows without CFG.
-pub fn generation_logps(
+/// The states scoring image tokens, conditional rows without CFG.
+pub fn generation_states(
     model: &Janus,
     batch: &GenerationBatch,
     temperature: f64,
     alignment: T2iAlignment,
     pass: Pass,
-) -> Result<Tensor> {
+) -> Result<ScoringStates> {
     let lm = &model.language_model;
     let (_, p) = batch.prompt_ids.dims2()?;
     let (_, m) = batch.completion.dims2()?;
@@ -119,12 +276,24 @@ pub fn generation_logps(
         T2iAlignment::Predicting => p - 1,
         T2iAlignment::OwnPosition => p,
     };
-    let scoring = hidden.narrow(1, start, m)?;
-    token_logps(
-        &model.gen_head.forward(&scoring)?,
-        batch.completion,
+    Ok(ScoringStates {
+        hidden: hidden.narrow(1, start, m)?,
+        targets: batch.completion.clone(),
+        head: Head::Image,
         temperature,
-    )
+        chunk_logits: CHUNK_LOGITS,
+    })
+}
+
+/// Per-token log-probs `[G, M]` of image tokens, conditional rows without CFG.
+pub fn generation_logps(
+    model: &Janus,
+    batch: &GenerationBatch,
+    temperature: f64,
+    alignment: T2iAlignment,
+    pass: Pass,
+) -> Result<Tensor> {
+    generation_states(model, batch, temperature, alignment, pass)?.logps(model)
 }
 
 /// Group-relative advantages: `(r - mean) / (std + 1e-4)` per consecutive

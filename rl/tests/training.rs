@@ -8,8 +8,8 @@ use ulm_model::demo::{demo_config_json, SeededBackend};
 use ulm_model::ops::Pass;
 use ulm_model::{Janus, JanusConfig};
 use ulm_rl::grpo::{
-    generation_logps, objective, understanding_logps, GenerationBatch, ObjectiveConfig,
-    T2iAlignment, UnderstandingBatch,
+    generation_logps, generation_states, objective, understanding_logps, understanding_states,
+    GenerationBatch, ObjectiveConfig, ScoringStates, T2iAlignment, UnderstandingBatch,
 };
 use ulm_rl::lora::{attach, LoraConfig};
 use ulm_rl::policy::{build_trainable, is_language_model, TrainableModel};
@@ -333,4 +333,92 @@ fn gradients_agree_with_finite_differences() {
         failures.join("\n")
     );
     assert!(checked >= 20);
+}
+
+/// The trainer's backward (log-prob values as a leaf, then the head chunk by
+/// chunk, then the network) gives the gradient of the direct backward
+/// through `[rows, length, vocab]` log-softmaxes.
+#[test]
+fn the_chunked_two_stage_backward_equals_the_direct_gradient() {
+    let policy = tiny(DType::F64);
+    let reference = frozen(DType::F64);
+    let b = batch(&policy.model, DType::F64);
+    let old = old_logps(&policy.model, &b);
+    let direct = loss(&policy.model, &reference, &b, &old)
+        .backward()
+        .unwrap();
+
+    let model = &policy.model;
+    let img = model.image_embeds(&b.pixels, Pass::Training).unwrap();
+    let (und, gen) = b.views(&img);
+    let ref_img = reference.image_embeds(&b.pixels, Pass::Training).unwrap();
+    let ref_und = UnderstandingBatch {
+        image_embeds: Some(&ref_img),
+        ..und
+    };
+    let align = T2iAlignment::Predicting;
+    let cfg = ObjectiveConfig {
+        beta: 0.04,
+        epsilon_low: 0.2,
+        epsilon_high: 0.28,
+    };
+    // Three positions per chunk: every row is cut across chunks.
+    let chunked = |states: ScoringStates| ScoringStates {
+        chunk_logits: 3 * model
+            .cfg
+            .language
+            .vocab_size
+            .max(model.cfg.gen_vision.codebook_size),
+        ..states
+    };
+    let tasks = [
+        (
+            chunked(understanding_states(model, &und, 0.9, Pass::Training).unwrap()),
+            understanding_logps(&reference, &ref_und, 0.9, Pass::Training).unwrap(),
+            &old.0,
+            &b.completion_mask,
+        ),
+        (
+            chunked(generation_states(model, &gen, 0.9, align, Pass::Training).unwrap()),
+            generation_logps(&reference, &gen, 0.9, align, Pass::Training).unwrap(),
+            &old.1,
+            &b.gen_mask,
+        ),
+    ];
+    let mut total: Vec<Option<Tensor>> = vec![None; policy.params.len()];
+    for (states, ref_logps, old, mask) in tasks {
+        let logps = Var::from_tensor(&states.logp_values(model).unwrap()).unwrap();
+        let o = objective(
+            logps.as_tensor(),
+            old,
+            Some(&ref_logps),
+            &b.advantages,
+            mask,
+            cfg,
+        )
+        .unwrap();
+        let upstream = o.loss.backward().unwrap().get(&logps).unwrap().clone();
+        for store in states.backward(model, &upstream, 1.0).unwrap() {
+            for ((_, var), acc) in policy.params.iter().zip(total.iter_mut()) {
+                if let Some(g) = store.get(var) {
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + g).unwrap(),
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+    }
+    for ((name, var), ours) in policy.params.iter().zip(&total) {
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let want = flat(direct.get(var).unwrap());
+        let got = flat(
+            ours.as_ref()
+                .unwrap_or_else(|| panic!("no gradient reached {name}")),
+        );
+        let scale = want.iter().map(|x| x.abs()).fold(0.0, f64::max).max(1e-30);
+        for (w, g) in want.iter().zip(&got) {
+            assert!((w - g).abs() <= 1e-9 * scale, "{name}: {g} vs {w}");
+        }
+    }
 }

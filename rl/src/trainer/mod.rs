@@ -233,6 +233,8 @@ impl Trainer {
         let train_started = Instant::now();
         let prepared = self.prepare(items, &und, &gen)?;
         let mut old = self.behaviour_logps(&und, &gen, prepared.und_len)?;
+        // The reference policy does not change within a step.
+        let mut reference = None;
         let mut grads_total: Vec<Option<Tensor>> = Vec::new();
         let mut applied = true;
         let iterations = self.config.num_iterations.max(1);
@@ -245,7 +247,13 @@ impl Trainer {
         };
         for iteration in 0..iterations {
             let pass = loop {
-                let pass = self.loss_and_grads(&prepared, &adv_und, &adv_gen, old.as_ref())?;
+                let pass = self.loss_and_grads(
+                    &prepared,
+                    &adv_und,
+                    &adv_gen,
+                    old.as_ref(),
+                    reference.as_ref(),
+                )?;
                 let overflowed =
                     pass.loss.is_finite() && pass.grads.iter().flatten().any(|g| !all_finite(g));
                 if !overflowed || !self.loss_scale.back_off() {
@@ -273,6 +281,9 @@ impl Trainer {
             }
             if old.is_none() {
                 old = Some(pass.logps);
+            }
+            if reference.is_none() {
+                reference = Some(pass.reference);
             }
             grads_total = pass.grads;
             let update_started = Instant::now();

@@ -2,7 +2,8 @@
 //! item has both tasks), the clipped objective over micro-batches with
 //! gradient accumulation, and the clipped AdamW update.
 
-use candle_core::{DType, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
 use ulm_model::ops::{compute_dtype, Pass};
 use ulm_model::Janus;
 
@@ -10,19 +11,20 @@ use super::prepared::Prepared;
 use super::rollout::{Rollouts, Row};
 use super::Trainer;
 use crate::grpo::{
-    generation_logps, group_advantages, objective, understanding_logps, ObjectiveConfig,
-    T2iAlignment,
+    generation_states, group_advantages, objective, understanding_states, ObjectiveConfig,
+    ScoringStates, T2iAlignment,
 };
 use crate::RlError;
 
-/// Detached log-probs of the first pass: the "old" policy of later passes.
-pub(super) struct OldLogps {
+/// Detached log-probs of both tasks' rows: the "old" policy of later
+/// passes, or the reference policy's (computed once per step).
+pub(super) struct TaskLogps {
     pub(super) understanding: Option<Tensor>,
     pub(super) generation: Option<Tensor>,
 }
 
-/// Log-probs of rows `start..start + n` under a model, in a pass.
-type LogpsOf<'a> = dyn Fn(&Janus, usize, usize, Pass) -> Result<Tensor, RlError> + 'a;
+/// The scoring states of rows `start..start + n` under a model, in a pass.
+type StatesOf<'a> = dyn Fn(&Janus, usize, usize, Pass) -> Result<ScoringStates, RlError> + 'a;
 
 /// The completion mask of rows `start..start + n`, shaped as their log-probs.
 type MaskOf<'a> = dyn Fn(usize, usize, &Tensor) -> candle_core::Result<Tensor> + 'a;
@@ -32,6 +34,8 @@ struct TaskRows<'a> {
     rows: usize,
     /// The old policy's log-probs of these rows; none on a first pass.
     old: Option<&'a Tensor>,
+    /// The reference policy's log-probs of these rows; none on a first pass.
+    reference: Option<&'a Tensor>,
     advantages: &'a [f32],
 }
 
@@ -50,7 +54,9 @@ pub(super) struct PassOutcome {
     pub(super) clip_fraction: f64,
     /// Accumulated over micro-batches, one per parameter.
     pub(super) grads: Vec<Option<Tensor>>,
-    pub(super) logps: OldLogps,
+    pub(super) logps: TaskLogps,
+    /// The reference policy's log-probs (none where beta is 0).
+    pub(super) reference: TaskLogps,
 }
 
 impl Trainer {
@@ -107,7 +113,7 @@ impl Trainer {
         und: &Rollouts,
         gen: &Rollouts,
         l: usize,
-    ) -> Result<Option<OldLogps>, RlError> {
+    ) -> Result<Option<TaskLogps>, RlError> {
         let same_temperature =
             (self.logprob_temperature() - self.config.temperature as f64).abs() < 1e-9;
         if !same_temperature || self.config.alignment != T2iAlignment::Predicting {
@@ -134,7 +140,7 @@ impl Trainer {
                 .map(Some)
         };
         let m = gen.rows.first().map_or(0, |r| r.tokens.len());
-        Ok(Some(OldLogps {
+        Ok(Some(TaskLogps {
             understanding: padded(&und.rows, l)?,
             generation: padded(&gen.rows, m)?,
         }))
@@ -148,7 +154,8 @@ impl Trainer {
         p: &Prepared,
         adv_und: &[f32],
         adv_gen: &[f32],
-        old: Option<&OldLogps>,
+        old: Option<&TaskLogps>,
+        reference: Option<&TaskLogps>,
     ) -> Result<PassOutcome, RlError> {
         let dev = self.bundle.model.device();
         let mut grads: Vec<Option<Tensor>> = vec![None; self.adaptation.params().len()];
@@ -158,20 +165,21 @@ impl Trainer {
         let understanding = TaskRows {
             rows: p.und_ids.len(),
             old: old.and_then(|o| o.understanding.as_ref()),
+            reference: reference.and_then(|r| r.understanding.as_ref()),
             advantages: adv_und,
         };
-        let und_logps = |m: &Janus, start, n, pass| -> Result<Tensor, RlError> {
+        let und_states = |m: &Janus, start, n, pass| -> Result<ScoringStates, RlError> {
             let tensors = p.und_tensors(start, n, dev)?;
             let batch = p.und_batch(&tensors, start, n);
-            Ok(understanding_logps(m, &batch, temperature, pass)?)
+            Ok(understanding_states(m, &batch, temperature, pass)?)
         };
         let und_mask = |start: usize, n: usize, _: &Tensor| {
             let mask = &p.und_completion_mask[start * p.und_len..(start + n) * p.und_len];
             Tensor::from_vec(mask.to_vec(), (n, p.und_len), dev)
         };
-        let old_und = self.task_pass(
+        let (old_und, ref_und) = self.task_pass(
             understanding,
-            &und_logps,
+            &und_states,
             &und_mask,
             &mut grads,
             &mut totals,
@@ -179,41 +187,52 @@ impl Trainer {
         let generation = TaskRows {
             rows: p.gen_prompt.len(),
             old: old.and_then(|o| o.generation.as_ref()),
+            reference: reference.and_then(|r| r.generation.as_ref()),
             advantages: adv_gen,
         };
-        let gen_logps = |m: &Janus, start, n, pass| -> Result<Tensor, RlError> {
+        let gen_states = |m: &Janus, start, n, pass| -> Result<ScoringStates, RlError> {
             let tensors = p.gen_tensors(start, n, dev)?;
             let batch = p.gen_batch(&tensors, start, n);
-            Ok(generation_logps(m, &batch, temperature, align, pass)?)
+            Ok(generation_states(m, &batch, temperature, align, pass)?)
         };
         // Every image token counts.
         let gen_mask = |_: usize, _: usize, logps: &Tensor| Tensor::ones_like(logps);
-        let old_gen = self.task_pass(generation, &gen_logps, &gen_mask, &mut grads, &mut totals)?;
+        let (old_gen, ref_gen) =
+            self.task_pass(generation, &gen_states, &gen_mask, &mut grads, &mut totals)?;
         let tasks = (old_und.is_some() as usize + old_gen.is_some() as usize).max(1) as f64;
         Ok(PassOutcome {
             loss: totals.loss,
             kl: totals.kl / tasks,
             clip_fraction: totals.clip_fraction / tasks,
             grads,
-            logps: OldLogps {
+            logps: TaskLogps {
                 understanding: old_und,
                 generation: old_gen,
+            },
+            reference: TaskLogps {
+                understanding: ref_und,
+                generation: ref_gen,
             },
         })
     }
 
     /// The objective over one task's rows, micro-batch by micro-batch:
     /// gradients accumulate into `grads`, measurements into `totals`.
-    /// Returns the pass's old log-probs (the given ones, or the detached
-    /// current ones on a first pass); none without rows.
+    /// Returns the pass's old and reference log-probs (the given ones, or
+    /// those computed on a first pass); none without rows.
+    ///
+    /// The backward pass runs in two stages so that no `[rows, length,
+    /// vocab]` tensor is kept: the objective's gradient with respect to the
+    /// log-probs first (they are a leaf here), then that through the head
+    /// chunk by chunk and the network once ([`ScoringStates::backward`]).
     fn task_pass(
         &self,
         task: TaskRows,
-        logps_of: &LogpsOf,
+        states_of: &StatesOf,
         mask_of: &MaskOf,
         grads: &mut [Option<Tensor>],
         totals: &mut PassTotals,
-    ) -> Result<Option<Tensor>, RlError> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>), RlError> {
         let model = &self.bundle.model;
         let cfg = ObjectiveConfig {
             beta: self.config.beta,
@@ -221,48 +240,67 @@ impl Trainer {
             epsilon_high: self.config.epsilon_high,
         };
         let micro = self.config.micro_batch_rows.max(1);
-        let mut olds = Vec::new();
+        let (mut olds, mut references) = (Vec::new(), Vec::new());
         for start in (0..task.rows).step_by(micro) {
             let n = micro.min(task.rows - start);
-            let logps = logps_of(model, start, n, Pass::Training)?;
-            let reference = if self.config.beta != 0.0 {
-                Some(self.with_reference(|m| logps_of(m, start, n, Pass::Inference))?)
-            } else {
-                None
+            let states = states_of(model, start, n, Pass::Training)?;
+            let logps = Var::from_tensor(&states.logp_values(model)?)?;
+            let reference = match task.reference {
+                Some(r) => Some(r.narrow(0, start, n)?),
+                None if self.config.beta != 0.0 => Some(self.with_reference(|m| {
+                    Ok::<_, RlError>(states_of(m, start, n, Pass::Inference)?.logp_values(m)?)
+                })?),
+                None => None,
             };
             let old_logps = match task.old {
                 Some(o) => o.narrow(0, start, n)?,
-                None => logps.detach(),
+                None => logps.as_tensor().copy()?,
             };
-            let mask = mask_of(start, n, &logps)?;
+            let mask = mask_of(start, n, logps.as_tensor())?;
             let adv = Tensor::new(&task.advantages[start..start + n], model.device())?;
-            let o = objective(&logps, &old_logps, reference.as_ref(), &adv, &mask, cfg)?;
+            let o = objective(
+                logps.as_tensor(),
+                &old_logps,
+                reference.as_ref(),
+                &adv,
+                &mask,
+                cfg,
+            )?;
             let share = n as f64 / task.rows as f64;
-            self.accumulate(&(o.loss.clone() * share)?, grads)?;
+            let upstream = match (o.loss.clone() * share)?.backward()?.get(&logps) {
+                Some(g) => g.detach(),
+                None => logps.zeros_like()?,
+            };
+            let scale = self.loss_scale.factor;
+            for store in states.backward(model, &upstream, scale)? {
+                self.add_grads(&store, grads)?;
+            }
             totals.loss += scalar(&o.loss)? * share;
             totals.kl += o.kl * share;
             totals.clip_fraction += o.clip_fraction * share;
             olds.push(old_logps);
+            references.extend(reference);
         }
-        if olds.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(Tensor::cat(&olds, 0)?))
+        let cat = |parts: &[Tensor]| -> Result<Option<Tensor>, RlError> {
+            Ok(if parts.is_empty() {
+                None
+            } else {
+                Some(Tensor::cat(parts, 0)?)
+            })
+        };
+        Ok((cat(&olds)?, cat(&references)?))
     }
 
-    /// Adds the gradients of `loss` into `grads`, in f32 for half-precision
-    /// parameters, with the loss scaled by [`Trainer::loss_scale`] for the
-    /// backward pass and the gradients unscaled after.
-    pub(super) fn accumulate(
-        &self,
-        loss: &Tensor,
-        grads: &mut [Option<Tensor>],
-    ) -> Result<(), RlError> {
+    /// Adds the parameters' gradients of `store` into `grads`: in f32 for
+    /// half-precision parameters, divided by [`Trainer::loss_scale`] (the
+    /// backward pass ran on the scaled loss).
+    fn add_grads(&self, store: &GradStore, grads: &mut [Option<Tensor>]) -> Result<(), RlError> {
         let scale = self.loss_scale.factor;
-        let store = (loss * scale)?.backward()?;
         for ((_, var), acc) in self.adaptation.params().iter().zip(grads.iter_mut()) {
             if let Some(g) = store.get(var) {
-                let g = (g.to_dtype(compute_dtype(g.dtype()))? / scale)?;
+                // Detached: a gradient records the ops that made it, and
+                // would keep this micro-batch's whole graph alive.
+                let g = (g.detach().to_dtype(compute_dtype(g.dtype()))? / scale)?;
                 *acc = Some(match acc.take() {
                     Some(a) => (a + g)?,
                     None => g,

@@ -9,7 +9,7 @@ use ulm_model::{Janus, ModelError};
 use super::prepared::Prepared;
 use super::rollout::{served_rollouts, ServedGroup};
 use super::Trainer;
-use crate::grpo::{generation_logps, understanding_logps};
+use crate::grpo::{generation_states, understanding_states};
 use crate::reward::RewardTask;
 use crate::RlError;
 
@@ -91,7 +91,8 @@ impl Trainer {
             let tensors = p.und_tensors(start, n, dev)?;
             let batch = p.und_batch(&tensors, start, n);
             let logps: Vec<Vec<f32>> =
-                understanding_logps(model, &batch, temperature, Pass::Inference)?
+                understanding_states(model, &batch, temperature, Pass::Inference)?
+                    .logp_values(model)?
                     .to_dtype(DType::F32)?
                     .to_vec2()?;
             for (k, row) in logps.into_iter().enumerate() {
@@ -110,13 +111,14 @@ impl Trainer {
             let n = micro.min(p.gen_prompt.len() - start);
             let tensors = p.gen_tensors(start, n, dev)?;
             let batch = p.gen_batch(&tensors, start, n);
-            let logps = generation_logps(
+            let logps = generation_states(
                 model,
                 &batch,
                 temperature,
                 self.config.alignment,
                 Pass::Inference,
-            )?;
+            )?
+            .logp_values(model)?;
             gen.extend(logps.to_dtype(DType::F32)?.to_vec2::<f32>()?);
         }
         Ok([und, gen])
