@@ -417,7 +417,7 @@ impl Llama {
         if hidden.rank() == 1 {
             return hidden.unsqueeze(0)?.matmul(&self.lm_head.t()?)?.squeeze(0);
         }
-        hidden.broadcast_matmul(&self.lm_head.t()?)
+        crate::nn::linear_forward(hidden, &self.lm_head, None)
     }
 
     /// The projection layers of every decoder layer with their checkpoint

@@ -193,7 +193,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     let mut cases = Vec::new();
-    let rows_list: &[usize] = if quick { &[1, 2] } else { &[1, 2, 4] };
+    let rows_list: &[usize] = if quick { &[2] } else { &[2, 4, 8] };
     for lora in [true, false] {
         for &rows in rows_list {
             cases.push(Case {

@@ -14,8 +14,8 @@ use ulm_rl::grpo::{
 use ulm_rl::lora::{attach, LoraConfig};
 use ulm_rl::policy::{build_trainable, is_language_model, TrainableModel};
 
-/// The demo architecture, shrunk, in the given dtype, with the LM trainable.
-fn tiny(dtype: DType) -> TrainableModel {
+/// The demo architecture, shrunk.
+fn tiny_config() -> JanusConfig {
     let mut raw = demo_config_json();
     raw["language_config"]["num_hidden_layers"] = 2.into();
     raw["language_config"]["hidden_size"] = 64.into();
@@ -25,9 +25,19 @@ fn tiny(dtype: DType) -> TrainableModel {
     raw["gen_aligner_config"]["params"]["n_embed"] = 64.into();
     raw["gen_head_config"]["params"]["n_embed"] = 64.into();
     raw["gen_head_config"]["params"]["image_token_embed"] = 64.into();
-    let cfg = JanusConfig::from_value(raw).unwrap();
+    JanusConfig::from_value(raw).unwrap()
+}
+
+/// The shrunk demo in the given dtype, with the LM trainable.
+fn tiny(dtype: DType) -> TrainableModel {
     let vb = VarBuilder::from_backend(Box::new(SeededBackend::new(5)), dtype, Device::Cpu);
-    build_trainable(&cfg, vb, is_language_model).unwrap()
+    build_trainable(&tiny_config(), vb, is_language_model).unwrap()
+}
+
+/// The same weights as plain tensors: nothing in it is trainable.
+fn plain(dtype: DType) -> Janus {
+    let vb = VarBuilder::from_backend(Box::new(SeededBackend::new(5)), dtype, Device::Cpu);
+    Janus::new(&tiny_config(), vb).unwrap()
 }
 
 fn frozen(dtype: DType) -> Janus {
@@ -419,6 +429,54 @@ fn the_chunked_two_stage_backward_equals_the_direct_gradient() {
         let scale = want.iter().map(|x| x.abs()).fold(0.0, f64::max).max(1e-30);
         for (w, g) in want.iter().zip(&got) {
             assert!((w - g).abs() <= 1e-9 * scale, "{name}: {g} vs {w}");
+        }
+    }
+}
+
+/// The adapters' gradients through frozen weights (whose matmul backward
+/// skips the weight) are those of the plain matmul.
+#[test]
+fn adapter_gradients_through_frozen_weights_are_unchanged() {
+    let adapt = |mut model: Janus| {
+        let lora = attach(
+            &mut model,
+            &LoraConfig {
+                rank: 4,
+                alpha: 8.0,
+                ..LoraConfig::default()
+            },
+            1,
+        )
+        .unwrap();
+        for (name, var) in &lora.params {
+            if name.ends_with("lora_B.weight") {
+                let values = Tensor::rand(-0.05f64, 0.05, var.shape(), &Device::Cpu).unwrap();
+                var.set(&(var.as_tensor().zeros_like().unwrap() + values.sin().unwrap()).unwrap())
+                    .unwrap();
+            }
+        }
+        (model, lora)
+    };
+    // Frozen-path model: plain weights. Plain-matmul model: the same weights as Vars.
+    let (frozen, frozen_lora) = adapt(plain(DType::F64));
+    let (tracked, tracked_lora) = adapt(tiny(DType::F64).model);
+    for ((_, f), (_, t)) in frozen_lora.params.iter().zip(&tracked_lora.params) {
+        f.set(t.as_tensor()).unwrap();
+    }
+    let b = batch(&frozen, DType::F64);
+    let old = old_logps(&frozen, &b);
+    let g_frozen = loss(&frozen, &frozen, &b, &old).backward().unwrap();
+    let g_tracked = loss(&tracked, &tracked, &b, &old).backward().unwrap();
+    for ((name, f), (_, t)) in frozen_lora.params.iter().zip(&tracked_lora.params) {
+        let flat = |g: &Tensor| g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let (a, want) = (
+            flat(g_frozen.get(f).unwrap()),
+            flat(g_tracked.get(t).unwrap()),
+        );
+        let scale = want.iter().map(|x| x.abs()).fold(0.0, f64::max);
+        assert!(scale > 0.0, "{name}");
+        for (x, y) in a.iter().zip(&want) {
+            assert!((x - y).abs() <= 1e-9 * scale, "{name}: {x} vs {y}");
         }
     }
 }
