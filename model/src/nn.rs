@@ -97,6 +97,9 @@ pub struct LoraAdapter {
     pub scale: f64,
     /// Shared by every adapter of a model: off computes the base model (the GRPO reference policy).
     pub enabled: Arc<AtomicBool>,
+    /// Shared by every adapter of a model: off reads the adapters detached,
+    /// so that sampling from the policy records no gradient graph.
+    pub recording: Arc<AtomicBool>,
 }
 
 /// PyTorch `nn.Linear`, optionally with a LoRA adapter.
@@ -125,8 +128,13 @@ impl Linear {
         };
         match &self.lora {
             Some(l) if l.enabled.load(Ordering::Relaxed) => {
-                let down = candle_nn::Linear::new(l.a.clone(), None).forward(x)?;
-                let up = candle_nn::Linear::new(l.b.clone(), None).forward(&down)?;
+                let (a, b) = if l.recording.load(Ordering::Relaxed) {
+                    (l.a.clone(), l.b.clone())
+                } else {
+                    (l.a.detach(), l.b.detach())
+                };
+                let down = candle_nn::Linear::new(a, None).forward(x)?;
+                let up = candle_nn::Linear::new(b, None).forward(&down)?;
                 y + (up * l.scale)?
             }
             _ => Ok(y),

@@ -53,12 +53,20 @@ pub struct Lora {
     /// `<module>.lora_A.weight` and `<module>.lora_B.weight` parameters.
     pub params: Vec<(String, Var)>,
     enabled: Arc<AtomicBool>,
+    recording: Arc<AtomicBool>,
 }
 
 impl Lora {
     /// Adapters on (the policy) or off (the base model, the reference policy).
     pub fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether forwards through the adapters record a gradient graph: off
+    /// while sampling rollouts, whose KV caches would otherwise keep every
+    /// decode step's graph alive until the rollout ends.
+    pub fn set_recording(&self, on: bool) {
+        self.recording.store(on, Ordering::Relaxed);
     }
 
     /// Writes the adapters, with `values` (one per parameter, as trained:
@@ -95,6 +103,7 @@ pub fn attach(model: &mut Janus, config: &LoraConfig, seed: u64) -> Result<Lora,
         return Err(RlError::InvalidData("LoRA rank must be at least 1".into()));
     }
     let enabled = Arc::new(AtomicBool::new(true));
+    let recording = Arc::new(AtomicBool::new(true));
     let (device, dtype) = (model.device().clone(), model.dtype());
     let mut rng = StdRng::seed_from_u64(seed);
     let mut params = Vec::new();
@@ -119,6 +128,7 @@ pub fn attach(model: &mut Janus, config: &LoraConfig, seed: u64) -> Result<Lora,
             b: b.as_tensor().clone(),
             scale: config.alpha / r as f64,
             enabled: enabled.clone(),
+            recording: recording.clone(),
         });
         params.push((format!("{name}.lora_A.weight"), a));
         params.push((format!("{name}.lora_B.weight"), b));
@@ -133,6 +143,7 @@ pub fn attach(model: &mut Janus, config: &LoraConfig, seed: u64) -> Result<Lora,
         config: config.clone(),
         params,
         enabled,
+        recording,
     })
 }
 

@@ -480,3 +480,26 @@ fn adapter_gradients_through_frozen_weights_are_unchanged() {
         }
     }
 }
+
+/// Sampling from the policy (rollouts) with recording off builds no graph:
+/// nothing downstream of the adapters is tracked.
+#[test]
+fn adapters_with_recording_off_build_no_graph() {
+    let mut model = plain(DType::F32);
+    let lora = attach(&mut model, &LoraConfig::default(), 1).unwrap();
+    let b = batch(&model, DType::F32);
+    let img = model.image_embeds(&b.pixels, Pass::Inference).unwrap();
+    let (und, _) = b.views(&img);
+    let tracked = |model: &Janus| {
+        // The training pass: the inference pass's fused norms cut the graph
+        // between layers (not within them, where the KV cache keeps it).
+        understanding_logps(model, &und, 1.0, Pass::Training)
+            .unwrap()
+            .track_op()
+    };
+    assert!(tracked(&model));
+    lora.set_recording(false);
+    assert!(!tracked(&model));
+    lora.set_recording(true);
+    assert!(tracked(&model));
+}

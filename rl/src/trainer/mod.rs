@@ -156,8 +156,12 @@ impl Trainer {
     /// One GRPO step on `items`: fresh rollouts scored by the trainer's rewards.
     pub fn step(&mut self, items: &[TrainItem]) -> Result<StepMetrics, RlError> {
         let started = Instant::now();
-        let und = self.rollout_understanding(items)?;
-        let gen = self.rollout_generation(items)?;
+        let (und, gen) = self.without_graph(|| {
+            Ok::<_, RlError>((
+                self.rollout_understanding(items)?,
+                self.rollout_generation(items)?,
+            ))
+        })?;
         let rollout_s = started.elapsed().as_secs_f64();
         let rewards = std::mem::take(&mut self.rewards);
         let result = self.score_and_optimize(&rewards, items, und, gen, started, rollout_s);
@@ -192,11 +196,11 @@ impl Trainer {
         let TaskScores {
             total: r_und,
             mut means,
-        } = self.score(rewards, items, RewardTask::Understanding, &und)?;
+        } = self.without_graph(|| self.score(rewards, items, RewardTask::Understanding, &und))?;
         let TaskScores {
             total: r_gen,
             means: gen_means,
-        } = self.score(rewards, items, RewardTask::Generation, &gen)?;
+        } = self.without_graph(|| self.score(rewards, items, RewardTask::Generation, &gen))?;
         means.extend(gen_means);
         let reward_s = reward_started.elapsed().as_secs_f64();
 
@@ -320,6 +324,21 @@ impl Trainer {
         self.config
             .logprob_temperature
             .unwrap_or(self.config.temperature.max(1e-3) as f64)
+    }
+
+    /// Runs `f` (sampling from the policy: rollouts, model-judged rewards)
+    /// with the adapters recording no gradient graph. Full fine-tuning
+    /// samples through its trainable weights and still records one.
+    fn without_graph<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.adaptation {
+            Adaptation::Lora(lora) => {
+                lora.set_recording(false);
+                let out = f();
+                lora.set_recording(true);
+                out
+            }
+            Adaptation::Full { .. } => f(),
+        }
     }
 
     /// Runs `f` on the reference policy.
