@@ -418,7 +418,8 @@ pub struct AdamW {
     pub eps: f64,
     pub weight_decay: f64,
     pub step: u64,
-    /// First and second moments, one pair per parameter, in the update dtype.
+    /// First and second moments, one pair per parameter, in the update
+    /// dtype; written in place, so each must own its storage.
     pub moments: Vec<(Tensor, Tensor)>,
     /// The master copy of each half-precision parameter; none where the
     /// parameter itself is in the update dtype.
@@ -431,8 +432,9 @@ impl AdamW {
         let mut masters = Vec::with_capacity(params.len());
         for (_, v) in params {
             let dtype = compute_dtype(v.dtype());
-            let zeros = Tensor::zeros(v.shape(), dtype, v.device())?;
-            moments.push((zeros.clone(), zeros));
+            // Two tensors: the update writes each in place.
+            let zeros = || Tensor::zeros(v.shape(), dtype, v.device());
+            moments.push((zeros()?, zeros()?));
             masters.push(if dtype == v.dtype() {
                 None
             } else {
@@ -449,6 +451,14 @@ impl AdamW {
             moments,
             masters,
         })
+    }
+
+    /// The moments, copied (the update writes them in place).
+    pub fn moments_copy(&self) -> Result<Vec<(Tensor, Tensor)>> {
+        self.moments
+            .iter()
+            .map(|(m, v)| Ok((m.copy()?, v.copy()?)))
+            .collect()
     }
 
     /// What was trained: each parameter's value in the update dtype (the
@@ -473,42 +483,54 @@ impl AdamW {
             }
             var.set(&value.to_dtype(var.dtype())?)?;
             if let Some(master) = master {
-                *master = value.to_dtype(master.dtype())?;
+                // A copy of its own: the update writes the master in place.
+                *master = value.to_dtype(master.dtype())?.copy()?;
             }
         }
         Ok(())
     }
 
     /// One update from `grads` (one per parameter, `None` for no gradient).
+    /// The moments, master copies and parameters are written in place, a
+    /// block of rows at a time: the update's temporaries stay a few blocks
+    /// in size, not several copies of the largest parameter (an embedding
+    /// table of 102400 x 2048 is 0.8 GB in f32).
     pub fn apply(&mut self, params: &[(String, Var)], grads: &[Option<Tensor>]) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (self.beta1, self.beta2);
         let bias1 = 1.0 - b1.powi(t);
         let bias2 = 1.0 - b2.powi(t);
-        let state = self.moments.iter_mut().zip(self.masters.iter_mut());
+        let state = self.moments.iter().zip(&self.masters);
         for (((_, var), grad), ((m, v), master)) in params.iter().zip(grads).zip(state) {
             let Some(g) = grad else { continue };
-            let g = g.to_dtype(m.dtype())?;
-            *m = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
-            *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let m_hat = (&*m / bias1)?;
-            let v_hat = (&*v / bias2)?;
+            let rows = var.dims().first().copied().unwrap_or(1).max(1);
+            let block = (UPDATE_BLOCK / (var.elem_count() / rows).max(1)).max(1);
             let value = master.as_ref().unwrap_or(var.as_tensor());
-            let decayed = (value * (1.0 - self.lr * self.weight_decay))?;
-            let update = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
-            let updated = (decayed - (update * self.lr)?)?;
-            match master {
-                Some(master) => {
-                    var.set(&updated.to_dtype(var.dtype())?)?;
-                    *master = updated;
+            for first in (0..rows).step_by(block) {
+                let n = block.min(rows - first);
+                let part = |t: &Tensor| t.narrow(0, first, n);
+                let g = part(g)?.to_dtype(m.dtype())?;
+                let m_new = ((part(m)? * b1)? + (&g * (1.0 - b1))?)?;
+                let v_new = ((part(v)? * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+                let step = ((&m_new / bias1)? / ((&v_new / bias2)?.sqrt()? + self.eps)?)?;
+                let decayed = (part(value)? * (1.0 - self.lr * self.weight_decay))?;
+                let updated = (decayed - (step * self.lr)?)?;
+                m.slice_set(&m_new, 0, first)?;
+                v.slice_set(&v_new, 0, first)?;
+                if let Some(master) = master {
+                    master.slice_set(&updated, 0, first)?;
                 }
-                None => var.set(&updated)?,
+                var.as_tensor()
+                    .slice_set(&updated.to_dtype(var.dtype())?, 0, first)?;
             }
         }
         Ok(())
     }
 }
+
+/// Values per block of an in-place AdamW update (16 MB in f32).
+const UPDATE_BLOCK: usize = 1 << 22;
 
 #[cfg(test)]
 mod tests {
@@ -619,5 +641,47 @@ mod tests {
             working < 0.02 && (working - master).abs() < 1e-4,
             "{working}"
         );
+    }
+
+    /// A parameter larger than one block is updated block by block, in
+    /// place, as `torch.optim.AdamW` would update it whole.
+    #[test]
+    fn adamw_updates_large_parameters_block_by_block() {
+        let dev = &Device::Cpu;
+        let (rows, cols) = (5, UPDATE_BLOCK / 2);
+        let w = Var::from_tensor(&Tensor::ones((rows, cols), DType::F32, dev).unwrap()).unwrap();
+        let params = vec![("w".to_string(), w)];
+        let mut adam = AdamW::new(&params, 0.01, 0.1).unwrap();
+        let row_grads = [0.5f32, -1.0, 2.0, 0.0, -0.25];
+        let grad = Tensor::new(&row_grads, dev)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap()
+            .broadcast_as((rows, cols))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        for _ in 0..2 {
+            adam.apply(&params, &[Some(grad.clone())]).unwrap();
+        }
+        let got: Vec<Vec<f32>> = params[0].1.as_tensor().to_vec2().unwrap();
+        for (r, &g) in row_grads.iter().enumerate() {
+            let g = g as f64;
+            let (mut w, mut m, mut v) = (1f64, 0f64, 0f64);
+            for t in 1..=2 {
+                m = 0.9 * m + 0.1 * g;
+                v = 0.999 * v + 0.001 * g * g;
+                let step =
+                    (m / (1.0 - 0.9f64.powi(t))) / ((v / (1.0 - 0.999f64.powi(t))).sqrt() + 1e-8);
+                w = w * (1.0 - 0.01 * 0.1) - 0.01 * step;
+            }
+            for c in [0, cols / 2, cols - 1] {
+                assert!(
+                    (got[r][c] as f64 - w).abs() < 1e-6,
+                    "row {r}: {} vs {w}",
+                    got[r][c]
+                );
+            }
+        }
     }
 }

@@ -32,7 +32,7 @@ use rollout::{served_rollouts, Rollouts};
 struct Snapshot {
     /// The parameters' values in the update dtype (their master copies).
     params: Vec<Tensor>,
-    /// Moment tensors are replaced, never written in place: clones suffice.
+    /// Copies: the optimizer writes its moments in place.
     moments: Vec<(Tensor, Tensor)>,
     optimizer_step: u64,
 }
@@ -307,7 +307,7 @@ impl Trainer {
     fn snapshot(&self) -> Result<Snapshot, RlError> {
         Ok(Snapshot {
             params: self.optimizer.values(self.adaptation.params())?,
-            moments: self.optimizer.moments.clone(),
+            moments: self.optimizer.moments_copy()?,
             optimizer_step: self.optimizer.step,
         })
     }
