@@ -5,7 +5,8 @@
 //! allocator: the step's peak above what was allocated before it (the
 //! weights), so it is what grows with rows, length and vocabulary.
 //!
-//! `cargo bench -p ulm-rl --bench memory -- [--layers N] [--rows 2,4] [--quick]`
+//! `cargo bench -p ulm-rl --bench memory -- [--layers N] [--rows 2,4] [--only lora|full] [--quick]`
+//! (`--quick`: 2 rows, no length or vocabulary sweep).
 //! Prints a Markdown table.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -231,15 +232,23 @@ fn main() {
                 vocab,
             });
         }
-        for lora in [true, false] {
-            cases.push(Case {
-                lora,
-                dtype: DType::F16,
-                rows: 2,
-                length: 64,
-                vocab: 102400,
-            });
-        }
+    }
+    for lora in [true, false] {
+        cases.push(Case {
+            lora,
+            dtype: DType::F16,
+            rows: 2,
+            length: 64,
+            vocab: 102400,
+        });
+    }
+    // `--only lora` or `--only full`.
+    if let Some(only) = args
+        .iter()
+        .position(|a| a == "--only")
+        .map(|i| &args[i + 1])
+    {
+        cases.retain(|c| c.lora == (only == "lora"));
     }
     println!("{layers} LLaMA layer(s), 1 SigLIP-L layer; one understanding group (answers of the given length) and one generation group (576 image tokens), each of `rows` samples, in one micro-batch.\n");
     println!("| adaptation | dtype | rows | answer tokens | vocab | step peak above weights | step s | applied |");

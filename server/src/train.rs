@@ -79,7 +79,9 @@ pub struct TrainArgs {
     /// 0 disables clipping.
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
-    #[arg(long, default_value_t = 16)]
+    /// Rows per forward/backward pass; gradients accumulate over them. About
+    /// 10 GiB per row at the Janus-Pro-1B sizes in bf16 (BENCHMARKS.md).
+    #[arg(long, default_value_t = 4)]
     pub micro_batch_rows: usize,
     /// predicting (as sampling) or own-position (the ULM-R1 reference).
     #[arg(long, default_value = "predicting")]

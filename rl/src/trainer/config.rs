@@ -67,7 +67,7 @@ impl Default for TrainerConfig {
             schedule: Schedule::Constant,
             total_steps: 1000,
             max_grad_norm: Some(1.0),
-            micro_batch_rows: 16,
+            micro_batch_rows: 4,
             alignment: T2iAlignment::Predicting,
             unified_lambda: 0.8,
             seed: 0,

@@ -300,7 +300,9 @@ impl Trainer {
             if let Some(g) = store.get(var) {
                 // Detached: a gradient records the ops that made it, and
                 // would keep this micro-batch's whole graph alive.
-                let g = (g.detach().to_dtype(compute_dtype(g.dtype()))? / scale)?;
+                let g = g.detach().to_dtype(compute_dtype(g.dtype()))?;
+                // Unscaled without a copy when there is nothing to unscale.
+                let g = if scale == 1.0 { g } else { (g / scale)? };
                 *acc = Some(match acc.take() {
                     Some(a) => (a + g)?,
                     None => g,

@@ -53,7 +53,8 @@ pub struct JobConfig {
     /// active version's minus this.
     pub max_reward_drop: f64,
     /// Rows per forward/backward pass; gradients accumulate over them.
-    /// Bounds the job's activation memory next to the serving model.
+    /// Bounds the job's activation memory next to the serving model: about
+    /// 10 GiB per row at the Janus-Pro-1B sizes in bf16.
     #[schema(minimum = 1, maximum = 256)]
     pub micro_batch_rows: u32,
     pub mix: DataMix,
