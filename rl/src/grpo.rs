@@ -140,34 +140,27 @@ impl ScoringStates {
     /// the states (every chunk's logits stay alive for the backward pass:
     /// for tests and small models; the trainer uses [`Self::backward`]).
     pub fn logps(&self, model: &Janus) -> Result<Tensor> {
-        let (g, l, _) = self.rows()?;
-        let (hidden, targets) = self.flat()?;
-        let chunk = self.chunk(model);
-        let parts = (0..g * l)
-            .step_by(chunk)
-            .map(|r| {
-                let n = chunk.min(g * l - r);
-                self.chunk_logps(model, &hidden.narrow(0, r, n)?, &targets.narrow(0, r, n)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&parts, 0)?.reshape((g, l))
+        self.chunked_logps(model, false)
     }
 
     /// The log-probs' values `[G, L]`, no gradient: each chunk's logits
     /// are freed before the next chunk's are computed.
     pub fn logp_values(&self, model: &Janus) -> Result<Tensor> {
+        self.chunked_logps(model, true)
+    }
+
+    fn chunked_logps(&self, model: &Janus, detached: bool) -> Result<Tensor> {
         let (g, l, _) = self.rows()?;
         let (hidden, targets) = self.flat()?;
-        let hidden = hidden.detach();
+        let hidden = if detached { hidden.detach() } else { hidden };
         let chunk = self.chunk(model);
         let parts = (0..g * l)
             .step_by(chunk)
             .map(|r| {
                 let n = chunk.min(g * l - r);
-                let h = hidden.narrow(0, r, n)?;
-                Ok(self
-                    .chunk_logps(model, &h, &targets.narrow(0, r, n)?)?
-                    .detach())
+                let logps =
+                    self.chunk_logps(model, &hidden.narrow(0, r, n)?, &targets.narrow(0, r, n)?)?;
+                Ok(if detached { logps.detach() } else { logps })
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&parts, 0)?.reshape((g, l))
