@@ -1,4 +1,5 @@
-//! Rewards that use the model or a service: self-cycle and external HTTP.
+//! Rewards that use the model, a service or the world's verifier: self-cycle,
+//! external HTTP, verifier.
 
 use std::time::Duration;
 
@@ -8,7 +9,10 @@ use ulm_model::bundle::ModelBundle;
 use ulm_model::demo::DEFAULT_SEED;
 use ulm_model::generate::{generate_images_batch, ImageItem};
 use ulm_model::sampling::SamplingParams;
-use ulm_rl::reward::{HttpReward, Reward, RewardContext, RewardTask, Scored, SelfCycle, TrainItem};
+use ulm_rl::reward::{
+    HttpReward, Reward, RewardContext, RewardTask, Scored, SelfCycle, TrainItem, WorldVerifier,
+};
+use ulm_world::{examples, Split};
 
 fn images(bundle: &ModelBundle) -> Vec<image::RgbImage> {
     let item = ImageItem {
@@ -70,6 +74,40 @@ fn self_cycle_scores_are_bounded_and_deterministic() {
     assert_eq!(a.len(), 2);
     assert!(a.iter().all(|s| (0.0..=1.0).contains(s)));
     assert_eq!(a, reward.score(&ctx, &samples).unwrap());
+}
+
+#[test]
+fn the_verifier_reward_scores_images_against_their_captions() {
+    let bundle = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
+    let ctx = RewardContext::of(&bundle);
+    let example = examples(1, Split::Train)
+        .find(|e| e.scene.objects.len() == 2)
+        .unwrap();
+    let image = example.image(64);
+    let blank = RgbImage::from_pixel(64, 64, image::Rgb(ulm_world::scene::BACKGROUND));
+    let score = |caption: &str, image: &RgbImage| {
+        let item = TrainItem {
+            qa: None,
+            caption: Some(caption.into()),
+        };
+        WorldVerifier
+            .score(&ctx, &[scored(&item, None, Some(image))])
+            .unwrap()[0]
+    };
+    assert_eq!(WorldVerifier.task(), RewardTask::Generation);
+    let caption = &example.captions[1].text;
+    assert_eq!(score(caption, &image), 1.0, "{caption}");
+    // One of the two objects drawn: half the credit.
+    let first = &example.scene.objects[0];
+    let other = if first.shape.name() == "circle" {
+        "square"
+    } else {
+        "circle"
+    };
+    let half = format!("a {} and four {other}s", first.shape.name());
+    assert_eq!(score(&half, &image), 0.5, "{half}");
+    assert_eq!(score(caption, &blank), 0.0);
+    assert_eq!(score("a portrait of a cat", &image), 0.0);
 }
 
 /// A loopback scoring service: score = answer length, or 0.5 for images.

@@ -3,11 +3,12 @@
 //!
 //! `api` (axum, utoipa: routes, validation, auth, the OpenAPI document; talks
 //! to the core, never to tensors), `serve` (configuration and wiring),
-//! `listen` (connections and their timeouts), `train` and `oneshot` (the
-//! offline commands).
+//! `listen` (connections and their timeouts), `train`, `oneshot` and `world`
+//! (the offline commands).
 
 pub mod api;
 pub mod listen;
 pub mod oneshot;
 pub mod serve;
 pub mod train;
+pub mod world;

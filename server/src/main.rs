@@ -6,6 +6,7 @@ use ulm_model::demo::{save_demo_checkpoint, DEFAULT_SEED};
 use ulm_server::oneshot::{self, AnswerArgs, GenerateArgs};
 use ulm_server::serve::{serve, ServeArgs};
 use ulm_server::train::{train, TrainArgs};
+use ulm_server::world::{verify_caption, write_world, VerifyArgs, WorldArgs};
 
 /// Serves and trains the ULM-R1 (Janus-Pro) unified multimodal model.
 #[derive(Parser)]
@@ -34,6 +35,10 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_SEED)]
         seed: u64,
     },
+    /// Write examples of the synthetic world of coloured shapes as a dataset.
+    World(WorldArgs),
+    /// Read an image with the world's verifier and check a caption against it.
+    Verify(VerifyArgs),
 }
 
 fn main() -> Result<()> {
@@ -63,6 +68,13 @@ fn main() -> Result<()> {
         Command::SaveDemo { out, seed } => {
             save_demo_checkpoint(&out, seed)?;
             println!("{}", out.display());
+        }
+        Command::World(args) => {
+            let lines = write_world(&args)?;
+            println!("{} ({lines} items)", args.out.join("data.jsonl").display());
+        }
+        Command::Verify(args) => {
+            println!("{:#}", verify_caption(&args)?);
         }
     }
     Ok(())

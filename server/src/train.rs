@@ -13,7 +13,8 @@ use ulm_rl::grpo::T2iAlignment;
 use ulm_rl::lora::{self, LoraConfig};
 use ulm_rl::policy::{load_trainable, load_trainable_dir};
 use ulm_rl::reward::{
-    HttpReward, Reward, RewardTask, SelfCycle, T2iMatch, Weighted, FORMAT, FORMAT_TAG, QA_ACCURACY,
+    HttpReward, Reward, RewardTask, SelfCycle, T2iMatch, Weighted, WorldVerifier, FORMAT,
+    FORMAT_TAG, QA_ACCURACY,
 };
 use ulm_rl::trainer::{Adaptation, Schedule, Trainer, TrainerConfig};
 
@@ -86,7 +87,8 @@ pub struct TrainArgs {
     /// predicting (as sampling) or own-position (the ULM-R1 reference).
     #[arg(long, default_value = "predicting")]
     pub alignment: String,
-    /// Weighted rewards, name=weight: format, format_tag, qa_accuracy, t2i_match, self_cycle.
+    /// Weighted rewards, name=weight: format, format_tag, qa_accuracy, t2i_match, self_cycle,
+    /// verifier (the synthetic world's, for captions in its language).
     #[arg(long, default_value = "format=0.5,qa_accuracy=1,t2i_match=1")]
     pub rewards: String,
     /// External reward services, `task@url` (task: understanding or generation), weight 1 each.
@@ -116,8 +118,9 @@ fn parse_rewards(spec: &str) -> Result<Vec<Weighted>> {
                 "qa_accuracy" => Box::new(QA_ACCURACY),
                 "t2i_match" => Box::new(T2iMatch),
                 "self_cycle" => Box::new(SelfCycle::default()),
+                "verifier" => Box::new(WorldVerifier),
                 other => bail!(
-                    "unknown reward {other:?} (format, format_tag, qa_accuracy, t2i_match, self_cycle)"
+                    "unknown reward {other:?} (format, format_tag, qa_accuracy, t2i_match, self_cycle, verifier)"
                 ),
             };
             Ok(Weighted { reward, weight })

@@ -142,6 +142,34 @@ impl Reward for AnswerReward {
     }
 }
 
+/// The synthetic world's verifier on a generated image: partial credit for
+/// what the caption claims (`ulm_world::verify::score`, 1 when it holds).
+/// A caption outside the world's language scores 0.
+pub struct WorldVerifier;
+
+impl Reward for WorldVerifier {
+    fn name(&self) -> &str {
+        "verifier"
+    }
+    fn task(&self) -> RewardTask {
+        RewardTask::Generation
+    }
+    fn score(&self, _: &RewardContext, samples: &[Scored]) -> Result<Vec<f32>, RlError> {
+        Ok(samples
+            .iter()
+            .map(|s| {
+                let claim = s.item.caption.as_deref().map(ulm_world::caption::parse);
+                match (claim, s.image) {
+                    (Some(Ok(claim)), Some(image)) => {
+                        ulm_world::verify::score(&claim, &ulm_world::verify::read(image)) as f32
+                    }
+                    _ => 0.0,
+                }
+            })
+            .collect())
+    }
+}
+
 /// The score stored with a served sample: human feedback, or accuracy
 /// against a reference answer given as a correction, for samples of one
 /// task. Samples without one score 0.
