@@ -4,6 +4,7 @@
 
 pub mod bundle;
 pub mod config;
+pub mod conv;
 pub mod decode;
 pub mod demo;
 pub mod generate;

@@ -6,6 +6,7 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use crate::config::VqConfig;
+use crate::conv::conv2d;
 use crate::nn::{embedding, norm_bias, norm_weight};
 use crate::ops::{l2_normalize, softmax_last, swish, Pass};
 
@@ -49,9 +50,9 @@ impl Conv {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let c = self.bias.dim(0)?;
-        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+        conv2d(x, &self.weight, self.padding, self.stride, pass)?
             .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
     }
 }
@@ -117,11 +118,13 @@ impl ResnetBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&swish(&self.norm1.forward(x)?)?)?;
-        let h = self.conv2.forward(&swish(&self.norm2.forward(&h)?)?)?;
+    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let h = self.conv1.forward(&swish(&self.norm1.forward(x)?)?, pass)?;
+        let h = self
+            .conv2
+            .forward(&swish(&self.norm2.forward(&h)?)?, pass)?;
         let shortcut = match &self.nin_shortcut {
-            Some(conv) => conv.forward(x)?,
+            Some(conv) => conv.forward(x, pass)?,
             None => x.clone(),
         };
         shortcut + h
@@ -149,20 +152,20 @@ impl AttnBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let n = self.norm.forward(x)?;
         let q = self
             .q
-            .forward(&n)?
+            .forward(&n, pass)?
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
-        let k = self.k.forward(&n)?.reshape((b, c, h * w))?;
-        let v = self.v.forward(&n)?.reshape((b, c, h * w))?;
-        let weights = softmax_last(&(q.matmul(&k)? * (c as f64).powf(-0.5))?, Pass::Inference)?;
+        let k = self.k.forward(&n, pass)?.reshape((b, c, h * w))?;
+        let v = self.v.forward(&n, pass)?.reshape((b, c, h * w))?;
+        let weights = softmax_last(&(q.matmul(&k)? * (c as f64).powf(-0.5))?, pass)?;
         let out = v.matmul(&weights.t()?)?.reshape((b, c, h, w))?;
-        x + self.proj_out.forward(&out)?
+        x + self.proj_out.forward(&out, pass)?
     }
 }
 
@@ -223,12 +226,12 @@ impl Level {
         ))
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, res) in self.res.iter().enumerate() {
-            h = res.forward(&h)?;
+            h = res.forward(&h, pass)?;
             if let Some(attn) = self.attn.get(i) {
-                h = attn.forward(&h)?;
+                h = attn.forward(&h, pass)?;
             }
         }
         Ok(h)
@@ -265,6 +268,20 @@ fn build_levels(
         .collect()
 }
 
+/// Nearest-neighbour upsampling by two. The training pass repeats each
+/// pixel by broadcasting: candle's `upsample_nearest2d` backward is a
+/// grouped convolution, the slowest op of a VQ training step on the CPU.
+fn upsample_nearest_2x(x: &Tensor, pass: Pass) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    match pass {
+        Pass::Inference => x.upsample_nearest2d(2 * h, 2 * w),
+        Pass::Training => x
+            .reshape((b, c, h, 1, w, 1))?
+            .broadcast_as((b, c, h, 2, w, 2))?
+            .reshape((b, c, 2 * h, 2 * w)),
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Mid {
     res0: ResnetBlock,
@@ -281,9 +298,9 @@ impl Mid {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.res1
-            .forward(&self.attn.forward(&self.res0.forward(x)?)?)
+    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let h = self.res0.forward(x, pass)?;
+        self.res1.forward(&self.attn.forward(&h, pass)?, pass)
     }
 }
 
@@ -326,16 +343,18 @@ impl Encoder {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = self.conv_in.forward(x)?;
+    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(x, pass)?;
         for level in &self.levels {
-            h = level.forward(&h)?;
+            h = level.forward(&h, pass)?;
             if let Some(down) = &level.resample {
-                h = down.forward(&h.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)?;
+                let padded = h.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
+                h = down.forward(&padded, pass)?;
             }
         }
-        let h = self.mid.forward(&h)?;
-        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+        let h = self.mid.forward(&h, pass)?;
+        self.conv_out
+            .forward(&swish(&self.norm_out.forward(&h)?)?, pass)
     }
 }
 
@@ -379,17 +398,17 @@ impl Decoder {
         })
     }
 
-    fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let h = self.conv_in.forward(z)?;
-        let mut h = self.mid.forward(&h)?;
+    fn forward(&self, z: &Tensor, pass: Pass) -> Result<Tensor> {
+        let h = self.conv_in.forward(z, pass)?;
+        let mut h = self.mid.forward(&h, pass)?;
         for level in &self.levels {
-            h = level.forward(&h)?;
+            h = level.forward(&h, pass)?;
             if let Some(up) = &level.resample {
-                let (_, _, hh, ww) = h.dims4()?;
-                h = up.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
+                h = up.forward(&upsample_nearest_2x(&h, pass)?, pass)?;
             }
         }
-        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+        self.conv_out
+            .forward(&swish(&self.norm_out.forward(&h)?)?, pass)
     }
 }
 
@@ -410,7 +429,9 @@ pub struct VqModel {
     decoder: Decoder,
     quant_conv: Conv,
     post_quant_conv: Conv,
-    codebook: Tensor,
+    /// `quantize.embedding.weight` as stored; normalised on use, so that a
+    /// trained codebook stays on the sphere after every update.
+    raw_codebook: Tensor,
     cfg: VqConfig,
 }
 
@@ -419,33 +440,56 @@ impl VqModel {
     pub fn new(cfg: &VqConfig, vb: VarBuilder) -> Result<Self> {
         let (d, z) = (cfg.codebook_embed_dim, cfg.z_channels);
         let raw_codebook = embedding(&vb, cfg.codebook_size, d, "quantize.embedding.weight")?;
-        let codebook = if cfg.codebook_l2_norm {
-            l2_normalize(&raw_codebook)?
-        } else {
-            raw_codebook
-        };
         Ok(Self {
             encoder: Encoder::new(vb.pp("encoder"), cfg)?,
             decoder: Decoder::new(vb.pp("decoder"), cfg)?,
             quant_conv: Conv::new(vb.pp("quant_conv"), z, d, 1, 1, 0)?,
             post_quant_conv: Conv::new(vb.pp("post_quant_conv"), d, z, 1, 1, 0)?,
-            codebook,
+            raw_codebook,
             cfg: cfg.clone(),
         })
     }
 
+    /// Whether codes and latents are compared as unit vectors.
+    pub fn l2_normalised(&self) -> bool {
+        self.cfg.codebook_l2_norm
+    }
+
+    /// Side in pixels of the images the tokenizer reads and writes.
+    pub fn image_size(&self) -> usize {
+        self.cfg.image_size
+    }
+
+    /// The codebook `[K, D]` that codes index, L2-normalised when the
+    /// config says so.
+    pub fn codebook(&self) -> Result<Tensor> {
+        if self.cfg.codebook_l2_norm {
+            l2_normalize(&self.raw_codebook)
+        } else {
+            Ok(self.raw_codebook.clone())
+        }
+    }
+
+    /// Images in [-1, 1] `[B, 3, S, S]` to the latent `[B, D, g, g]` that is
+    /// quantised (after quant_conv, before normalisation).
+    pub fn latent(&self, pixels: &Tensor, pass: Pass) -> Result<Tensor> {
+        self.quant_conv
+            .forward(&self.encoder.forward(pixels, pass)?, pass)
+    }
+
     /// Images in [-1, 1] `[B, 3, S, S]` to codes.
     pub fn encode(&self, pixels: &Tensor) -> Result<VqEncoding> {
-        let latent = self.quant_conv.forward(&self.encoder.forward(pixels)?)?;
+        let latent = self.latent(pixels, Pass::Inference)?;
         let (b, d, h, w) = latent.dims4()?;
         let flat = latent
             .permute((0, 2, 3, 1))?
             .reshape((b * h * w, d))?
             .to_dtype(DType::F32)?;
-        let (flat, codebook) = if self.cfg.codebook_l2_norm {
-            (l2_normalize(&flat)?, self.codebook.to_dtype(DType::F32)?)
+        let codebook = self.codebook()?.to_dtype(DType::F32)?;
+        let flat = if self.cfg.codebook_l2_norm {
+            l2_normalize(&flat)?
         } else {
-            (flat, self.codebook.to_dtype(DType::F32)?)
+            flat
         };
         let distances = flat
             .sqr()?
@@ -467,7 +511,7 @@ impl VqModel {
         if g * g != n {
             candle_core::bail!("{n} codes do not form a square grid");
         }
-        self.codebook
+        self.codebook()?
             .index_select(&indices.flatten_all()?, 0)?
             .reshape((b, g, g, self.cfg.codebook_embed_dim))?
             .permute((0, 3, 1, 2))?
@@ -477,8 +521,13 @@ impl VqModel {
     /// Decodes normalised codebook entries `[B, D, g, g]` to raw RGB floats
     /// `[B, 3, g*f, g*f]` (roughly [-1, 1]; not clipped).
     pub fn decode_entries(&self, entries: &Tensor) -> Result<Tensor> {
+        self.decode(entries, Pass::Inference)
+    }
+
+    /// [`Self::decode_entries`] with the ops of `pass`.
+    pub fn decode(&self, entries: &Tensor, pass: Pass) -> Result<Tensor> {
         self.decoder
-            .forward(&self.post_quant_conv.forward(entries)?)
+            .forward(&self.post_quant_conv.forward(entries, pass)?, pass)
     }
 
     /// Codes `[B, g*g]` to raw RGB floats.

@@ -522,6 +522,27 @@ impl AdamW {
     }
 }
 
+/// The global L2 norm of `grads`, which are scaled down to `max` when
+/// above it (PyTorch's `clip_grad_norm_`).
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max: Option<f64>) -> Result<f64> {
+    let mut sq = 0.0;
+    for g in grads.iter().flatten() {
+        sq += g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+    }
+    let norm = sq.sqrt();
+    if let Some(max) = max.filter(|&max| norm > max) {
+        let factor = max / (norm + 1e-6);
+        for g in grads.iter_mut().flatten() {
+            *g = (&*g * factor)?;
+        }
+    }
+    Ok(norm)
+}
+
 /// Values per block of an in-place AdamW update (16 MB in f32).
 const UPDATE_BLOCK: usize = 1 << 22;
 

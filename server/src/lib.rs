@@ -3,12 +3,13 @@
 //!
 //! `api` (axum, utoipa: routes, validation, auth, the OpenAPI document; talks
 //! to the core, never to tensors), `serve` (configuration and wiring),
-//! `listen` (connections and their timeouts), `train`, `oneshot` and `world`
-//! (the offline commands).
+//! `listen` (connections and their timeouts), `train`, `pretrain`,
+//! `oneshot` and `world` (the offline commands).
 
 pub mod api;
 pub mod listen;
 pub mod oneshot;
+pub mod pretrain;
 pub mod serve;
 pub mod train;
 pub mod world;

@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use ulm_model::demo::{save_demo_checkpoint, DEFAULT_SEED};
 use ulm_server::oneshot::{self, AnswerArgs, GenerateArgs};
+use ulm_server::pretrain::{pretrain, PretrainArgs};
 use ulm_server::serve::{serve, ServeArgs};
 use ulm_server::train::{train, TrainArgs};
 use ulm_server::world::{verify_caption, write_world, VerifyArgs, WorldArgs};
@@ -35,6 +36,8 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_SEED)]
         seed: u64,
     },
+    /// Pretrain the architecture from scratch on the synthetic world.
+    Pretrain(Box<PretrainArgs>),
     /// Write examples of the synthetic world of coloured shapes as a dataset.
     World(WorldArgs),
     /// Read an image with the world's verifier and check a caption against it.
@@ -68,6 +71,10 @@ fn main() -> Result<()> {
         Command::SaveDemo { out, seed } => {
             save_demo_checkpoint(&out, seed)?;
             println!("{}", out.display());
+        }
+        Command::Pretrain(args) => {
+            let summary = pretrain(&args)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
         }
         Command::World(args) => {
             let lines = write_world(&args)?;

@@ -11,8 +11,8 @@ use super::prepared::Prepared;
 use super::rollout::{Rollouts, Row};
 use super::Trainer;
 use crate::grpo::{
-    generation_states, group_advantages, objective, understanding_states, ObjectiveConfig,
-    ScoringStates, T2iAlignment,
+    clip_grad_norm, generation_states, group_advantages, objective, understanding_states,
+    ObjectiveConfig, ScoringStates, T2iAlignment,
 };
 use crate::RlError;
 
@@ -314,19 +314,7 @@ impl Trainer {
 
     /// Clips the global gradient norm, applies AdamW, returns the pre-clip norm.
     pub(super) fn clip_and_apply(&mut self, grads: &mut [Option<Tensor>]) -> Result<f64, RlError> {
-        let mut sq = 0.0;
-        for g in grads.iter().flatten() {
-            sq += scalar(&g.to_dtype(DType::F64)?.sqr()?.sum_all()?)?;
-        }
-        let norm = sq.sqrt();
-        if let Some(max) = self.config.max_grad_norm {
-            if norm > max {
-                let factor = max / (norm + 1e-6);
-                for g in grads.iter_mut().flatten() {
-                    *g = (&*g * factor)?;
-                }
-            }
-        }
+        let norm = clip_grad_norm(grads, self.config.max_grad_norm)?;
         self.optimizer.lr = self.lr_at(self.step);
         self.optimizer.apply(self.adaptation.params(), grads)?;
         Ok(norm)

@@ -1,0 +1,196 @@
+//! The whole recipe, stage by stage, from a seed to a checkpoint directory:
+//! each stage writes its metrics (`metrics-<stage>.jsonl`, one JSON object
+//! per step), `vq-reconstructions.png` shows validation images over their
+//! round trips through the codes, and `summary.json` holds what was
+//! measured at the end.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use serde::Serialize;
+use ulm_model::demo::demo_tokenizer;
+use ulm_model::image_processor::ImageProcessorConfig;
+use ulm_model::processor::Processor;
+use ulm_world::{examples, Split};
+
+use crate::lm::{train_lm, LmParts, LmTraining};
+use crate::model::{world_config_json, PretrainModel};
+use crate::vq::{reconstruction_accuracy, reconstruction_grid, train_vq, VqTraining};
+use crate::PretrainError;
+
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// Seed of the initial weights and of the world.
+    pub seed: u64,
+    pub vq: VqTraining,
+    pub lm: LmTraining,
+    /// Validation scenes the verifier reads after the VQ's round trip.
+    pub eval_scenes: usize,
+}
+
+/// What a stage reports as it goes: its name, the step, the steps in all.
+pub trait Progress {
+    fn stage(&mut self, name: &str, steps: usize);
+    fn step(&mut self, line: &str);
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub seed: u64,
+    pub vq_steps: usize,
+    pub vq_seconds: f64,
+    /// Share of validation scenes the verifier reads exactly after encoding
+    /// to codes and decoding back.
+    pub vq_reconstruction_accuracy: f64,
+    pub eval_scenes: usize,
+    pub lm_steps: usize,
+    pub lm_seconds: f64,
+    /// The last step's losses, mean negative log-likelihood per token.
+    pub lm_understanding: f64,
+    pub lm_generation: f64,
+    pub checkpoint: PathBuf,
+}
+
+/// A JSON-lines file of step metrics; the first write error is kept and
+/// reported at the end, so that a full disk does not stop training midway.
+struct Metrics {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    error: Option<std::io::Error>,
+}
+
+impl Metrics {
+    fn create(path: &Path) -> Result<Self, PretrainError> {
+        let file = std::fs::File::create(path).map_err(io(path))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: std::io::BufWriter::new(file),
+            error: None,
+        })
+    }
+
+    fn write(&mut self, step: &impl Serialize) {
+        if self.error.is_none() {
+            let line = serde_json::to_string(step).unwrap_or_default();
+            // Flushed per step, so that the file can be followed while training.
+            self.error = writeln!(self.file, "{line}")
+                .and_then(|_| self.file.flush())
+                .err();
+        }
+    }
+
+    fn finish(mut self) -> Result<(), PretrainError> {
+        match self.error.take() {
+            Some(e) => Err(io(&self.path)(e)),
+            None => self.file.flush().map_err(io(&self.path)),
+        }
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> PretrainError + '_ {
+    move |e| PretrainError::Invalid(format!("{}: {e}", path.display()))
+}
+
+/// Runs the recipe into `out`; the checkpoint is `out/checkpoint`.
+pub fn run(
+    recipe: &Recipe,
+    out: &Path,
+    progress: &mut dyn Progress,
+) -> Result<Summary, PretrainError> {
+    if recipe.vq.batch == 0 || recipe.lm.batch == 0 {
+        return Err(PretrainError::Invalid(
+            "batches need at least one example".into(),
+        ));
+    }
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let model = PretrainModel::new(world_config_json(), recipe.seed)?;
+    let vq = VqTraining {
+        world_seed: recipe.seed,
+        ..recipe.vq.clone()
+    };
+
+    let (vq_seconds, accuracy) = {
+        let params = model.params_under("gen_vision_model.");
+        let started = Instant::now();
+        let mut metrics = Metrics::create(&out.join("metrics-vq.jsonl"))?;
+        progress.stage("vq", vq.steps);
+        train_vq(&model.model.gen_vision, &params, &vq, |s| {
+            metrics.write(s);
+            progress.step(&format!(
+                "reconstruction {:.4}, {} codes",
+                s.reconstruction, s.codes_used
+            ));
+        })?;
+        metrics.finish()?;
+        let seconds = started.elapsed().as_secs_f64();
+        let validation: Vec<_> = examples(recipe.seed, Split::Validation)
+            .take(recipe.eval_scenes)
+            .collect();
+        let vq_model = &model.model.gen_vision;
+        let accuracy = reconstruction_accuracy(vq_model, &validation, &Device::Cpu)?;
+        let shown = &validation[..validation.len().min(8)];
+        if !shown.is_empty() {
+            let path = out.join("vq-reconstructions.png");
+            reconstruction_grid(vq_model, shown, &Device::Cpu)?
+                .save(&path)
+                .map_err(|e| PretrainError::Invalid(format!("{}: {e}", path.display())))?;
+        }
+        (seconds, accuracy)
+    };
+
+    let lm = LmTraining {
+        world_seed: recipe.seed,
+        ..recipe.lm.clone()
+    };
+    let (lm_seconds, last) = {
+        let params: Vec<_> = model
+            .params
+            .iter()
+            .filter(|(n, _)| !n.starts_with("gen_vision_model."))
+            .cloned()
+            .collect();
+        let vision = &model.model.cfg.vision;
+        let processor = Processor::new(demo_tokenizer()?, true, vision.num_patches())?;
+        let image_processor = ImageProcessorConfig::janus_default(vision.image_size);
+        let parts = LmParts {
+            model: &model.model,
+            processor: &processor,
+            image_processor: &image_processor,
+        };
+        let started = Instant::now();
+        let mut metrics = Metrics::create(&out.join("metrics-lm.jsonl"))?;
+        let mut last = (f64::NAN, f64::NAN);
+        progress.stage("lm", lm.steps);
+        train_lm(&parts, &params, &lm, |s| {
+            metrics.write(s);
+            last = (s.understanding, s.generation);
+            progress.step(&format!(
+                "answers {:.3}, images {:.3}",
+                s.understanding, s.generation
+            ));
+        })?;
+        metrics.finish()?;
+        (started.elapsed().as_secs_f64(), last)
+    };
+
+    let checkpoint = out.join("checkpoint");
+    model.save(&checkpoint)?;
+    let summary = Summary {
+        seed: recipe.seed,
+        vq_steps: vq.steps,
+        vq_seconds,
+        vq_reconstruction_accuracy: accuracy,
+        eval_scenes: recipe.eval_scenes,
+        lm_steps: lm.steps,
+        lm_seconds,
+        lm_understanding: last.0,
+        lm_generation: last.1,
+        checkpoint,
+    };
+    let path = out.join("summary.json");
+    let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
+    std::fs::write(&path, text).map_err(io(&path))?;
+    Ok(summary)
+}

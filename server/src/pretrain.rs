@@ -1,0 +1,95 @@
+//! `ulm-server pretrain`: the pretraining recipe on the synthetic world,
+//! with a progress bar; metrics, summary and checkpoint go to `--out`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use ulm_pretrain::lm::LmTraining;
+use ulm_pretrain::recipe::{run, Progress, Recipe, Summary};
+use ulm_pretrain::vq::VqTraining;
+
+#[derive(Args, Debug, Clone)]
+pub struct PretrainArgs {
+    /// Output directory: metrics-<stage>.jsonl, summary.json, checkpoint/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of the initial weights and of the world.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Steps of the VQ tokenizer stage.
+    #[arg(long, default_value_t = 600)]
+    pub vq_steps: usize,
+    /// Images per VQ step.
+    #[arg(long, default_value_t = 8)]
+    pub vq_batch: usize,
+    #[arg(long, default_value_t = 2e-3)]
+    pub vq_lr: f64,
+    /// Steps of the multimodal stage (next-token prediction).
+    #[arg(long, default_value_t = 1500)]
+    pub lm_steps: usize,
+    /// Examples per multimodal step (each a question and a caption).
+    #[arg(long, default_value_t = 16)]
+    pub lm_batch: usize,
+    #[arg(long, default_value_t = 2e-3)]
+    pub lm_lr: f64,
+    /// Validation scenes to measure on at the end.
+    #[arg(long, default_value_t = 200)]
+    pub eval_scenes: usize,
+}
+
+/// A progress bar per stage on standard error.
+struct Bar(Option<ProgressBar>);
+
+impl Progress for Bar {
+    fn stage(&mut self, name: &str, steps: usize) {
+        if let Some(bar) = self.0.take() {
+            bar.finish();
+        }
+        let bar = ProgressBar::new(steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>5} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(name.to_string());
+        self.0 = Some(bar);
+    }
+
+    fn step(&mut self, line: &str) {
+        if let Some(bar) = &self.0 {
+            bar.set_message(line.to_string());
+            bar.inc(1);
+        }
+    }
+}
+
+pub fn pretrain(args: &PretrainArgs) -> Result<Summary> {
+    let recipe = Recipe {
+        seed: args.seed,
+        vq: VqTraining {
+            steps: args.vq_steps,
+            batch: args.vq_batch,
+            lr: args.vq_lr,
+            ..VqTraining::default()
+        },
+        lm: LmTraining {
+            steps: args.lm_steps,
+            batch: args.lm_batch,
+            lr: args.lm_lr,
+            warmup: (args.lm_steps / 20).max(1),
+            ..LmTraining::default()
+        },
+        eval_scenes: args.eval_scenes,
+    };
+    let mut bar = Bar(None);
+    let summary = run(&recipe, &args.out, &mut bar)?;
+    if let Some(bar) = bar.0 {
+        bar.finish();
+    }
+    Ok(summary)
+}

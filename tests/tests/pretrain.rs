@@ -1,0 +1,119 @@
+//! The pretraining recipe, short, end to end on the real binary: metrics,
+//! summary and a checkpoint that the other commands load, and the world
+//! and verifier commands on its output.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use ulm_e2e::server_binary;
+
+fn run(args: &[&str], dir: &Path) -> Output {
+    let out = Command::new(server_binary())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("ULM_MODEL")
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = run(
+        &[
+            "pretrain",
+            "--out",
+            "run",
+            "--vq-steps",
+            "3",
+            "--vq-batch",
+            "2",
+            "--lm-steps",
+            "3",
+            "--lm-batch",
+            "2",
+            "--eval-scenes",
+            "4",
+        ],
+        d,
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["vq_steps"], 3);
+    assert_eq!(summary["lm_steps"], 3);
+    assert!(summary["lm_generation"].as_f64().unwrap().is_finite());
+    let vq = lines(&d.join("run/metrics-vq.jsonl"));
+    let lm = lines(&d.join("run/metrics-lm.jsonl"));
+    assert_eq!((vq.len(), lm.len()), (3, 3));
+    assert!(lm
+        .iter()
+        .all(|s| s["understanding"].as_f64().unwrap() > 0.0));
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("run/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved, summary);
+
+    run(
+        &[
+            "generate",
+            "--model",
+            "run/checkpoint",
+            "--prompt",
+            "a red circle",
+            "--n",
+            "1",
+            "--out",
+            "gen",
+        ],
+        d,
+    );
+    let out = run(
+        &[
+            "verify",
+            "--image",
+            "gen/image-0.png",
+            "--caption",
+            "a red circle",
+        ],
+        d,
+    );
+    let verdict: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(verdict["holds"].is_boolean() && verdict["score"].is_number());
+
+    run(
+        &["world", "--out", "world", "--count", "2", "--split", "test"],
+        d,
+    );
+    let out = run(
+        &[
+            "answer",
+            "--model",
+            "run/checkpoint",
+            "--image",
+            "world/images/000000.png",
+            "--question",
+            "What colour is the circle?",
+            "--max-new-tokens",
+            "8",
+        ],
+        d,
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("[0]"));
+}
