@@ -11,13 +11,13 @@ use ulm_model::ops::Pass;
 use ulm_model::processor::Processor;
 use ulm_model::Janus;
 use ulm_rl::grpo::{
-    clip_grad_norm, generation_states, understanding_states, AdamW, GenerationBatch, T2iAlignment,
+    generation_states, understanding_states, AdamW, GenerationBatch, T2iAlignment,
     UnderstandingBatch,
 };
 use ulm_world::Example;
 
 use crate::data::{pixels, train_examples};
-use crate::PretrainError;
+use crate::{descend, PretrainError};
 
 /// How stage two trains.
 #[derive(Debug, Clone)]
@@ -237,21 +237,13 @@ pub fn train_lm(
             .collect();
         let (und, gen) = losses(parts, &examples, step, &unconditional)?;
         let total = (&und + &gen)?;
-        let loss = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !loss.is_finite() {
-            return Err(PretrainError::NotFinite { step, loss });
-        }
-        let grads = total.backward()?;
-        let mut grads: Vec<Option<Tensor>> =
-            params.iter().map(|(_, v)| grads.get(v).cloned()).collect();
-        let grad_norm = clip_grad_norm(&mut grads, Some(cfg.max_grad_norm))?;
         let warm = ((step + 1) as f64 / cfg.warmup.max(1) as f64).min(1.0);
         // Cosine decay to a tenth after the warm-up.
         let progress = step.saturating_sub(cfg.warmup) as f64
             / cfg.steps.saturating_sub(cfg.warmup).max(1) as f64;
         optimizer.lr =
             cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()));
-        optimizer.apply(params, &grads)?;
+        let (loss, grad_norm) = descend(&total, params, &mut optimizer, cfg.max_grad_norm, step)?;
         let scalar = |t: &Tensor| t.to_dtype(DType::F64)?.to_scalar::<f64>();
         report(&LmStep {
             step,

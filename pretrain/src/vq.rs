@@ -11,11 +11,11 @@ use image::RgbImage;
 use ulm_model::generate::to_rgb8;
 use ulm_model::ops::{l2_normalize, Pass};
 use ulm_model::vq::VqModel;
-use ulm_rl::grpo::{clip_grad_norm, AdamW};
+use ulm_rl::grpo::AdamW;
 use ulm_world::{verify, Example};
 
 use crate::data::{object_weights, pixels, train_examples};
-use crate::PretrainError;
+use crate::{descend, PretrainError};
 
 /// The losses of one batch.
 pub struct VqLosses {
@@ -188,15 +188,13 @@ pub fn train_vq(
         let images: Vec<_> = examples.iter().map(|e| e.image(side)).collect();
         let weights = object_weights(&images, cfg.object_weight, &device)?;
         let losses = vq_losses(vq, &pixels(&images, &device)?, &weights, cfg.beta)?;
-        let loss = losses.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !loss.is_finite() {
-            return Err(PretrainError::NotFinite { step, loss });
-        }
-        let grads = losses.total.backward()?;
-        let mut grads: Vec<Option<Tensor>> =
-            params.iter().map(|(_, v)| grads.get(v).cloned()).collect();
-        let grad_norm = clip_grad_norm(&mut grads, Some(cfg.max_grad_norm))?;
-        optimizer.apply(params, &grads)?;
+        let (loss, grad_norm) = descend(
+            &losses.total,
+            params,
+            &mut optimizer,
+            cfg.max_grad_norm,
+            step,
+        )?;
         for &c in &losses.codes {
             used[c as usize] = true;
         }

@@ -1,7 +1,10 @@
 //! Stage two: next-token prediction reaches every part but the VQ, and
 //! lowers both losses.
 
+mod common;
+
 use candle_core::Var;
+use common::assert_every_gradient;
 use ulm_model::demo::demo_tokenizer;
 use ulm_model::image_processor::ImageProcessorConfig;
 use ulm_model::processor::Processor;
@@ -44,19 +47,7 @@ fn every_part_but_the_vq_gets_a_gradient() {
     let grads = (und + gen).unwrap().backward().unwrap();
     let params = trained(&m);
     assert!(params.iter().any(|(n, _)| n.starts_with("vision_model.")));
-    for (name, var) in &params {
-        let g = grads
-            .get(var)
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(norm.is_finite() && norm > 0.0, "{name}: |g|^2 = {norm}");
-    }
+    assert_every_gradient(&grads, &params);
     for (name, var) in m
         .params
         .iter()

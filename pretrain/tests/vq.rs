@@ -1,8 +1,11 @@
 //! Stage one: the VQ tokenizer's losses reach every parameter, training
 //! lowers them, deterministically, and dead codes are restarted.
 
+mod common;
+
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
+use common::assert_every_gradient;
 use ulm_model::demo::{demo_config_json, SeededBackend};
 use ulm_model::JanusConfig;
 use ulm_pretrain::data::{object_weights, pixels, train_examples};
@@ -33,19 +36,7 @@ fn every_vq_parameter_gets_a_gradient() {
     .unwrap();
     let grads = losses.total.backward().unwrap();
     assert!(m.params.len() > 50, "{} parameters", m.params.len());
-    for (name, var) in &m.params {
-        let g = grads
-            .get(var)
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(norm.is_finite() && norm > 0.0, "{name}: |g|^2 = {norm}");
-    }
+    assert_every_gradient(&grads, &m.params);
     // The straight-through estimator: the decoder reads the codes' values,
     // the encoder gets the reconstruction's gradient as if it had not been
     // quantised, and the codebook its own loss's.

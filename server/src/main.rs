@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use ulm_model::demo::{save_demo_checkpoint, DEFAULT_SEED};
 use ulm_server::oneshot::{self, AnswerArgs, GenerateArgs};
-use ulm_server::pretrain::{pretrain, PretrainArgs};
+use ulm_server::pretrain::{eval, pretrain, EvalArgs, PretrainArgs};
 use ulm_server::serve::{serve, ServeArgs};
 use ulm_server::train::{train, TrainArgs};
 use ulm_server::world::{verify_caption, write_world, VerifyArgs, WorldArgs};
@@ -38,6 +38,8 @@ enum Command {
     },
     /// Pretrain the architecture from scratch on the synthetic world.
     Pretrain(Box<PretrainArgs>),
+    /// Accuracy of a model on the synthetic world's test split, per category and question type.
+    Eval(Box<EvalArgs>),
     /// Write examples of the synthetic world of coloured shapes as a dataset.
     World(WorldArgs),
     /// Read an image with the world's verifier and check a caption against it.
@@ -76,6 +78,7 @@ fn main() -> Result<()> {
             let summary = pretrain(&args)?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
         }
+        Command::Eval(args) => print!("{}", eval(&args)?.table()),
         Command::World(args) => {
             let lines = write_world(&args)?;
             println!("{} ({lines} items)", args.out.join("data.jsonl").display());

@@ -1,12 +1,16 @@
 //! `ulm-server pretrain`: the pretraining recipe on the synthetic world,
 //! with a progress bar; metrics, summary and checkpoint go to `--out`.
+//! `ulm-server eval`: a model's accuracy on the world's test split.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::oneshot::ModelArgs;
+
+use ulm_pretrain::eval::{evaluate, EvalConfig, EvalReport};
 use ulm_pretrain::lm::LmTraining;
 use ulm_pretrain::recipe::{run, Progress, Recipe, Summary};
 use ulm_pretrain::vq::VqTraining;
@@ -92,4 +96,43 @@ pub fn pretrain(args: &PretrainArgs) -> Result<Summary> {
         bar.finish();
     }
     Ok(summary)
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Test prompts per generation category.
+    #[arg(long, default_value_t = 20)]
+    pub prompts: usize,
+    /// Images per prompt.
+    #[arg(long, default_value_t = 4)]
+    pub seeds: usize,
+    /// Test scenes whose questions are asked.
+    #[arg(long, default_value_t = 100)]
+    pub question_scenes: usize,
+    /// The world whose test split is used (the seed the model was pretrained with).
+    #[arg(long, default_value_t = 0)]
+    pub world_seed: u64,
+    /// Where to write the report as JSON.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Evaluates a model on the world's test split; prints a table, writes JSON.
+pub fn eval(args: &EvalArgs) -> Result<EvalReport> {
+    let bundle = args.model.open()?;
+    let cfg = EvalConfig {
+        prompts_per_category: args.prompts,
+        seeds: args.seeds,
+        question_scenes: args.question_scenes,
+        world_seed: args.world_seed,
+        ..EvalConfig::default()
+    };
+    let report = evaluate(&bundle, &cfg)?;
+    if let Some(path) = &args.out {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| path.display().to_string())?;
+    }
+    Ok(report)
 }

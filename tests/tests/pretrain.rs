@@ -1,6 +1,6 @@
 //! The pretraining recipe, short, end to end on the real binary: metrics,
-//! summary and a checkpoint that the other commands load, and the world
-//! and verifier commands on its output.
+//! summary and a checkpoint that the other commands load (eval among
+//! them), and the world and verifier commands on its output.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
