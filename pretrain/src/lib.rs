@@ -48,3 +48,23 @@ fn descend(
     optimizer.apply(params, &grads)?;
     Ok((loss, grad_norm))
 }
+
+/// Linear warm-up to `peak` over `warmup` steps, then cosine decay to a
+/// tenth of it at the last of `steps`.
+fn learning_rate(peak: f64, step: usize, steps: usize, warmup: usize) -> f64 {
+    let warm = ((step + 1) as f64 / warmup.max(1) as f64).min(1.0);
+    let progress = step.saturating_sub(warmup) as f64 / steps.saturating_sub(warmup).max(1) as f64;
+    peak * warm * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_learning_rate_warms_up_then_decays_to_a_tenth() {
+        let lr = |step| super::learning_rate(1.0, step, 100, 10);
+        assert!((lr(0) - 0.1).abs() < 1e-12);
+        assert!((lr(9) - 1.0).abs() < 1e-12 && (lr(10) - 1.0).abs() < 1e-12);
+        assert!(lr(50) < lr(20) && lr(50) > lr(80));
+        assert!((lr(100) - 0.1).abs() < 1e-12);
+    }
+}

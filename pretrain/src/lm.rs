@@ -17,7 +17,7 @@ use ulm_rl::grpo::{
 use ulm_world::Example;
 
 use crate::data::{pixels, train_examples};
-use crate::{descend, PretrainError};
+use crate::{descend, learning_rate, PretrainError};
 
 /// How stage two trains.
 #[derive(Debug, Clone)]
@@ -237,12 +237,7 @@ pub fn train_lm(
             .collect();
         let (und, gen) = losses(parts, &examples, step, &unconditional)?;
         let total = (&und + &gen)?;
-        let warm = ((step + 1) as f64 / cfg.warmup.max(1) as f64).min(1.0);
-        // Cosine decay to a tenth after the warm-up.
-        let progress = step.saturating_sub(cfg.warmup) as f64
-            / cfg.steps.saturating_sub(cfg.warmup).max(1) as f64;
-        optimizer.lr =
-            cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()));
+        optimizer.lr = learning_rate(cfg.lr, step, cfg.steps, cfg.warmup);
         let (loss, grad_norm) = descend(&total, params, &mut optimizer, cfg.max_grad_norm, step)?;
         let scalar = |t: &Tensor| t.to_dtype(DType::F64)?.to_scalar::<f64>();
         report(&LmStep {

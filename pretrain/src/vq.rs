@@ -15,7 +15,7 @@ use ulm_rl::grpo::AdamW;
 use ulm_world::{verify, Example};
 
 use crate::data::{object_weights, pixels, train_examples};
-use crate::{descend, PretrainError};
+use crate::{descend, learning_rate, PretrainError};
 
 /// The losses of one batch.
 pub struct VqLosses {
@@ -85,7 +85,10 @@ pub struct VqTraining {
     pub steps: usize,
     /// Images per step.
     pub batch: usize,
+    /// Peak learning rate, reached after `warmup` steps and decayed to a
+    /// tenth by the last.
     pub lr: f64,
+    pub warmup: usize,
     /// Commitment weight (LlamaGen: 0.25).
     pub beta: f64,
     pub max_grad_norm: f64,
@@ -106,6 +109,7 @@ impl Default for VqTraining {
             steps: 2000,
             batch: 16,
             lr: 2e-3,
+            warmup: 20,
             beta: 0.25,
             max_grad_norm: 1.0,
             object_weight: 10.0,
@@ -127,6 +131,7 @@ pub struct VqStep {
     pub codes_used: usize,
     /// Dead codes moved onto latents at this step.
     pub codes_restarted: usize,
+    pub lr: f64,
     pub grad_norm: f64,
 }
 
@@ -188,6 +193,7 @@ pub fn train_vq(
         let images: Vec<_> = examples.iter().map(|e| e.image(side)).collect();
         let weights = object_weights(&images, cfg.object_weight, &device)?;
         let losses = vq_losses(vq, &pixels(&images, &device)?, &weights, cfg.beta)?;
+        optimizer.lr = learning_rate(cfg.lr, step, cfg.steps, cfg.warmup);
         let (loss, grad_norm) = descend(
             &losses.total,
             params,
@@ -213,6 +219,7 @@ pub fn train_vq(
             commitment: losses.commitment,
             codes_used: losses.codes.iter().collect::<BTreeSet<_>>().len(),
             codes_restarted,
+            lr: optimizer.lr,
             grad_norm,
         });
     }

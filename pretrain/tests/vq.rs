@@ -50,6 +50,7 @@ fn run(steps: usize, restart_every: usize) -> Vec<VqStep> {
     let cfg = VqTraining {
         steps,
         batch: 4,
+        warmup: 1,
         restart_every,
         ..VqTraining::default()
     };

@@ -79,6 +79,7 @@ pub fn pretrain(args: &PretrainArgs) -> Result<Summary> {
             steps: args.vq_steps,
             batch: args.vq_batch,
             lr: args.vq_lr,
+            warmup: (args.vq_steps / 30).max(1),
             ..VqTraining::default()
         },
         lm: LmTraining {
