@@ -171,13 +171,13 @@ impl CustomOp2 for GemmConv2d {
     ) -> Result<(CpuStorage, Shape)> {
         let (g, c_out) = self.geometry(xl, wl)?;
         let (cols, _) = Im2Col(g).cpu_fwd(xs, xl)?;
-        let w = f32_slice(ws, wl, self.name())?;
-        let w = CpuStorage::F32(w.to_vec());
+        // The weight is read in place: `[C_out, C, k, k]` is `[C_out, C*k*k]`.
+        f32_slice(ws, wl, self.name())?;
         let (m, k, n) = (c_out, g.rows(), g.cols());
-        let y = w.matmul(
+        let y = ws.matmul(
             &cols,
             (1, m, n, k),
-            &Layout::contiguous((m, k)),
+            &Layout::contiguous_with_offset((m, k), wl.start_offset()),
             &Layout::contiguous((k, n)),
         )?;
         Ok((y, Shape::from((c_out, g.batch, g.out_h(), g.out_w()))))

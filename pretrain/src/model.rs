@@ -28,6 +28,9 @@ pub fn world_config_json() -> Value {
     config
 }
 
+/// Checkpoint names of the VQ tokenizer's tensors start with this.
+pub const VQ_PREFIX: &str = "gen_vision_model.";
+
 /// A model whose every tensor is a trainable variable.
 pub struct PretrainModel {
     pub model: Janus,
@@ -56,11 +59,11 @@ impl PretrainModel {
         })
     }
 
-    /// The parameters whose checkpoint names start with `prefix`.
-    pub fn params_under(&self, prefix: &str) -> Vec<(String, Var)> {
+    /// The VQ tokenizer's parameters (stage one), or all the others (stage two).
+    pub fn params_of_vq(&self, vq: bool) -> Vec<(String, Var)> {
         self.params
             .iter()
-            .filter(|(n, _)| n.starts_with(prefix))
+            .filter(|(n, _)| n.starts_with(VQ_PREFIX) == vq)
             .cloned()
             .collect()
     }

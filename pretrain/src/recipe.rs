@@ -112,7 +112,7 @@ pub fn run(
     };
 
     let (vq_seconds, accuracy) = {
-        let params = model.params_under("gen_vision_model.");
+        let params = model.params_of_vq(true);
         let started = Instant::now();
         let mut metrics = Metrics::create(&out.join("metrics-vq.jsonl"))?;
         progress.stage("vq", vq.steps);
@@ -145,12 +145,7 @@ pub fn run(
         ..recipe.lm.clone()
     };
     let (lm_seconds, last) = {
-        let params: Vec<_> = model
-            .params
-            .iter()
-            .filter(|(n, _)| !n.starts_with("gen_vision_model."))
-            .cloned()
-            .collect();
+        let params = model.params_of_vq(false);
         let vision = &model.model.cfg.vision;
         let processor = Processor::new(demo_tokenizer()?, true, vision.num_patches())?;
         let image_processor = ImageProcessorConfig::janus_default(vision.image_size);

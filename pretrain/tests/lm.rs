@@ -3,14 +3,13 @@
 
 mod common;
 
-use candle_core::Var;
 use common::assert_every_gradient;
 use ulm_model::demo::demo_tokenizer;
 use ulm_model::image_processor::ImageProcessorConfig;
 use ulm_model::processor::Processor;
 use ulm_pretrain::data::train_examples;
 use ulm_pretrain::lm::{losses, train_lm, LmParts, LmTraining};
-use ulm_pretrain::model::{world_config_json, PretrainModel};
+use ulm_pretrain::model::{world_config_json, PretrainModel, VQ_PREFIX};
 
 fn setup() -> (PretrainModel, Processor, ImageProcessorConfig) {
     let m = PretrainModel::new(world_config_json(), 3).unwrap();
@@ -18,14 +17,6 @@ fn setup() -> (PretrainModel, Processor, ImageProcessorConfig) {
     let processor = Processor::new(demo_tokenizer().unwrap(), true, vision.num_patches()).unwrap();
     let image_processor = ImageProcessorConfig::janus_default(vision.image_size);
     (m, processor, image_processor)
-}
-
-fn trained(m: &PretrainModel) -> Vec<(String, Var)> {
-    m.params
-        .iter()
-        .filter(|(n, _)| !n.starts_with("gen_vision_model."))
-        .cloned()
-        .collect()
 }
 
 #[test]
@@ -45,14 +36,10 @@ fn every_part_but_the_vq_gets_a_gradient() {
     );
     assert!(u > 3.0 && g > 4.0, "{u} {g}");
     let grads = (und + gen).unwrap().backward().unwrap();
-    let params = trained(&m);
+    let params = m.params_of_vq(false);
     assert!(params.iter().any(|(n, _)| n.starts_with("vision_model.")));
     assert_every_gradient(&grads, &params);
-    for (name, var) in m
-        .params
-        .iter()
-        .filter(|(n, _)| n.starts_with("gen_vision_model."))
-    {
+    for (name, var) in m.params.iter().filter(|(n, _)| n.starts_with(VQ_PREFIX)) {
         assert!(
             grads.get(var).is_none(),
             "the frozen VQ got a gradient: {name}"
@@ -75,7 +62,10 @@ fn training_lowers_both_losses() {
         ..LmTraining::default()
     };
     let mut log = Vec::new();
-    train_lm(&parts, &trained(&m), &cfg, |s| log.push(s.clone())).unwrap();
+    train_lm(&parts, &m.params_of_vq(false), &cfg, |s| {
+        log.push(s.clone())
+    })
+    .unwrap();
     let (first, last) = (&log[0], log.last().unwrap());
     assert!(
         last.understanding < first.understanding,

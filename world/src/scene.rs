@@ -231,7 +231,8 @@ impl Scene {
         cells.shuffle(rng);
         let shapes = distinct(rng, &Shape::ALL);
         let colours = distinct(rng, &Colour::ALL);
-        // Drawn before any object, so that every category uses the stream alike.
+        // The counting scene's choices, drawn up front: `object` below
+        // holds the generator.
         let n = 2 + rng.random_range(0..3usize);
         let same_colour = rng.random_bool(0.5);
         let extra = rng.random_bool(0.3);
