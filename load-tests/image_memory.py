@@ -56,7 +56,7 @@ def main():
     binary = sys.argv[1] if len(sys.argv) > 1 else "target/release/ulm-server"
     data_dir = tempfile.mkdtemp()
     server = subprocess.Popen(
-        [binary, "serve", "--no-auth", "--port", "0", "--data-dir", data_dir],
+        [binary, "serve", "--no-auth", "--demo", "--port", "0", "--data-dir", data_dir],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

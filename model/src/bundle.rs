@@ -1,17 +1,18 @@
 //! A ready-to-serve model: network, prompt processor and image processor,
-//! from a checkpoint directory or the built-in demo.
+//! from a checkpoint directory, the built-in trained world model or the
+//! built-in random demo.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use crate::demo;
 use crate::image_processor::ImageProcessorConfig;
 use crate::janus::Janus;
 use crate::processor::Processor;
 use crate::weights::{checkpoint_weights, load_model, CONFIG_FILE};
 use crate::ModelError;
+use crate::{builtin, demo};
 
 /// Files of a checkpoint directory that describe the model besides its
 /// weights: written next to new weights so the directory loads on its own.
@@ -31,7 +32,33 @@ pub enum ModelSource {
     Demo {
         seed: u64,
     },
+    /// The built-in model pretrained on the synthetic world.
+    World,
     Checkpoint(PathBuf),
+}
+
+/// Which model to open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelChoice {
+    Checkpoint(PathBuf),
+    /// The built-in trained world model: the default.
+    World,
+    /// The built-in random demo model: instant, for tests.
+    Demo,
+}
+
+impl ModelChoice {
+    /// As the commands' `--model` and `--demo` name it.
+    pub fn from_args(model: Option<&Path>, demo: bool) -> Result<Self, ModelError> {
+        match (model, demo) {
+            (Some(_), true) => Err(ModelError::InvalidInput(
+                "--model and --demo name two models: give one".into(),
+            )),
+            (Some(dir), false) => Ok(Self::Checkpoint(dir.to_path_buf())),
+            (None, true) => Ok(Self::Demo),
+            (None, false) => Ok(Self::World),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -68,6 +95,24 @@ impl ModelBundle {
             processor,
             image_processor,
             source: ModelSource::Demo { seed },
+        })
+    }
+
+    /// The built-in model trained on the synthetic world.
+    pub fn world(dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        let cfg = builtin::config()?;
+        let model = Janus::new(&cfg, builtin::weights(dtype, device)?).map_err(|e| {
+            ModelError::Weights {
+                message: format!("the built-in world model: {e}"),
+            }
+        })?;
+        let processor = Processor::new(builtin::tokenizer()?, true, cfg.vision.num_patches())?;
+        let image_processor = ImageProcessorConfig::janus_default(cfg.vision.image_size);
+        Ok(Self {
+            model,
+            processor,
+            image_processor,
+            source: ModelSource::World,
         })
     }
 
@@ -122,20 +167,20 @@ pub fn parse_dtype(spec: &str) -> Result<DType, ModelError> {
 }
 
 impl ModelBundle {
-    /// Opens a model as a user names it: a checkpoint directory (or the
-    /// demo model), a device (`cpu`, `cuda`, `cuda:N`) and a dtype (`f32`,
-    /// `bf16`, `f16`). The one place those names are read.
-    pub fn open_named(dir: Option<&Path>, device: &str, dtype: &str) -> Result<Self, ModelError> {
-        Self::open(dir, parse_dtype(dtype)?, &parse_device(device)?)
+    /// Opens a model as a user names it: a choice of model, a device
+    /// (`cpu`, `cuda`, `cuda:N`) and a dtype (`f32`, `bf16`, `f16`). The one
+    /// place those names are read.
+    pub fn open_named(choice: &ModelChoice, device: &str, dtype: &str) -> Result<Self, ModelError> {
+        Self::open(choice, parse_dtype(dtype)?, &parse_device(device)?)
     }
 
-    /// A checkpoint when `dir` is given, else the demo model.
-    /// Checked with one tiny forward: a dtype the device cannot compute is
-    /// an error here.
-    pub fn open(dir: Option<&Path>, dtype: DType, device: &Device) -> Result<Self, ModelError> {
-        let bundle = match dir {
-            Some(dir) => Self::load(dir, dtype, device)?,
-            None => Self::demo(demo::DEFAULT_SEED, dtype, device)?,
+    /// The chosen model, checked with one tiny forward: a dtype the device
+    /// cannot compute is an error here.
+    pub fn open(choice: &ModelChoice, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        let bundle = match choice {
+            ModelChoice::Checkpoint(dir) => Self::load(dir, dtype, device)?,
+            ModelChoice::World => Self::world(dtype, device)?,
+            ModelChoice::Demo => Self::demo(demo::DEFAULT_SEED, dtype, device)?,
         };
         bundle.model.check_runs().map_err(|e| {
             let hint = if device.is_cpu() && dtype == DType::BF16 {
@@ -158,6 +203,9 @@ impl ModelBundle {
             ModelSource::Demo { seed } => format!(
                 "built-in demo model (seed {seed}): random weights, its images are noise and its answers nonsense"
             ),
+            ModelSource::World => {
+                "built-in world model: pretrained on the synthetic world of coloured shapes (TRAINING.md)".into()
+            }
             ModelSource::Checkpoint(dir) => format!("checkpoint {}", dir.display()),
         }
     }
@@ -173,6 +221,7 @@ impl ModelSource {
     ) -> Result<VarBuilder<'static>, ModelError> {
         match self {
             ModelSource::Checkpoint(dir) => checkpoint_weights(dir, dtype, device),
+            ModelSource::World => builtin::weights(dtype, device),
             ModelSource::Demo { seed } => Ok(VarBuilder::from_backend(
                 Box::new(demo::SeededBackend::new(*seed)),
                 dtype,
@@ -197,6 +246,7 @@ impl ModelSource {
                 }
                 Ok(())
             }
+            ModelSource::World => builtin::write_side_files(dir),
             ModelSource::Demo { .. } => demo::write_demo_side_files(dir, cfg),
         }
     }

@@ -30,7 +30,7 @@ use crate::ModelError;
 pub const DEFAULT_SEED: u64 = 0x554c_4d52_3121;
 
 /// Special tokens of the Janus tokenizer, in their original order.
-const SPECIAL_TOKENS: [&str; 14] = [
+pub const SPECIAL_TOKENS: [&str; 14] = [
     "<｜begin▁of▁sentence｜>",
     "<｜end▁of▁sentence｜>",
     "<｜▁pad▁｜>",

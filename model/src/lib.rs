@@ -2,6 +2,7 @@
 //! weights, the network parts, prompt and image processing, and decoding for
 //! both tasks. Nothing here knows about HTTP or storage.
 
+pub mod builtin;
 pub mod bundle;
 pub mod config;
 pub mod conv;

@@ -26,6 +26,8 @@ pub struct EvalConfig {
     pub question_scenes: usize,
     /// Classifier-free guidance weight (Janus: 5).
     pub cfg_weight: f32,
+    /// Sampling temperature of image tokens (Janus: 1).
+    pub temperature: f32,
     pub max_new_tokens: usize,
     /// The world whose test split is used.
     pub world_seed: u64,
@@ -38,6 +40,7 @@ impl Default for EvalConfig {
             seeds: 4,
             question_scenes: 100,
             cfg_weight: 5.0,
+            temperature: 1.0,
             max_new_tokens: 16,
             world_seed: 0,
         }
@@ -126,7 +129,7 @@ pub fn evaluate(bundle: &ModelBundle, cfg: &EvalConfig) -> Result<EvalReport, Pr
                     prompt: processor.generation_prompt(&example.captions[0].text)?,
                     cfg_weight: cfg.cfg_weight,
                     sampling: SamplingParams {
-                        temperature: 1.0,
+                        temperature: cfg.temperature,
                         top_k: None,
                         top_p: None,
                     },

@@ -7,7 +7,10 @@ pub mod data;
 pub mod eval;
 pub mod lm;
 pub mod model;
+pub mod plot;
 pub mod recipe;
+pub mod showcase;
+pub mod tokenizer;
 pub mod vq;
 
 use candle_core::{DType, Tensor, Var};

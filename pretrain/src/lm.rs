@@ -23,8 +23,12 @@ use crate::{descend, learning_rate, PretrainError};
 #[derive(Debug, Clone)]
 pub struct LmTraining {
     pub steps: usize,
-    /// Examples per step; each gives one question and one caption.
+    /// Examples per step; each gives `questions` questions and one caption.
     pub batch: usize,
+    /// Questions per example and step, each its own row: an answer is a
+    /// token or two, against 36 image tokens for a caption, so one
+    /// question per image leaves understanding with little to learn from.
+    pub questions: usize,
     pub lr: f64,
     /// Steps of linear warm-up of the learning rate.
     pub warmup: usize,
@@ -40,6 +44,7 @@ impl Default for LmTraining {
         Self {
             steps: 1500,
             batch: 16,
+            questions: 3,
             lr: 2e-3,
             warmup: 50,
             weight_decay: 0.01,
@@ -81,27 +86,37 @@ fn mean_nll(logps: &Tensor, mask: &Tensor) -> Result<Tensor> {
             .max(1.0)
 }
 
-/// The answer-token loss of one question per example (the `pick`-th of each,
-/// cycling).
-fn understanding_loss(parts: &LmParts, examples: &[Example], pick: usize) -> Result<Tensor> {
+/// The answer-token loss of `questions` questions per example (from the
+/// `pick`-th of each, cycling), each in its own row; the rows of an example
+/// share one pass of the vision tower.
+fn understanding_loss(
+    parts: &LmParts,
+    examples: &[Example],
+    pick: usize,
+    questions: usize,
+) -> Result<Tensor> {
     let (model, processor) = (parts.model, parts.processor);
     let device = model.device();
     let special = processor.special;
     let mut prompts = Vec::new();
     let mut answers = Vec::new();
     let mut images = Vec::new();
+    let mut row_image = Vec::new();
     for (i, example) in examples.iter().enumerate() {
-        let question = &example.questions[(pick + i) % example.questions.len()];
-        prompts.push(
-            processor
-                .understanding_prompt(&question.text)
-                .map_err(model_error)?,
-        );
-        let mut answer = processor
-            .encode_plain(&question.answer)
-            .map_err(model_error)?;
-        answer.push(special.eos);
-        answers.push(answer);
+        for k in 0..questions.min(example.questions.len()) {
+            let question = &example.questions[(pick + i + k) % example.questions.len()];
+            prompts.push(
+                processor
+                    .understanding_prompt(&question.text)
+                    .map_err(model_error)?,
+            );
+            let mut answer = processor
+                .encode_plain(&question.answer)
+                .map_err(model_error)?;
+            answer.push(special.eos);
+            answers.push(answer);
+            row_image.push(i as u32);
+        }
         let side = parts.image_processor.image_size as u32;
         images.push(
             parts
@@ -133,7 +148,9 @@ fn understanding_loss(parts: &LmParts, examples: &[Example], pick: usize) -> Res
         loss_mask.extend(std::iter::repeat_n(0f32, tail));
     }
     let ids = Tensor::new(ids, device)?;
-    let embeds = model.image_embeds(&Tensor::stack(&images, 0)?, Pass::Training)?;
+    let embeds = model
+        .image_embeds(&Tensor::stack(&images, 0)?, Pass::Training)?
+        .index_select(&Tensor::new(row_image.as_slice(), device)?, 0)?;
     let batch = UnderstandingBatch {
         ids: &ids,
         attention_mask: &attention,
@@ -142,7 +159,7 @@ fn understanding_loss(parts: &LmParts, examples: &[Example], pick: usize) -> Res
         completion_len: l,
     };
     let logps = understanding_states(model, &batch, 1.0, Pass::Training)?.logps(model)?;
-    let mask = Tensor::from_vec(loss_mask, (examples.len(), l), device)?;
+    let mask = Tensor::from_vec(loss_mask, (answers.len(), l), device)?;
     mean_nll(&logps.to_dtype(DType::F32)?, &mask)
 }
 
@@ -194,17 +211,19 @@ fn generation_loss(
     logps.mean_all()?.neg()
 }
 
-/// The understanding and generation losses of `examples`: the `pick`-th
-/// question and caption of each (cycling), row `i`'s caption replaced by
-/// the unconditional prompt where `unconditional[i]`.
+/// The understanding and generation losses of `examples`: `questions`
+/// questions of each from the `pick`-th and its `pick`-th caption
+/// (cycling), row `i`'s caption replaced by the unconditional prompt where
+/// `unconditional[i]`.
 pub fn losses(
     parts: &LmParts,
     examples: &[Example],
     pick: usize,
+    questions: usize,
     unconditional: &[bool],
 ) -> Result<(Tensor, Tensor)> {
     Ok((
-        understanding_loss(parts, examples, pick)?,
+        understanding_loss(parts, examples, pick, questions)?,
         generation_loss(parts, examples, pick, unconditional)?,
     ))
 }
@@ -235,7 +254,7 @@ pub fn train_lm(
                 (((step * cfg.batch + i) as f64) * 0.618_033_988_7).fract() < cfg.unconditional
             })
             .collect();
-        let (und, gen) = losses(parts, &examples, step, &unconditional)?;
+        let (und, gen) = losses(parts, &examples, step, cfg.questions, &unconditional)?;
         let total = (&und + &gen)?;
         optimizer.lr = learning_rate(cfg.lr, step, cfg.steps, cfg.warmup);
         let (loss, grad_norm) = descend(&total, params, &mut optimizer, cfg.max_grad_norm, step)?;

@@ -8,32 +8,53 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use serde_json::{json, Value};
+use tokenizers::Tokenizer;
 use ulm_model::demo::{build_random, demo_config_json, write_demo_side_files};
+use ulm_model::processor::TOKENIZER_FILE;
 use ulm_model::weights::WEIGHTS_FILE;
 use ulm_model::{Janus, JanusConfig};
 use ulm_rl::policy::build_trainable;
 
+use crate::tokenizer::{config_ids, world_tokenizer, WORLD_VOCAB};
 use crate::PretrainError;
 
-/// The world model's `config.json`: the demo's sizes, but a VQ made for the
-/// world's 64-pixel images (8 x 8 = 64 codes per image, fewer channels at
-/// full resolution where a training step spends its time).
-pub fn world_config_json() -> Value {
+/// Side of the world model's images: a 3 x 3 grid of 16-pixel cells, so
+/// that every cell is one SigLIP patch and 2 x 2 VQ codes.
+pub const WORLD_IMAGE_SIZE: usize = 48;
+
+/// The world model's `config.json`: the demo's LLaMA (with the world
+/// tokenizer's vocabulary and special ids), SigLIP and VQ at the world's
+/// image size (9 patches to read an image, 6 x 6 = 36 codes to draw one),
+/// the VQ with fewer channels at full resolution, where a training step
+/// spends its time.
+pub fn world_config_json(tokenizer: &Tokenizer) -> Result<Value, PretrainError> {
     let mut config = demo_config_json();
+    let [bos, eos, pad] = config_ids(tokenizer)?;
+    let language = &mut config["language_config"];
+    language["vocab_size"] = json!(WORLD_VOCAB);
+    language["bos_token_id"] = json!(bos);
+    language["eos_token_id"] = json!(eos);
+    language["pad_token_id"] = json!(pad);
+    let vision = &mut config["vision_config"]["params"];
+    vision["model_name"] = json!("siglip_world_patch16_48");
+    vision["image_size"] = json!(WORLD_IMAGE_SIZE);
     let vq = &mut config["gen_vision_config"]["params"];
+    vq["image_size"] = json!(WORLD_IMAGE_SIZE);
     vq["ch"] = json!(16);
     vq["encoder_ch_mult"] = json!([1, 2, 2, 4]);
     vq["decoder_ch_mult"] = json!([1, 2, 2, 4]);
     vq["norm_num_groups"] = json!(8);
-    config
+    Ok(config)
 }
 
 /// Checkpoint names of the VQ tokenizer's tensors start with this.
 pub const VQ_PREFIX: &str = "gen_vision_model.";
 
-/// A model whose every tensor is a trainable variable.
+/// A model whose every tensor is a trainable variable, with the tokenizer
+/// it reads text with.
 pub struct PretrainModel {
     pub model: Janus,
+    pub tokenizer: Tokenizer,
     /// Every parameter, by checkpoint name.
     pub params: Vec<(String, Var)>,
     /// Tensors a checkpoint holds that the forward never reads.
@@ -41,8 +62,16 @@ pub struct PretrainModel {
 }
 
 impl PretrainModel {
+    /// The world model of `seed`: its tokenizer learned from the world, its
+    /// weights drawn from the seed.
+    pub fn world(seed: u64) -> Result<Self, PretrainError> {
+        let tokenizer = world_tokenizer(seed)?;
+        let config = world_config_json(&tokenizer)?;
+        Self::new(config, tokenizer, seed)
+    }
+
     /// The architecture of `config`, with weights drawn from `seed`.
-    pub fn new(config: Value, seed: u64) -> Result<Self, PretrainError> {
+    pub fn new(config: Value, tokenizer: Tokenizer, seed: u64) -> Result<Self, PretrainError> {
         let (_, backend) = build_random(config.clone(), seed, DType::F32, &Device::Cpu)?;
         let cfg = JanusConfig::from_value(config)?;
         let drawn = backend.tensors();
@@ -54,6 +83,7 @@ impl PretrainModel {
             .collect();
         Ok(Self {
             model: trainable.model,
+            tokenizer,
             params: trainable.params,
             unused,
         })
@@ -84,6 +114,10 @@ impl PretrainModel {
         }
         candle_core::safetensors::save(&tensors, staging.join(WEIGHTS_FILE))?;
         write_demo_side_files(&staging, &self.model.cfg)?;
+        let tokenizer = staging.join(TOKENIZER_FILE);
+        self.tokenizer
+            .save(&tokenizer, true)
+            .map_err(|e| PretrainError::Invalid(format!("{}: {e}", tokenizer.display())))?;
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(io)?;
         }

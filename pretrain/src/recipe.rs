@@ -1,8 +1,8 @@
 //! The whole recipe, stage by stage, from a seed to a checkpoint directory:
 //! each stage writes its metrics (`metrics-<stage>.jsonl`, one JSON object
-//! per step), `vq-reconstructions.png` shows validation images over their
-//! round trips through the codes, and `summary.json` holds what was
-//! measured at the end.
+//! per step) and its loss curves (`loss-<stage>.png`),
+//! `vq-reconstructions.png` shows validation images over their round trips
+//! through the codes, and `summary.json` holds what was measured at the end.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -10,13 +10,13 @@ use std::time::Instant;
 
 use candle_core::Device;
 use serde::Serialize;
-use ulm_model::demo::demo_tokenizer;
 use ulm_model::image_processor::ImageProcessorConfig;
 use ulm_model::processor::Processor;
 use ulm_world::{examples, Split};
 
 use crate::lm::{train_lm, LmParts, LmTraining};
-use crate::model::{world_config_json, PretrainModel};
+use crate::model::PretrainModel;
+use crate::plot::{line_chart, Series};
 use crate::vq::{reconstruction_accuracy, reconstruction_grid, train_vq, VqTraining};
 use crate::PretrainError;
 
@@ -28,6 +28,10 @@ pub struct Recipe {
     pub lm: LmTraining,
     /// Validation scenes the verifier reads after the VQ's round trip.
     pub eval_scenes: usize,
+    /// Multimodal steps after which the model is also saved as
+    /// `checkpoint-early/`: the same recipe stopped early, a model with
+    /// room to improve for reinforcement-learning experiments.
+    pub early_checkpoint: Option<usize>,
 }
 
 /// What a stage reports as it goes: its name, the step, the steps in all.
@@ -89,6 +93,30 @@ impl Metrics {
     }
 }
 
+/// Steps a plotted point averages over.
+const PLOT_WINDOW: usize = 25;
+
+/// Writes `out/loss-<stage>.png`: the curves of `losses` (name, value per
+/// step), averaged over the last steps.
+fn plot_losses(
+    out: &Path,
+    stage: &str,
+    title: &str,
+    losses: &[(&str, Vec<f64>)],
+) -> Result<(), PretrainError> {
+    if losses.iter().all(|(_, values)| values.is_empty()) {
+        return Ok(());
+    }
+    let series: Vec<Series> = losses
+        .iter()
+        .map(|(name, values)| Series::smoothed(name, values, PLOT_WINDOW))
+        .collect();
+    let path = out.join(format!("loss-{stage}.png"));
+    line_chart(title, "loss (mean of 25 steps)", &series, (800, 480))?
+        .save(&path)
+        .map_err(|e| PretrainError::Invalid(format!("{}: {e}", path.display())))
+}
+
 fn io(path: &Path) -> impl Fn(std::io::Error) -> PretrainError + '_ {
     move |e| PretrainError::Invalid(format!("{}: {e}", path.display()))
 }
@@ -105,7 +133,7 @@ pub fn run(
         ));
     }
     std::fs::create_dir_all(out).map_err(io(out))?;
-    let model = PretrainModel::new(world_config_json(), recipe.seed)?;
+    let model = PretrainModel::world(recipe.seed)?;
     let vq = VqTraining {
         world_seed: recipe.seed,
         ..recipe.vq.clone()
@@ -115,9 +143,12 @@ pub fn run(
         let params = model.params_of_vq(true);
         let started = Instant::now();
         let mut metrics = Metrics::create(&out.join("metrics-vq.jsonl"))?;
+        let (mut reconstruction, mut codebook) = (Vec::new(), Vec::new());
         progress.stage("vq", vq.steps);
         train_vq(&model.model.gen_vision, &params, &vq, |s| {
             metrics.write(s);
+            reconstruction.push(s.reconstruction);
+            codebook.push(s.codebook);
             progress.step(&format!(
                 "reconstruction {:.4}, {} codes",
                 s.reconstruction, s.codes_used
@@ -125,6 +156,15 @@ pub fn run(
         })?;
         metrics.finish()?;
         let seconds = started.elapsed().as_secs_f64();
+        plot_losses(
+            out,
+            "vq",
+            "VQ tokenizer",
+            &[
+                ("reconstruction (weighted L2)", reconstruction),
+                ("codebook", codebook),
+            ],
+        )?;
         let validation: Vec<_> = examples(recipe.seed, Split::Validation)
             .take(recipe.eval_scenes)
             .collect();
@@ -147,7 +187,7 @@ pub fn run(
     let (lm_seconds, last) = {
         let params = model.params_of_vq(false);
         let vision = &model.model.cfg.vision;
-        let processor = Processor::new(demo_tokenizer()?, true, vision.num_patches())?;
+        let processor = Processor::new(model.tokenizer.clone(), true, vision.num_patches())?;
         let image_processor = ImageProcessorConfig::janus_default(vision.image_size);
         let parts = LmParts {
             model: &model.model,
@@ -156,18 +196,38 @@ pub fn run(
         };
         let started = Instant::now();
         let mut metrics = Metrics::create(&out.join("metrics-lm.jsonl"))?;
-        let mut last = (f64::NAN, f64::NAN);
+        let (mut answers, mut images) = (Vec::new(), Vec::new());
+        let mut saved_early = Ok(());
         progress.stage("lm", lm.steps);
         train_lm(&parts, &params, &lm, |s| {
             metrics.write(s);
-            last = (s.understanding, s.generation);
+            answers.push(s.understanding);
+            images.push(s.generation);
+            if recipe.early_checkpoint == Some(s.step + 1) {
+                saved_early = model.save(&out.join("checkpoint-early"));
+            }
             progress.step(&format!(
                 "answers {:.3}, images {:.3}",
                 s.understanding, s.generation
             ));
         })?;
         metrics.finish()?;
-        (started.elapsed().as_secs_f64(), last)
+        saved_early?;
+        let seconds = started.elapsed().as_secs_f64();
+        let last = (
+            answers.last().copied().unwrap_or(f64::NAN),
+            images.last().copied().unwrap_or(f64::NAN),
+        );
+        plot_losses(
+            out,
+            "lm",
+            "Multimodal model, next-token prediction",
+            &[
+                ("answer tokens (nats)", answers),
+                ("image tokens (nats)", images),
+            ],
+        )?;
+        (seconds, last)
     };
 
     let checkpoint = out.join("checkpoint");

@@ -14,7 +14,7 @@ use ulm_model::vq::VqModel;
 use ulm_rl::grpo::AdamW;
 use ulm_world::{verify, Example};
 
-use crate::data::{object_weights, pixels, train_examples};
+use crate::data::{pixel_weights, pixels, train_examples};
 use crate::{descend, learning_rate, PretrainError};
 
 /// The losses of one batch.
@@ -22,6 +22,8 @@ pub struct VqLosses {
     /// The latents `[N, D]` the batch quantised (unit vectors when the
     /// codebook is normalised), detached: candidates for dead codes.
     pub latents: Tensor,
+    /// Each latent's squared distance to its code.
+    pub quantisation_errors: Vec<f32>,
     /// reconstruction + codebook + commitment, differentiable.
     pub total: Tensor,
     pub reconstruction: f64,
@@ -35,12 +37,15 @@ pub struct VqLosses {
 /// pixel's reconstruction error weighted by `pixel_weights` (`[B, 1, S, S]`):
 /// `w |x - D(sg(e) + z - sg(z))|^2 + |e - sg(z)|^2 + beta |z - sg(e)|^2`,
 /// with `z` the encoder's latent and `e` its nearest code, both unit vectors
-/// when the codebook is L2-normalised.
+/// when the codebook is L2-normalised. Unless `quantise`, the decoder reads
+/// `z` itself and the loss is the reconstruction alone (the codes chosen
+/// are still reported).
 pub fn vq_losses(
     vq: &VqModel,
     pixels: &Tensor,
     pixel_weights: &Tensor,
     beta: f64,
+    quantise: bool,
 ) -> Result<VqLosses> {
     let latent = vq.latent(pixels, Pass::Training)?;
     let (b, d, h, w) = latent.dims4()?;
@@ -58,8 +63,12 @@ pub fn vq_losses(
     let e = codebook.index_select(&indices, 0)?;
     let codebook_loss = (&e - z.detach())?.sqr()?.mean_all()?;
     let commitment = (&z - e.detach())?.sqr()?.mean_all()?;
-    let straight_through = (&z + (&e - &z)?.detach())?;
-    let entries = straight_through
+    let decoded_from = if quantise {
+        (&z + (&e - &z)?.detach())?
+    } else {
+        z.clone()
+    };
+    let entries = decoded_from
         .reshape((b, h, w, d))?
         .permute((0, 3, 1, 2))?
         .contiguous()?;
@@ -67,13 +76,18 @@ pub fn vq_losses(
         .sqr()?
         .broadcast_mul(pixel_weights)?
         .mean_all()?;
-    let total = ((&reconstruction + &codebook_loss)? + (&commitment * beta)?)?;
+    let total = if quantise {
+        ((&reconstruction + &codebook_loss)? + (&commitment * beta)?)?
+    } else {
+        reconstruction.clone()
+    };
     let scalar = |t: &Tensor| t.to_dtype(DType::F64)?.to_scalar::<f64>();
     Ok(VqLosses {
         reconstruction: scalar(&reconstruction)?,
         codebook: scalar(&codebook_loss)?,
         commitment: scalar(&commitment)?,
         codes: indices.to_vec1::<u32>()?,
+        quantisation_errors: (&z - &e)?.detach().sqr()?.sum(1)?.to_vec1::<f32>()?,
         latents: z.detach(),
         total,
     })
@@ -96,9 +110,16 @@ pub struct VqTraining {
     /// objects cover a tenth of an image, and an unweighted loss is content
     /// with background and brown blobs.
     pub object_weight: f64,
+    /// Reconstruction weight of pixels at an edge: shapes differ there.
+    pub edge_weight: f64,
     /// Every this many steps, codes no latent chose since the last restart
     /// are moved onto latents of the current batch; 0 never.
     pub restart_every: usize,
+    /// Steps at the start in which the decoder reads the encoder's latents
+    /// unquantised; then every code is moved onto a latent of the batch.
+    /// An autoencoder learns the world's patterns far faster than a VQ from
+    /// random codes, and the codebook then starts on the latents it made.
+    pub continuous_steps: usize,
     /// The world the images come from.
     pub world_seed: u64,
 }
@@ -113,7 +134,9 @@ impl Default for VqTraining {
             beta: 0.25,
             max_grad_norm: 1.0,
             object_weight: 10.0,
-            restart_every: 25,
+            edge_weight: 30.0,
+            restart_every: 10,
+            continuous_steps: 0,
             world_seed: 0,
         }
     }
@@ -138,37 +161,41 @@ pub struct VqStep {
 /// The checkpoint name of the codebook.
 pub const CODEBOOK: &str = "gen_vision_model.quantize.embedding.weight";
 
-/// Moves every code not in `used` onto a latent of `latents` (drawn in a
-/// fixed order from `step`), so that the codebook does not collapse onto
-/// the few codes the first steps happened to pick. Returns how many moved.
+/// Moves codes not in `used` onto the latents of `latents` their codes
+/// represent worst (largest `errors`), one code per latent: a pattern
+/// that shares a code with another (a green square quantised to the orange
+/// one) gets its own, where latents drawn at random would mostly be
+/// background. Returns how many moved.
 fn restart_dead_codes(
     codebook: &Var,
     used: &[bool],
     latents: &Tensor,
-    step: usize,
+    errors: &[f32],
 ) -> Result<usize> {
     let dead: Vec<u32> = (0..used.len() as u32)
         .filter(|&c| !used[c as usize])
         .collect();
-    let n = latents.dim(0)?;
-    if dead.is_empty() || n == 0 {
+    let mut worst: Vec<u32> = (0..errors.len() as u32).collect();
+    worst.sort_by(|&a, &b| {
+        errors[b as usize]
+            .total_cmp(&errors[a as usize])
+            .then(a.cmp(&b))
+    });
+    let moved = dead.len().min(worst.len());
+    if moved == 0 {
         return Ok(0);
     }
-    // A deterministic spread of latent rows: a stride coprime with most n.
-    let rows: Vec<u32> = (0..dead.len())
-        .map(|i| ((step * 7919 + i * 104_729) % n) as u32)
-        .collect();
-    let rows = Tensor::new(rows.as_slice(), latents.device())?;
+    let rows = Tensor::new(&worst[..moved], latents.device())?;
     let chosen = latents.index_select(&rows, 0)?.to_dtype(codebook.dtype())?;
     let mut values = codebook.as_tensor().copy()?;
-    let dead_ids = Tensor::new(dead.as_slice(), latents.device())?;
+    let dead_ids = Tensor::new(&dead[..moved], latents.device())?;
     values = values.index_add(
         &dead_ids,
         &(chosen - values.index_select(&dead_ids, 0)?)?,
         0,
     )?;
     codebook.set(&values)?;
-    Ok(dead.len())
+    Ok(moved)
 }
 
 /// Trains the VQ tokenizer `vq`, whose parameters are `params` (the
@@ -191,8 +218,9 @@ pub fn train_vq(
     for step in 0..cfg.steps {
         let examples = train_examples(cfg.world_seed, (step * cfg.batch) as u64, cfg.batch);
         let images: Vec<_> = examples.iter().map(|e| e.image(side)).collect();
-        let weights = object_weights(&images, cfg.object_weight, &device)?;
-        let losses = vq_losses(vq, &pixels(&images, &device)?, &weights, cfg.beta)?;
+        let weights = pixel_weights(&images, cfg.object_weight, cfg.edge_weight, &device)?;
+        let quantise = step >= cfg.continuous_steps;
+        let losses = vq_losses(vq, &pixels(&images, &device)?, &weights, cfg.beta, quantise)?;
         optimizer.lr = learning_rate(cfg.lr, step, cfg.steps, cfg.warmup);
         let (loss, grad_norm) = descend(
             &losses.total,
@@ -205,9 +233,19 @@ pub fn train_vq(
             used[c as usize] = true;
         }
         let mut codes_restarted = 0;
-        if let Some(codebook) = codebook.filter(|_| cfg.restart_every > 0) {
-            if (step + 1) % cfg.restart_every == 0 && step + 1 < cfg.steps {
-                codes_restarted = restart_dead_codes(codebook, &used, &losses.latents, step)?;
+        if let Some(codebook) = codebook {
+            let last_continuous = step + 1 == cfg.continuous_steps;
+            if last_continuous {
+                used.fill(false);
+            }
+            let due = cfg.restart_every > 0 && (step + 1) % cfg.restart_every == 0;
+            if (last_continuous || (quantise && due)) && step + 1 < cfg.steps {
+                codes_restarted = restart_dead_codes(
+                    codebook,
+                    &used,
+                    &losses.latents,
+                    &losses.quantisation_errors,
+                )?;
                 used.fill(false);
             }
         }

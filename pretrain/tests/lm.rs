@@ -4,17 +4,16 @@
 mod common;
 
 use common::assert_every_gradient;
-use ulm_model::demo::demo_tokenizer;
 use ulm_model::image_processor::ImageProcessorConfig;
 use ulm_model::processor::Processor;
 use ulm_pretrain::data::train_examples;
 use ulm_pretrain::lm::{losses, train_lm, LmParts, LmTraining};
-use ulm_pretrain::model::{world_config_json, PretrainModel, VQ_PREFIX};
+use ulm_pretrain::model::{PretrainModel, VQ_PREFIX};
 
 fn setup() -> (PretrainModel, Processor, ImageProcessorConfig) {
-    let m = PretrainModel::new(world_config_json(), 3).unwrap();
+    let m = PretrainModel::world(3).unwrap();
     let vision = &m.model.cfg.vision;
-    let processor = Processor::new(demo_tokenizer().unwrap(), true, vision.num_patches()).unwrap();
+    let processor = Processor::new(m.tokenizer.clone(), true, vision.num_patches()).unwrap();
     let image_processor = ImageProcessorConfig::janus_default(vision.image_size);
     (m, processor, image_processor)
 }
@@ -28,7 +27,7 @@ fn every_part_but_the_vq_gets_a_gradient() {
         image_processor: &image_processor,
     };
     let examples = train_examples(0, 0, 3);
-    let (und, gen) = losses(&parts, &examples, 0, &[false, true, false]).unwrap();
+    let (und, gen) = losses(&parts, &examples, 0, 2, &[false, true, false]).unwrap();
     // Near uniform at the start: log of the vocabulary and of the codebook.
     let (u, g) = (
         und.to_scalar::<f32>().unwrap(),

@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 use common::assert_every_gradient;
 use ulm_model::demo::{demo_config_json, SeededBackend};
 use ulm_model::JanusConfig;
-use ulm_pretrain::data::{object_weights, pixels, train_examples};
+use ulm_pretrain::data::{pixel_weights, pixels, train_examples};
 use ulm_pretrain::vq::{train_vq, vq_losses, VqStep, VqTraining};
 use ulm_rl::policy::{build_trainable, TrainableModel};
 
@@ -26,12 +26,13 @@ fn every_vq_parameter_gets_a_gradient() {
         .map(|e| e.image(64))
         .collect();
     let dev = &Device::Cpu;
-    let weights = object_weights(&images, 10.0, dev).unwrap();
+    let weights = pixel_weights(&images, 10.0, 30.0, dev).unwrap();
     let losses = vq_losses(
         &m.model.gen_vision,
         &pixels(&images, dev).unwrap(),
         &weights,
         0.25,
+        true,
     )
     .unwrap();
     let grads = losses.total.backward().unwrap();
@@ -46,14 +47,17 @@ fn every_vq_parameter_gets_a_gradient() {
 }
 
 fn run(steps: usize, restart_every: usize) -> Vec<VqStep> {
-    let m = trainable_vq(2);
-    let cfg = VqTraining {
+    run_with(VqTraining {
         steps,
         batch: 4,
         warmup: 1,
         restart_every,
         ..VqTraining::default()
-    };
+    })
+}
+
+fn run_with(cfg: VqTraining) -> Vec<VqStep> {
+    let m = trainable_vq(2);
     let mut log = Vec::new();
     train_vq(&m.model.gen_vision, &m.params, &cfg, |s| {
         log.push(s.clone())
@@ -78,8 +82,26 @@ fn training_lowers_the_reconstruction_loss_deterministically() {
 #[test]
 fn dead_codes_move_onto_latents() {
     let log = run(3, 2);
-    // 512 codes, 4 x 64 latents: most codes are unused by step 2.
-    assert!(log[1].codes_restarted > 256, "{:?}", log[1]);
+    // 512 codes, 4 x 64 latents: most codes are unused by step 2, and one
+    // moves onto each latent.
+    assert_eq!(log[1].codes_restarted, 256, "{:?}", log[1]);
     assert_eq!(log[2].codes_restarted, 0);
     assert!(log.iter().all(|s| s.loss.is_finite()));
+}
+
+#[test]
+fn a_continuous_start_trains_the_autoencoder_then_seeds_every_code() {
+    let log = run_with(VqTraining {
+        steps: 4,
+        batch: 4,
+        warmup: 1,
+        restart_every: 0,
+        continuous_steps: 2,
+        ..VqTraining::default()
+    });
+    // Unquantised, the loss is the reconstruction alone.
+    assert_eq!(log[0].loss, log[0].reconstruction);
+    assert_eq!(log[1].codes_restarted, 256, "{:?}", log[1]);
+    assert!(log[2].loss > log[2].reconstruction);
+    assert!(log.iter().all(|s| s.codes_restarted == 0 || s.step == 1));
 }

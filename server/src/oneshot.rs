@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ulm_model::bundle::ModelBundle;
+use ulm_model::bundle::{ModelBundle, ModelChoice};
 use ulm_model::decode::TextPrompt;
 use ulm_model::generate::{answer_batch, generate_images_batch, AnswerItem, ImageItem};
 use ulm_model::image_processor::decode_image;
@@ -17,9 +17,12 @@ const MAX_PIXELS: u64 = 64 * 1024 * 1024;
 /// Which model to open, as the commands name it.
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// Checkpoint directory (Janus-Pro / ULM-R1 layout). Absent: the built-in demo model.
+    /// Checkpoint directory (Janus-Pro / ULM-R1 layout). Absent: the built-in world model.
     #[arg(long, env = "ULM_MODEL")]
     pub model: Option<PathBuf>,
+    /// The built-in random demo model instead (instant, for tests).
+    #[arg(long)]
+    pub demo: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "ULM_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -30,7 +33,8 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn open(&self) -> Result<ModelBundle> {
-        let bundle = ModelBundle::open_named(self.model.as_deref(), &self.device, &self.dtype)?;
+        let choice = ModelChoice::from_args(self.model.as_deref(), self.demo)?;
+        let bundle = ModelBundle::open_named(&choice, &self.device, &self.dtype)?;
         eprintln!("model: {}", bundle.describe());
         Ok(bundle)
     }

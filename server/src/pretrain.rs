@@ -13,6 +13,7 @@ use crate::oneshot::ModelArgs;
 use ulm_pretrain::eval::{evaluate, EvalConfig, EvalReport};
 use ulm_pretrain::lm::LmTraining;
 use ulm_pretrain::recipe::{run, Progress, Recipe, Summary};
+use ulm_pretrain::showcase::{generation_grid, SHOWCASE_PROMPTS};
 use ulm_pretrain::vq::VqTraining;
 
 #[derive(Args, Debug, Clone)]
@@ -24,17 +25,21 @@ pub struct PretrainArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Steps of the VQ tokenizer stage.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 1000)]
     pub vq_steps: usize,
     /// Images per VQ step.
     #[arg(long, default_value_t = 8)]
     pub vq_batch: usize,
     #[arg(long, default_value_t = 2e-3)]
     pub vq_lr: f64,
+    /// First VQ steps as a plain autoencoder, before the codes are seeded
+    /// from its latents.
+    #[arg(long, default_value_t = 300)]
+    pub vq_continuous_steps: usize,
     /// Steps of the multimodal stage (next-token prediction).
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 2400)]
     pub lm_steps: usize,
-    /// Examples per multimodal step (each a question and a caption).
+    /// Examples per multimodal step (each three questions and a caption).
     #[arg(long, default_value_t = 16)]
     pub lm_batch: usize,
     #[arg(long, default_value_t = 2e-3)]
@@ -42,6 +47,10 @@ pub struct PretrainArgs {
     /// Validation scenes to measure on at the end.
     #[arg(long, default_value_t = 200)]
     pub eval_scenes: usize,
+    /// Also save the model after this many multimodal steps, as
+    /// `checkpoint-early/` (a weaker model of the same recipe); 0: never.
+    #[arg(long, default_value_t = 300)]
+    pub early_checkpoint: usize,
 }
 
 /// A progress bar per stage on standard error.
@@ -80,6 +89,7 @@ pub fn pretrain(args: &PretrainArgs) -> Result<Summary> {
             batch: args.vq_batch,
             lr: args.vq_lr,
             warmup: (args.vq_steps / 30).max(1),
+            continuous_steps: args.vq_continuous_steps,
             ..VqTraining::default()
         },
         lm: LmTraining {
@@ -90,6 +100,7 @@ pub fn pretrain(args: &PretrainArgs) -> Result<Summary> {
             ..LmTraining::default()
         },
         eval_scenes: args.eval_scenes,
+        early_checkpoint: (args.early_checkpoint > 0).then_some(args.early_checkpoint),
     };
     let mut bar = Bar(None);
     let summary = run(&recipe, &args.out, &mut bar)?;
@@ -115,9 +126,19 @@ pub struct EvalArgs {
     /// The world whose test split is used (the seed the model was pretrained with).
     #[arg(long, default_value_t = 0)]
     pub world_seed: u64,
+    /// Classifier-free guidance weight of generation.
+    #[arg(long, default_value_t = 5.0)]
+    pub cfg_weight: f32,
+    /// Sampling temperature of image tokens.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
     /// Where to write the report as JSON.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Also draw a fixed list of prompts (every category) into this PNG,
+    /// `--seeds` images each, beside what the verifier read in each.
+    #[arg(long)]
+    pub grid: Option<PathBuf>,
 }
 
 /// Evaluates a model on the world's test split; prints a table, writes JSON.
@@ -128,9 +149,27 @@ pub fn eval(args: &EvalArgs) -> Result<EvalReport> {
         seeds: args.seeds,
         question_scenes: args.question_scenes,
         world_seed: args.world_seed,
+        cfg_weight: args.cfg_weight,
+        temperature: args.temperature,
         ..EvalConfig::default()
     };
     let report = evaluate(&bundle, &cfg)?;
+    if let Some(path) = &args.grid {
+        let (grid, accuracy) = generation_grid(
+            &bundle,
+            &SHOWCASE_PROMPTS,
+            args.seeds,
+            cfg.cfg_weight,
+            cfg.temperature,
+        )?;
+        grid.save(path)
+            .with_context(|| path.display().to_string())?;
+        eprintln!(
+            "{}: {:.1} % of its images hold their prompt",
+            path.display(),
+            accuracy * 100.0
+        );
+    }
     if let Some(path) = &args.out {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| path.display().to_string())?;

@@ -20,7 +20,7 @@ use ulm_core::registry::Registry;
 use ulm_core::scheduler::config::JobConfig;
 use ulm_core::scheduler::{Scheduler, SchedulerConfig};
 use ulm_core::store::Store;
-use ulm_model::bundle::ModelBundle;
+use ulm_model::bundle::{ModelBundle, ModelChoice};
 
 /// Every option of `serve`. Each can also come from the environment
 /// (`ULM_<NAME>`) or from the TOML file given by `--config` (same names, snake_case).
@@ -40,9 +40,13 @@ pub struct ServeArgs {
     /// Directory for the SQLite database and images [default: ./data].
     #[arg(long, env = "ULM_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Checkpoint directory; absent: the built-in demo model.
+    /// Checkpoint directory; absent: the built-in world model.
     #[arg(long, env = "ULM_MODEL")]
     pub model: Option<PathBuf>,
+    /// Serve the built-in random demo model instead (instant, for tests).
+    #[arg(long, env = "ULM_DEMO")]
+    #[serde(default)]
+    pub demo: bool,
     /// postgres://... to use PostgreSQL instead of SQLite.
     #[arg(long, env = "ULM_DATABASE_URL")]
     pub database_url: Option<String>,
@@ -156,6 +160,7 @@ impl ServeArgs {
             rl_holdout_fraction
         );
         self.no_auth |= file.no_auth;
+        self.demo |= file.demo;
         self.no_rl_scheduler |= file.no_rl_scheduler;
         Ok(self)
     }
@@ -252,7 +257,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let bundle = load_model(&args).await?;
     tracing::info!("model: {}", bundle.describe());
     if bundle.is_demo() {
-        eprintln!("NOTE: serving the built-in demo model (no --model given): its images are noise and its answers nonsense");
+        eprintln!("NOTE: serving the built-in demo model (--demo): its images are noise and its answers nonsense");
     }
     let version = if bundle.is_demo() {
         "demo-base"
@@ -329,8 +334,8 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
 async fn load_model(args: &ServeArgs) -> Result<ModelBundle> {
     let device = args.device.clone().unwrap_or_else(|| "cpu".into());
     let dtype = args.dtype.clone().unwrap_or_else(|| "f32".into());
-    let dir: Option<PathBuf> = args.model.clone();
-    tokio::task::spawn_blocking(move || ModelBundle::open_named(dir.as_deref(), &device, &dtype))
+    let choice = ModelChoice::from_args(args.model.as_deref(), args.demo)?;
+    tokio::task::spawn_blocking(move || ModelBundle::open_named(&choice, &device, &dtype))
         .await?
         .context("loading the model")
 }

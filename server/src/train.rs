@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use ulm_model::bundle::ModelBundle;
+use ulm_model::bundle::{ModelBundle, ModelChoice};
 use ulm_rl::checkpoint::{read_state, restore_optimizer, save};
 use ulm_rl::dataset::read_dataset;
 use ulm_rl::grpo::T2iAlignment;
@@ -23,9 +23,12 @@ pub struct TrainArgs {
     /// JSONL or Parquet (`.parquet`) dataset in the CoRL format (caption, image, qa_problem, qa_solution, qa_type).
     #[arg(long)]
     pub data: PathBuf,
-    /// Checkpoint to train; absent: the demo model.
+    /// Checkpoint to train; absent: the built-in world model.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Train the built-in random demo model instead.
+    #[arg(long)]
+    pub demo: bool,
     #[arg(long, default_value = "cpu")]
     pub device: String,
     #[arg(long, default_value = "f32")]
@@ -185,7 +188,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
         seed: args.seed,
         ..TrainerConfig::default()
     };
-    let mut bundle = ModelBundle::open_named(base_dir.as_deref(), &args.device, &args.dtype)?;
+    let choice = ModelChoice::from_args(base_dir.as_deref(), args.demo)?;
+    let mut bundle = ModelBundle::open_named(&choice, &args.device, &args.dtype)?;
     let (device, dtype) = (bundle.model.device().clone(), bundle.model.dtype());
     let mut frozen = Vec::new();
     let adaptation = if full {

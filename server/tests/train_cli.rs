@@ -73,7 +73,8 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-const COMMON: [&str; 10] = [
+const COMMON: [&str; 11] = [
+    "--demo",
     "--batch-size",
     "2",
     "--group-size",

@@ -68,6 +68,8 @@ pub struct Server {
     pub data_dir: PathBuf,
     pub database_url: Option<String>,
     args: Vec<String>,
+    /// Serve the instant random demo model (`--demo`), not the default.
+    demo: bool,
     _tmp: Option<tempfile::TempDir>,
     pub http: reqwest::Client,
     pub key: Option<String>,
@@ -79,7 +81,17 @@ impl Server {
         Self::start_with(&["--no-auth"]).await
     }
 
+    /// The demo model unless `args` name a `--model`.
     pub async fn start_with(args: &[&str]) -> Server {
+        Self::start_serving(args, !args.contains(&"--model")).await
+    }
+
+    /// What `serve` runs with no model named: the built-in world model.
+    pub async fn start_default(args: &[&str]) -> Server {
+        Self::start_serving(args, false).await
+    }
+
+    async fn start_serving(args: &[&str], demo: bool) -> Server {
         let tmp = tempfile::tempdir().expect("temp dir");
         let data_dir = tmp.path().to_path_buf();
         let database_url = fresh_database().await;
@@ -89,6 +101,7 @@ impl Server {
             data_dir,
             database_url,
             args: args.iter().map(|s| s.to_string()).collect(),
+            demo,
             _tmp: Some(tmp),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(120))
@@ -104,13 +117,17 @@ impl Server {
         let mut cmd = Command::new(server_binary());
         cmd.arg("serve")
             .args(["--port", "0", "--data-dir"])
-            .arg(&self.data_dir)
-            .args(&self.args);
+            .arg(&self.data_dir);
+        if self.demo {
+            cmd.arg("--demo");
+        }
+        cmd.args(&self.args);
         if let Some(url) = &self.database_url {
             cmd.args(["--database-url", url]);
         }
         for var in [
             "ULM_MODEL",
+            "ULM_DEMO",
             "ULM_API_KEYS",
             "ULM_API_KEYS_FILE",
             "ULM_NO_AUTH",

@@ -52,6 +52,8 @@ fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
             "2",
             "--eval-scenes",
             "4",
+            "--early-checkpoint",
+            "2",
         ],
         d,
     );
@@ -69,6 +71,10 @@ fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
         serde_json::from_str(&std::fs::read_to_string(d.join("run/summary.json")).unwrap())
             .unwrap();
     assert_eq!(saved, summary);
+    for plot in ["loss-vq.png", "loss-lm.png", "vq-reconstructions.png"] {
+        let image = image::open(d.join("run").join(plot)).unwrap();
+        assert!(image.width() > 100, "{plot}");
+    }
 
     run(
         &[
@@ -116,4 +122,29 @@ fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
         d,
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("[0]"));
+
+    // The early checkpoint is a whole model too; eval measures it and draws
+    // its picture.
+    run(
+        &[
+            "eval",
+            "--model",
+            "run/checkpoint-early",
+            "--prompts",
+            "1",
+            "--seeds",
+            "1",
+            "--question-scenes",
+            "1",
+            "--out",
+            "eval.json",
+            "--grid",
+            "grid.png",
+        ],
+        d,
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("eval.json")).unwrap()).unwrap();
+    assert!(report["generation_overall"].is_number());
+    assert!(image::open(d.join("grid.png")).unwrap().height() > 100);
 }

@@ -106,11 +106,12 @@ impl Size {
         }
     }
 
-    /// Half the object's extent, as a share of the image side.
+    /// Half the object's extent, as a share of the image side (a cell is
+    /// a third of it).
     pub fn half_extent(self) -> f32 {
         match self {
-            Size::Small => 0.075,
-            Size::Large => 0.115,
+            Size::Small => 0.1,
+            Size::Large => 0.155,
         }
     }
 }
@@ -153,30 +154,26 @@ pub struct Object {
     pub colour: Colour,
     pub size: Size,
     pub cell: Cell,
-    /// Offset of the centre within the room its cell leaves, each in [-1, 1].
-    pub jitter: [f32; 2],
 }
 
 impl Object {
-    /// Centre in image-side units (0 to 1).
+    /// Centre in image-side units (0 to 1): the centre of its cell. Objects
+    /// sit exactly there, so that at a side of 48 every object covers the
+    /// same 2 x 2 VQ codes and the same SigLIP patch wherever it is, and the
+    /// image tokenizer has few patterns to learn.
     pub fn centre(&self) -> [f32; 2] {
         let cell = 1.0 / GRID as f32;
-        let room = (cell / 2.0 - self.size.half_extent() - MARGIN).max(0.0);
         [
-            (self.cell.col as f32 + 0.5) * cell + self.jitter[0] * room,
-            (self.cell.row as f32 + 0.5) * cell + self.jitter[1] * room,
+            (self.cell.col as f32 + 0.5) * cell,
+            (self.cell.row as f32 + 0.5) * cell,
         ]
     }
 
-    /// What the object is, without where exactly it sits.
+    /// What the object is.
     pub fn key(&self) -> (Shape, Colour, Size, Cell) {
         (self.shape, self.colour, self.size, self.cell)
     }
 }
-
-/// Space kept between an object and its cell's border, as a share of the
-/// image side: objects in neighbouring cells are always apart.
-const MARGIN: f32 = 0.02;
 
 /// GenEval's prompt categories; each scene is built for one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -245,7 +242,6 @@ impl Scene {
                 Size::Large
             },
             cell,
-            jitter: [rng.random_range(-1.0..=1.0), rng.random_range(-1.0..=1.0)],
         };
         let objects = match category {
             Category::SingleObject | Category::Colours => {
@@ -275,8 +271,8 @@ impl Scene {
         Scene { category, objects }
     }
 
-    /// The objects' content in a fixed order, jitter aside: two scenes with
-    /// the same content are the same scene for the splits.
+    /// The objects' content in a fixed order: two scenes with the same
+    /// content are the same scene for the splits.
     pub fn content(&self) -> Vec<(Shape, Colour, Size, Cell)> {
         let mut keys: Vec<_> = self.objects.iter().map(Object::key).collect();
         keys.sort();

@@ -37,7 +37,7 @@ impl Seen {
 /// inventing a third colour.
 const MAX_COLOUR_DISTANCE: f32 = 80.0;
 /// Components smaller than this share of the image are noise. A small
-/// triangle covers about 1.1 % of it.
+/// triangle covers about 2 % of it.
 const MIN_AREA: f32 = 0.003;
 /// Fill of the bounding box above which a blob is a square (pi/4 for a
 /// circle, 1 for a square).
@@ -45,9 +45,9 @@ const SQUARE_FILL: f32 = 0.89;
 /// Top-half to bottom-half area below which a blob is a triangle (1/3 for
 /// the triangle, 1 for the others).
 const TRIANGLE_BALANCE: f32 = 0.6;
-/// Bounding-box side, as a share of the image, that separates small (0.15)
-/// from large (0.23).
-const LARGE_EXTENT: f32 = 0.19;
+/// Bounding-box side, as a share of the image, that separates small (0.2)
+/// from large (0.31).
+const LARGE_EXTENT: f32 = 0.25;
 /// How far apart two centres must be, as a share of the image, for one to
 /// be left of (or above) the other.
 const RELATION_MARGIN: f32 = 0.1;
