@@ -122,12 +122,15 @@ async fn feedback_trains_a_promoted_version_that_serves_and_rolls_back() {
     let before = serve_round(&server, 24, true).await;
     assert_eq!(before.versions, ["demo-base"]);
 
-    let id = start_job(&server, learning_job(40)).await;
+    // 80 steps: at 40 the rise of the letter share (0.04 to 0.12 over runs,
+    // with the held-out split drawn from random request ids) came within
+    // the margin asserted below.
+    let id = start_job(&server, learning_job(80)).await;
     let job = wait_job(&server, &id, finished).await;
     assert_eq!(job["status"], "promoted", "{job}");
     assert_eq!(job["parent_version"], "demo-base");
     assert_eq!(job["candidate_version"], "v1");
-    assert_eq!(job["steps_done"], 40);
+    assert_eq!(job["steps_done"], 80);
     let counts = &job["data_counts"];
     assert_eq!(counts["rated_requests"], 24, "{counts}");
     let (train, eval) = (
