@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use ulm_model::bundle::ModelBundle;
 use ulm_model::decode::TextPrompt;
-use ulm_model::generate::{answer_batch, generate_images_batch, AnswerItem, ImageItem};
+use ulm_model::generate::{
+    answer_batch, generate_images_batch, AnswerItem, ImageItem, ImageSample,
+};
 use ulm_model::sampling::SamplingParams;
 use ulm_rl::reward::verifiable::{qa_accuracy, QaType};
 use ulm_world::scene::Category;
@@ -116,28 +118,56 @@ fn test_prompts(world_seed: u64, category: Category, n: usize) -> Vec<Example> {
         .collect()
 }
 
+/// `seeds` images per prompt (seeds 0, 1, ...), sampled at `temperature`
+/// with classifier-free guidance `cfg_weight`.
+pub(crate) fn draw(
+    bundle: &ModelBundle,
+    prompts: &[&str],
+    seeds: usize,
+    cfg_weight: f32,
+    temperature: f32,
+) -> Result<Vec<Vec<Option<ImageSample>>>, PretrainError> {
+    let processor = &bundle.processor;
+    let items = prompts
+        .iter()
+        .map(|prompt| {
+            Ok(ImageItem {
+                prompt: processor.generation_prompt(prompt)?,
+                cfg_weight,
+                sampling: SamplingParams {
+                    temperature,
+                    top_k: None,
+                    top_p: None,
+                },
+                seeds: (0..seeds as u64).collect(),
+            })
+        })
+        .collect::<Result<Vec<_>, ulm_model::ModelError>>()?;
+    Ok(generate_images_batch(
+        &bundle.model,
+        &items,
+        processor.special.pad,
+        &mut |_| true,
+    )?)
+}
+
 pub fn evaluate(bundle: &ModelBundle, cfg: &EvalConfig) -> Result<EvalReport, PretrainError> {
     let model = &bundle.model;
     let processor = &bundle.processor;
     let mut generation = BTreeMap::new();
     for category in Category::ALL {
         let prompts = test_prompts(cfg.world_seed, category, cfg.prompts_per_category);
-        let items = prompts
+        let captions: Vec<&str> = prompts
             .iter()
-            .map(|example| {
-                Ok(ImageItem {
-                    prompt: processor.generation_prompt(&example.captions[0].text)?,
-                    cfg_weight: cfg.cfg_weight,
-                    sampling: SamplingParams {
-                        temperature: cfg.temperature,
-                        top_k: None,
-                        top_p: None,
-                    },
-                    seeds: (0..cfg.seeds as u64).collect(),
-                })
-            })
-            .collect::<Result<Vec<_>, ulm_model::ModelError>>()?;
-        let images = generate_images_batch(model, &items, processor.special.pad, &mut |_| true)?;
+            .map(|e| e.captions[0].text.as_str())
+            .collect();
+        let images = draw(
+            bundle,
+            &captions,
+            cfg.seeds,
+            cfg.cfg_weight,
+            cfg.temperature,
+        )?;
         let mut accuracy = Accuracy::default();
         for (example, samples) in prompts.iter().zip(images) {
             for sample in samples.into_iter().flatten() {

@@ -5,11 +5,10 @@
 use image::{imageops, Rgb, RgbImage};
 use plotters::prelude::*;
 use ulm_model::bundle::ModelBundle;
-use ulm_model::generate::{generate_images_batch, ImageItem};
-use ulm_model::sampling::SamplingParams;
 use ulm_world::caption;
 use ulm_world::verify::{self, Seen};
 
+use crate::eval::draw;
 use crate::plot::{font, FAMILY};
 use crate::PretrainError;
 
@@ -74,28 +73,11 @@ pub fn generation_grid(
     cfg_weight: f32,
     temperature: f32,
 ) -> Result<(RgbImage, f64), PretrainError> {
-    let processor = &bundle.processor;
     let claims = prompts
         .iter()
         .map(|p| caption::parse(p).map_err(|e| PretrainError::Invalid(format!("{p:?}: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    let items = prompts
-        .iter()
-        .map(|p| {
-            Ok(ImageItem {
-                prompt: processor.generation_prompt(p)?,
-                cfg_weight,
-                sampling: SamplingParams {
-                    temperature,
-                    top_k: None,
-                    top_p: None,
-                },
-                seeds: (0..seeds as u64).collect(),
-            })
-        })
-        .collect::<Result<Vec<_>, ulm_model::ModelError>>()?;
-    let images =
-        generate_images_batch(&bundle.model, &items, processor.special.pad, &mut |_| true)?;
+    let images = draw(bundle, prompts, seeds, cfg_weight, temperature)?;
     let side = bundle.model.gen_vision.image_size() as u32 * SCALE;
     let cell_w = side + 2 * FRAME + 40;
     let row_h = side + 2 * FRAME + READING_HEIGHT;
