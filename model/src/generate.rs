@@ -60,6 +60,8 @@ pub struct TokenEvent {
     pub item: usize,
     pub sample: usize,
     pub token: u32,
+    /// The token's behaviour log-prob (as stored with the sample).
+    pub logprob: f32,
 }
 
 /// Decodes every sample of every item in one batch.
@@ -115,17 +117,19 @@ pub fn answer_batch(
         for (row, (i, s, sampler)) in active.iter_mut().enumerate() {
             let token = sampler.sample(&logits[row]);
             let out = &mut results[*i][*s];
-            out.token_ids.push(token);
-            out.logprobs.push(token_logprob(
+            let logprob = token_logprob(
                 &logits[row],
                 token,
                 items[*i].sampling.logprob_temperature(),
-            ));
+            );
+            out.token_ids.push(token);
+            out.logprobs.push(logprob);
             if !cancelled_items[*i]
                 && !observer(TokenEvent {
                     item: *i,
                     sample: *s,
                     token,
+                    logprob,
                 })
             {
                 cancelled_items[*i] = true;

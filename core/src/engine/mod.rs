@@ -277,6 +277,12 @@ impl Engine {
         }
     }
 
+    /// The token that ends an answer (it is part of a stopped answer's
+    /// tokens, though it adds no text).
+    pub fn end_of_answer_token(&self) -> u32 {
+        self.processor.special.eos
+    }
+
     pub fn model_version(&self) -> String {
         self.policy.load().version.clone()
     }

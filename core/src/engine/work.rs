@@ -89,4 +89,5 @@ pub struct RequestTimings {
 pub struct StreamedToken {
     pub sample: usize,
     pub token: u32,
+    pub logprob: f32,
 }

@@ -100,6 +100,7 @@ impl Worker {
                 let _ = stream.send(StreamedToken {
                     sample: event.sample,
                     token: event.token,
+                    logprob: event.logprob,
                 });
             }
             job.wanted()

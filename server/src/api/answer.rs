@@ -9,7 +9,7 @@ use base64::Engine as _;
 use futures::stream::Stream;
 use tokio::sync::mpsc;
 
-use ulm_core::engine::{AnswerOutput, AnswerTextStream, AnswerWork, StreamedToken};
+use ulm_core::engine::{AnswerOutput, AnswerTextStream, AnswerWork, StreamedToken, TextOutput};
 use ulm_core::record::{record_answers, AnswerParams};
 
 use super::error::{ApiError, ApiJson, ErrorBody};
@@ -46,11 +46,6 @@ pub async fn answer(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<AnswerRequest>,
 ) -> Result<Response, ApiError> {
-    let limits = &state.limits;
-    limits.text("question", &body.question)?;
-    limits.count("n", body.n, limits.max_answers_per_request)?;
-    limits.count("max_new_tokens", body.max_new_tokens, limits.max_new_tokens)?;
-    limits.sampling(body.temperature, body.top_k, body.top_p)?;
     let params = AnswerParams {
         n: body.n,
         max_new_tokens: body.max_new_tokens,
@@ -58,56 +53,131 @@ pub async fn answer(
         top_p: body.top_p.map(|p| p as f32),
         top_k: body.top_k,
     };
-    let seeds = limits.seeds(body.seed, body.n)?;
-    let image_bytes = decode_base64_image(&body.image, limits.max_image_bytes)?;
-    let max_pixels = limits.max_image_pixels;
-    // Few images decode at once; what is queued is the small image the
-    // model sees, never the decoded original.
-    let slot = state
-        .decode_slots
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let engine = state.engine.clone();
-    let (image, image_bytes) = tokio::task::spawn_blocking(move || {
-        let _slot = slot;
-        engine
-            .prepare_image(&image_bytes, max_pixels)
-            .map(|image| (image, image_bytes))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let work = AnswerWork {
-        image,
-        question: body.question.clone(),
-        params,
-        seeds: seeds.clone(),
-    };
-    let deadline = Instant::now() + limits.request_timeout;
-    let ctx = AnswerContext {
-        state: state.clone(),
+    let question = AnswerQuestion {
+        image: &body.image,
         question: body.question,
+        temperature: body.temperature,
+        top_p: body.top_p,
         params,
-        seeds,
-        image_bytes,
+        seed: body.seed,
     };
+    let job = AnswerJob::prepare(&state, question).await?;
     if !body.stream {
-        let output = state.engine.answer(work, deadline, None).await?;
-        return Ok(Json(ctx.store(output).await?).into_response());
+        return Ok(Json(job.run().await?.response).into_response());
     }
-    let (tx, rx) = mpsc::unbounded_channel();
-    let engine = state.engine.clone();
-    // The engine call runs in its own task so tokens flow while it works; if
-    // the client goes away the stream is dropped, the channel closes and the
-    // engine stops this request.
-    let work = tokio::spawn(async move {
-        let output = engine.answer(work, deadline, Some(tx)).await?;
-        ctx.store(output).await
-    });
+    let (rx, work) = job.start_streaming();
     Ok(Sse::new(event_stream(state, rx, work))
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// A question as a route reads it, before validation.
+pub(super) struct AnswerQuestion<'a> {
+    /// Base64, or a `data:` URL.
+    pub image: &'a str,
+    pub question: String,
+    /// The sampling floats as sent (checked before they narrow to f32).
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    pub params: AnswerParams,
+    pub seed: Option<u64>,
+}
+
+/// A validated question with its image decoded, ready for the engine.
+pub(super) struct AnswerJob {
+    work: AnswerWork,
+    deadline: Instant,
+    ctx: AnswerContext,
+}
+
+/// The stored answers of a request: the response, and what the engine
+/// produced for each (its tokens and their log-probs).
+pub(super) struct StoredAnswers {
+    pub response: AnswerResponse,
+    pub outputs: Vec<TextOutput>,
+}
+
+impl AnswerJob {
+    /// Validates every field, then decodes the image (few at once); nothing
+    /// is queued before all of it passed.
+    pub(super) async fn prepare(state: &AppState, q: AnswerQuestion<'_>) -> Result<Self, ApiError> {
+        let limits = &state.limits;
+        let params = q.params;
+        limits.text("question", &q.question)?;
+        limits.count("n", params.n, limits.max_answers_per_request)?;
+        limits.count(
+            "max_new_tokens",
+            params.max_new_tokens,
+            limits.max_new_tokens,
+        )?;
+        limits.sampling(q.temperature, params.top_k, q.top_p)?;
+        let seeds = limits.seeds(q.seed, params.n)?;
+        let image_bytes = decode_base64_image(q.image, limits.max_image_bytes)?;
+        let max_pixels = limits.max_image_pixels;
+        // Few images decode at once; what is queued is the small image the
+        // model sees, never the decoded original.
+        let slot = state
+            .decode_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let engine = state.engine.clone();
+        let (image, image_bytes) = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            engine
+                .prepare_image(&image_bytes, max_pixels)
+                .map(|image| (image, image_bytes))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+        Ok(Self {
+            work: AnswerWork {
+                image,
+                question: q.question.clone(),
+                params,
+                seeds: seeds.clone(),
+            },
+            deadline: Instant::now() + limits.request_timeout,
+            ctx: AnswerContext {
+                state: state.clone(),
+                question: q.question,
+                params,
+                seeds,
+                image_bytes,
+            },
+        })
+    }
+
+    /// Answers and stores every sample.
+    pub(super) async fn run(self) -> Result<StoredAnswers, ApiError> {
+        let output = self
+            .ctx
+            .state
+            .engine
+            .answer(self.work, self.deadline, None)
+            .await?;
+        self.ctx.store(output).await
+    }
+
+    /// Answers in a task of its own, so that tokens flow while it works: the
+    /// tokens arrive on the receiver, the stored answers from the task. If
+    /// the client goes away the receiver is dropped, the channel closes and
+    /// the engine stops this request.
+    pub(super) fn start_streaming(
+        self,
+    ) -> (
+        mpsc::UnboundedReceiver<StreamedToken>,
+        tokio::task::JoinHandle<Result<StoredAnswers, ApiError>>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let engine = self.ctx.state.engine.clone();
+        let work = tokio::spawn(async move {
+            let output = engine.answer(self.work, self.deadline, Some(tx)).await?;
+            self.ctx.store(output).await
+        });
+        (rx, work)
+    }
 }
 
 struct AnswerContext {
@@ -121,7 +191,7 @@ struct AnswerContext {
 
 impl AnswerContext {
     /// Records every sample, then builds the response.
-    async fn store(self, output: AnswerOutput) -> Result<AnswerResponse, ApiError> {
+    async fn store(self, output: AnswerOutput) -> Result<StoredAnswers, ApiError> {
         let recorded = record_answers(
             &self.state.store,
             &self.question,
@@ -143,7 +213,7 @@ impl AnswerContext {
             })
             .collect();
         let completion_tokens = samples.iter().map(|s| s.completion_tokens).sum();
-        Ok(AnswerResponse {
+        let response = AnswerResponse {
             request_id: recorded.request_id,
             model_version: output.model_version,
             samples,
@@ -153,6 +223,10 @@ impl AnswerContext {
                 total_tokens: output.prompt_tokens + completion_tokens,
             },
             timings: output.timings.into(),
+        };
+        Ok(StoredAnswers {
+            response,
+            outputs: output.samples,
         })
     }
 }
@@ -160,7 +234,7 @@ impl AnswerContext {
 fn event_stream(
     state: AppState,
     mut rx: mpsc::UnboundedReceiver<StreamedToken>,
-    work: tokio::task::JoinHandle<Result<AnswerResponse, ApiError>>,
+    work: tokio::task::JoinHandle<Result<StoredAnswers, ApiError>>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     async_stream(move |yield_tx| async move {
         let mut texts: Vec<AnswerTextStream> = Vec::new();
@@ -181,7 +255,7 @@ fn event_stream(
             }
         }
         let last = match work.await {
-            Ok(Ok(response)) => json_event("done", &response),
+            Ok(Ok(stored)) => json_event("done", &stored.response),
             Ok(Err(e)) => error_event(e),
             Err(e) => error_event(ApiError::Internal(e.to_string())),
         };
@@ -197,17 +271,11 @@ fn json_event<T: serde::Serialize>(name: &str, value: &T) -> Event {
 }
 
 fn error_event(e: ApiError) -> Event {
-    if e.status().is_server_error() {
-        tracing::error!(code = e.code(), error = %e, "streamed request failed");
-    }
-    json_event(
-        "error",
-        &serde_json::json!({"error": {"code": e.code(), "message": e.public_message()}}),
-    )
+    json_event("error", &e.streamed_body())
 }
 
 /// A stream fed by a task: the task sends items, the stream yields them.
-fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
+pub(super) fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
 where
     F: FnOnce(mpsc::UnboundedSender<Event>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -230,7 +298,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Base64 (standard, optionally behind a data URL prefix) to bytes, bounded.
-fn decode_base64_image(text: &str, max_bytes: usize) -> Result<Vec<u8>, ApiError> {
+pub(super) fn decode_base64_image(text: &str, max_bytes: usize) -> Result<Vec<u8>, ApiError> {
     let data = match text.strip_prefix("data:") {
         Some(rest) => rest.split_once(";base64,").map(|(_, d)| d).ok_or_else(|| {
             ApiError::InvalidImage("a data URL image must be base64 encoded".into())

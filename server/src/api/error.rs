@@ -54,7 +54,9 @@ pub enum ApiError {
     Internal(String),
 }
 
-/// Error body of every non-2xx response.
+/// Error body of every non-2xx response. It has the shape OpenAI clients
+/// parse (`error.message`, `error.type`, `error.code`), so the `openai` SDK
+/// raises its errors with our code and message.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
@@ -70,6 +72,11 @@ pub struct ErrorDetail {
     pub code: String,
     /// Human-readable explanation.
     pub message: String,
+    /// The class of error as OpenAI names it: invalid_request_error,
+    /// authentication_error, permission_error, not_found_error,
+    /// rate_limit_error, timeout_error or server_error.
+    #[serde(rename = "type")]
+    pub error_type: String,
 }
 
 impl ApiError {
@@ -106,6 +113,39 @@ impl ApiError {
         }
     }
 
+    /// OpenAI's name for the class of this error.
+    pub fn error_type(&self) -> &'static str {
+        match self.status() {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => "timeout_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The body this error is sent as.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code().to_string(),
+                message: self.public_message(),
+                error_type: self.error_type().to_string(),
+            },
+        }
+    }
+
+    /// The body of an error that ends a stream whose headers were already
+    /// sent (logged here, as the response's status cannot carry it).
+    pub fn streamed_body(&self) -> ErrorBody {
+        if self.status().is_server_error() {
+            tracing::error!(code = self.code(), error = %self, "streamed request failed");
+        }
+        self.body()
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
@@ -136,13 +176,7 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(code = self.code(), error = %self, "request failed");
         }
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code().to_string(),
-                message: self.public_message(),
-            },
-        };
-        let mut response = (status, axum::Json(body)).into_response();
+        let mut response = (status, axum::Json(self.body())).into_response();
         let retry_after = match self {
             ApiError::QueueFull => Some("1"),
             ApiError::Unavailable(_) => Some("5"),

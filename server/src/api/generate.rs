@@ -38,6 +38,14 @@ pub async fn generate(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<GenerateRequest>,
 ) -> Result<Json<GenerateResponse>, ApiError> {
+    draw(&state, body).await.map(Json)
+}
+
+/// Validates the request, draws its images and stores every one.
+pub(super) async fn draw(
+    state: &AppState,
+    body: GenerateRequest,
+) -> Result<GenerateResponse, ApiError> {
     let limits = &state.limits;
     limits.text("prompt", &body.prompt)?;
     limits.count("n", body.n, limits.max_images_per_request)?;
@@ -75,10 +83,10 @@ pub async fn generate(
             png_base64: base64::engine::general_purpose::STANDARD.encode(&s.output),
         })
         .collect();
-    Ok(Json(GenerateResponse {
+    Ok(GenerateResponse {
         request_id: recorded.request_id,
         model_version,
         images,
         timings,
-    }))
+    })
 }

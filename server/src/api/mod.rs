@@ -10,6 +10,7 @@ pub mod health;
 pub mod job_config;
 pub mod limits;
 pub mod models;
+pub mod openai;
 pub mod rl;
 pub mod samples;
 pub mod types;
@@ -63,6 +64,8 @@ pub struct AppState {
     paths(
         generate::generate,
         answer::answer,
+        openai::chat::chat_completions,
+        openai::images::generations,
         feedback::post_feedback,
         samples::get_sample,
         samples::get_image,
@@ -79,6 +82,7 @@ pub struct AppState {
     modifiers(&BearerAuth, &InternalErrors),
     tags(
         (name = "inference", description = "Generate images, answer questions"),
+        (name = "openai", description = "OpenAI-compatible chat completions and image generation (the `openai` SDK works against them)"),
         (name = "feedback", description = "Judgements on served samples"),
         (name = "samples", description = "Stored samples and images"),
         (name = "models", description = "Model versions: list, activate (rollback)"),
@@ -208,6 +212,8 @@ pub fn router(state: AppState, auth: Auth) -> Router {
     let user_routes = Router::new()
         .route("/v1/generate", post(generate::generate))
         .route("/v1/answer", post(answer::answer))
+        .route("/v1/chat/completions", post(openai::chat::chat_completions))
+        .route("/v1/images/generations", post(openai::images::generations))
         .route("/v1/feedback", post(feedback::post_feedback))
         .route("/v1/samples/{id}", get(samples::get_sample))
         .route("/v1/images/{sample_id}", get(samples::get_image))

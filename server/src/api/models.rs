@@ -40,6 +40,9 @@ fn view(state: &AppState, v: VersionRecord, active: &str) -> ModelView {
         demo: info.is_demo,
         active: v.id == active,
         id: v.id,
+        object: "model".into(),
+        created: v.created_at / 1000,
+        owned_by: "ulm-server".into(),
         parent: v.parent,
         job_id: v.job_id,
         checkpoint_path: v.checkpoint_path,
@@ -74,6 +77,7 @@ pub async fn list_models(
     let active = state.engine.model_version();
     let versions = state.store.list_versions().await?;
     Ok(Json(ModelList {
+        object: "list".into(),
         data: versions
             .into_iter()
             .map(|v| for_role(view(&state, v, &active), role))
@@ -109,7 +113,7 @@ mod tests {
     #[test]
     fn only_admins_see_server_paths() {
         let version: ModelView = serde_json::from_value(serde_json::json!({
-            "id": "v1", "description": "", "demo": true, "active": true, "parent": "demo-base",
+            "id": "v1", "object": "model", "created": 0, "owned_by": "ulm-server", "description": "", "demo": true, "active": true, "parent": "demo-base",
             "job_id": "job", "checkpoint_path": "/data/versions/v1", "metrics": {}, "created_at": 0,
             "max_context_tokens": 1, "image_tokens_per_image": 1, "generated_image_size": 1,
             "understanding_image_size": 1,

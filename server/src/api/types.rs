@@ -289,6 +289,12 @@ pub struct SampleView {
 pub struct ModelView {
     /// Version id; every sample names the version that produced it.
     pub id: String,
+    /// Always `model` (as OpenAI's model list has it).
+    pub object: String,
+    /// Unix seconds (OpenAI's field; `created_at` has milliseconds).
+    pub created: i64,
+    /// Always `ulm-server`.
+    pub owned_by: String,
     pub description: String,
     /// True for the built-in random demo model.
     pub demo: bool,
@@ -314,6 +320,8 @@ pub struct ModelView {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ModelList {
+    /// Always `list` (as OpenAI's model list has it).
+    pub object: String,
     pub data: Vec<ModelView>,
 }
 
