@@ -7,7 +7,6 @@ pub mod data;
 pub mod eval;
 pub mod lm;
 pub mod model;
-pub mod plot;
 pub mod recipe;
 pub mod showcase;
 pub mod tokenizer;

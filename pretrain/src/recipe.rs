@@ -16,9 +16,9 @@ use ulm_world::{examples, Split};
 
 use crate::lm::{train_lm, LmParts, LmTraining};
 use crate::model::PretrainModel;
-use crate::plot::{line_chart, Series};
 use crate::vq::{reconstruction_accuracy, reconstruction_grid, train_vq, VqTraining};
 use crate::PretrainError;
+use ulm_plot::{line_chart, Panel, Scale, Series};
 
 #[derive(Debug, Clone)]
 pub struct Recipe {
@@ -112,7 +112,14 @@ fn plot_losses(
         .map(|(name, values)| Series::smoothed(name, values, PLOT_WINDOW))
         .collect();
     let path = out.join(format!("loss-{stage}.png"));
-    line_chart(title, "loss (mean of 25 steps)", &series, (800, 480))?
+    let panel = Panel {
+        title: title.to_string(),
+        y_label: "loss (mean of 25 steps)".into(),
+        scale: Scale::Log,
+        series,
+    };
+    line_chart(&panel, (800, 480))
+        .map_err(|e| PretrainError::Invalid(e.to_string()))?
         .save(&path)
         .map_err(|e| PretrainError::Invalid(format!("{}: {e}", path.display())))
 }

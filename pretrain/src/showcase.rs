@@ -9,8 +9,8 @@ use ulm_world::caption;
 use ulm_world::verify::{self, Seen};
 
 use crate::eval::draw;
-use crate::plot::{font, FAMILY};
 use crate::PretrainError;
+use ulm_plot::{font, FAMILY};
 
 /// The prompts of the picture: every GenEval category, the example
 /// first.

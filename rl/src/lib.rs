@@ -4,6 +4,7 @@
 //! model crate and runs synchronously; it knows nothing of HTTP or storage.
 
 pub mod checkpoint;
+pub mod curves;
 pub mod dataset;
 pub mod difflib;
 pub mod error;

@@ -281,9 +281,14 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .context("opening the model registry")?;
     tracing::info!(version = %engine.model_version(), "serving model version");
-    let scheduler = Scheduler::new(store.clone(), registry.clone(), scheduler_config)
-        .await
-        .context("starting the RL scheduler")?;
+    let scheduler = Scheduler::new(
+        store.clone(),
+        registry.clone(),
+        scheduler_config,
+        data_dir.join("jobs"),
+    )
+    .await
+    .context("starting the RL scheduler")?;
     let scheduler_task = (!args.no_rl_scheduler).then(|| scheduler.spawn());
     let limits = args.limits();
     let header_timeout = Duration::from_secs(args.header_timeout_secs.unwrap_or(30).max(1));

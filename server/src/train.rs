@@ -1,13 +1,14 @@
 //! `ulm-server train`: offline CoRL GRPO over a JSONL or Parquet dataset.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use ulm_model::bundle::{ModelBundle, ModelChoice};
 use ulm_rl::checkpoint::{read_state, restore_optimizer, save};
+use ulm_rl::curves::{learning_curves_png, CurvePoint};
 use ulm_rl::dataset::read_dataset;
 use ulm_rl::grpo::T2iAlignment;
 use ulm_rl::lora::{self, LoraConfig};
@@ -261,13 +262,34 @@ pub fn train(args: TrainArgs) -> Result<()> {
         if args.save_every > 0 && trainer.step % args.save_every == 0 {
             let dir = args.out.join(format!("checkpoint-{}", trainer.step));
             save(&trainer, &dir, base_dir.as_deref(), &frozen)?;
+            write_curves(&args.out)?;
         }
     }
     progress.finish();
+    write_curves(&args.out)?;
     let last = args.out.join(format!("checkpoint-{}", trainer.step));
     if !last.exists() {
         save(&trainer, &last, base_dir.as_deref(), &frozen)?;
     }
     println!("{}", last.display());
+    Ok(())
+}
+
+/// `out/curves.png` from every step in `out/metrics.jsonl` (a resumed run's
+/// earlier steps included).
+fn write_curves(out: &Path) -> Result<()> {
+    let metrics = out.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&metrics)
+        .with_context(|| format!("reading {}", metrics.display()))?;
+    let points = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<Vec<CurvePoint>, _>>()
+        .with_context(|| format!("reading the steps of {}", metrics.display()))?;
+    if let Some(png) = learning_curves_png(&points) {
+        let path = out.join("curves.png");
+        std::fs::write(&path, png).with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }

@@ -100,6 +100,8 @@ fn train_lora_resume_and_reload() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 2);
+    let curves = image::open(out.join("curves.png")).expect("train draws its curves");
+    assert_eq!((curves.width(), curves.height()), (1120, 720));
     for m in &lines {
         assert_eq!(m["applied"], true);
         assert!(m["reward_understanding"].is_number() && m["reward_generation"].is_number());

@@ -131,6 +131,18 @@ async fn feedback_trains_a_promoted_version_that_serves_and_rolls_back() {
     assert_eq!(job["parent_version"], "demo-base");
     assert_eq!(job["candidate_version"], "v1");
     assert_eq!(job["steps_done"], 80);
+    // Its learning curves: served by the API, and on disk with its metrics.
+    let curves = job["curves_url"]
+        .as_str()
+        .expect("a trained job links its curves");
+    let (status, png) = server.get_bytes(curves).await;
+    assert_eq!(status, 200);
+    let drawn = image::load_from_memory(&png).expect("the curves are an image");
+    assert_eq!((drawn.width(), drawn.height()), (1120, 720));
+    let files = server.data_dir.join("jobs").join(&id);
+    assert!(files.join("curves.png").is_file());
+    let steps = std::fs::read_to_string(files.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps.lines().count(), 80);
     let counts = &job["data_counts"];
     assert_eq!(counts["rated_requests"], 24, "{counts}");
     let (train, eval) = (

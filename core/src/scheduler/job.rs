@@ -29,6 +29,8 @@ pub struct StepSummary {
     /// feedback, reference_answers or prompts.
     pub source: &'static str,
     pub reward: Option<f64>,
+    /// Mean of each reward function.
+    pub rewards: Vec<(String, f64)>,
     pub loss: f64,
     pub kl: f64,
     pub grad_norm: f64,
@@ -112,6 +114,7 @@ fn summary(m: &StepMetrics, source: &'static str) -> StepSummary {
             (Some(u), Some(g)) => Some((u + g) / 2.0),
             (u, g) => u.or(g),
         },
+        rewards: m.rewards.clone(),
         loss: m.loss,
         kl: m.kl,
         grad_norm: m.grad_norm,

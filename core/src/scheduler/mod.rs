@@ -6,10 +6,12 @@
 //! replica sharing the database sees them.
 
 pub mod config;
+pub mod curves;
 pub mod data;
 pub mod gate;
 pub mod job;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -96,6 +98,8 @@ struct Inner {
     store: Store,
     registry: Registry,
     config: SchedulerConfig,
+    /// `<jobs_dir>/<job id>/` holds each finished job's metrics and curves.
+    jobs_dir: PathBuf,
     /// The job this process runs now, and its cancel flag.
     running: Mutex<Option<(String, Arc<AtomicBool>)>>,
     wake: Notify,
@@ -108,6 +112,7 @@ impl Scheduler {
         store: Store,
         registry: Registry,
         config: SchedulerConfig,
+        jobs_dir: PathBuf,
     ) -> Result<Self, StoreError> {
         let interrupted = store.interrupt_jobs().await?;
         if interrupted > 0 {
@@ -122,6 +127,7 @@ impl Scheduler {
                 store,
                 registry,
                 config,
+                jobs_dir,
                 running: Mutex::new(None),
                 wake: Notify::new(),
                 stopping: AtomicBool::new(false),
@@ -284,10 +290,32 @@ impl Scheduler {
                 JobStatus::Failed
             }
         };
+        self.write_job_files(&job.id).await;
         tracing::info!(job = %job.id, status = status.as_str(), seconds = started.elapsed().as_secs_f64(), "job finished");
         metrics::counter!("ulm_rl_jobs_total", "status" => status.as_str()).increment(1);
         metrics::histogram!("ulm_rl_job_duration_seconds", "status" => status.as_str())
             .record(started.elapsed().as_secs_f64());
+    }
+
+    /// The ended job's metrics and curves as files; a failure to write
+    /// them is logged (the job's record holds the same numbers).
+    async fn write_job_files(&self, job: &str) {
+        let metrics = match self.inner.store.get_job(job).await {
+            Ok(record) => record.metrics,
+            Err(error) => {
+                tracing::warn!(job, %error, "reading the job's metrics failed");
+                return;
+            }
+        };
+        let Some(metrics) = metrics else { return };
+        let dir = self.inner.jobs_dir.join(job);
+        let written =
+            tokio::task::spawn_blocking(move || curves::write_job_files(&dir, &metrics)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(job, %error, "writing the job's curves failed"),
+            Err(error) => tracing::warn!(job, %error, "writing the job's curves failed"),
+        }
     }
 
     /// Ends `job` with `transition`; the status it ended in, none when it

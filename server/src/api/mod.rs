@@ -11,6 +11,7 @@ pub mod job_config;
 pub mod limits;
 pub mod models;
 pub mod openai;
+pub mod playground;
 pub mod rl;
 pub mod samples;
 pub mod types;
@@ -74,10 +75,12 @@ pub struct AppState {
         rl::start_job,
         rl::list_jobs,
         rl::get_job,
+        rl::get_curves,
         rl::cancel_job,
         health::healthz,
         health::readyz,
         metrics_text,
+        playground::page,
     ),
     modifiers(&BearerAuth, &InternalErrors),
     tags(
@@ -87,7 +90,7 @@ pub struct AppState {
         (name = "samples", description = "Stored samples and images"),
         (name = "models", description = "Model versions: list, activate (rollback)"),
         (name = "rl", description = "GRPO refinement jobs (admin)"),
-        (name = "operations", description = "Health and metrics"),
+        (name = "operations", description = "Health, metrics and the playground page"),
     )
 )]
 pub struct ApiDoc;
@@ -226,9 +229,11 @@ pub fn router(state: AppState, auth: Auth) -> Router {
         .route("/v1/models/{version}/activate", post(models::activate))
         .route("/v1/rl/jobs", post(rl::start_job).get(rl::list_jobs))
         .route("/v1/rl/jobs/{id}", get(rl::get_job))
+        .route("/v1/rl/jobs/{id}/curves.png", get(rl::get_curves))
         .route("/v1/rl/jobs/{id}/cancel", post(rl::cancel_job))
         .route_layer(middleware::from_fn_with_state(auth, auth::require_admin));
     let public = Router::new()
+        .route("/", get(playground::page))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics_text));

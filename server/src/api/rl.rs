@@ -1,16 +1,18 @@
 //! RL jobs (admin): start, list, inspect, cancel.
 
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
 use axum::Json;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
 use super::job_config::JobConfig;
-use super::types::{JobList, JobView};
+use super::types::{JobList, JobView, PngImage};
 use super::AppState;
 use ulm_core::jobs::{JobRecord, JobTrigger};
+use ulm_core::scheduler::curves::job_curves_png;
 use ulm_core::scheduler::SchedulerError;
 use ulm_core::store::StoreError;
 
@@ -29,6 +31,7 @@ impl From<SchedulerError> for ApiError {
 
 fn view(j: JobRecord) -> JobView {
     JobView {
+        curves_url: (j.steps_done > 0).then(|| format!("/v1/rl/jobs/{}/curves.png", j.id)),
         id: j.id,
         status: j.status.as_str().to_string(),
         trigger: j.trigger.as_str().to_string(),
@@ -129,6 +132,47 @@ pub async fn get_job(
         .await
         .map_err(SchedulerError::Store)?;
     Ok(Json(view(job)))
+}
+
+/// The job's learning curves as PNG: the mean of each reward function, the
+/// KL to the reference, the loss and the gradient norm by step. Drawn from
+/// the steps recorded so far, so it follows a running job; a finished job
+/// also has it on the server's disk next to its `metrics.jsonl`.
+#[utoipa::path(get, path = "/v1/rl/jobs/{id}/curves.png", tag = "rl",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "PNG image", content_type = "image/png", body = PngImage),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job has trained no step yet", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn get_curves(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let job = state
+        .store
+        .get_job(&id)
+        .await
+        .map_err(SchedulerError::Store)?;
+    let metrics = job.metrics.unwrap_or_default();
+    let png = tokio::task::spawn_blocking(move || job_curves_png(&metrics))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "job {id} has trained no step yet; its curves appear with its first step"
+            ))
+        })?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/png"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        png,
+    ))
 }
 
 /// Cancels a job: a queued one at once, a running one before its next

@@ -349,6 +349,8 @@ pub struct JobView {
     #[schema(value_type = Option<Object>)]
     pub evaluation: Option<serde_json::Value>,
     pub error: Option<String>,
+    /// The learning curves as PNG (`GET`), once a step is trained.
+    pub curves_url: Option<String>,
     pub steps_done: i64,
     /// Unix milliseconds.
     pub created_at: i64,

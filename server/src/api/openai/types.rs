@@ -23,6 +23,7 @@ pub struct ChatCompletionRequest {
     /// Accepted for compatibility; the active version answers, and the
     /// response's `model` names it.
     pub model: Option<String>,
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessage>,
     /// Answers to sample.
     #[serde(default = "default_one")]
@@ -240,7 +241,7 @@ pub struct ImageGenerationRequest {
     pub n: u32,
     /// `WxH`: the one size the model makes (`GET /v1/models` gives it as
     /// `generated_image_size`), or `auto`.
-    #[schema(example = "384x384")]
+    #[schema(example = "auto")]
     pub size: Option<String>,
     /// `b64_json` (default) or `url`.
     #[serde(default)]
