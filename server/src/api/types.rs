@@ -16,13 +16,13 @@ pub const MAX_SEED: u64 = (1 << 53) - 1;
 fn default_images() -> u32 {
     4
 }
-fn default_one() -> u32 {
+pub(crate) fn default_one() -> u32 {
     1
 }
-fn default_cfg_weight() -> f64 {
+pub(crate) fn default_cfg_weight() -> f64 {
     5.0
 }
-fn default_temperature() -> f64 {
+pub(crate) fn default_temperature() -> f64 {
     1.0
 }
 fn default_max_new_tokens() -> u32 {

@@ -5,11 +5,9 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::api::types::{FinishReason, Usage};
-
-fn default_one() -> u32 {
-    1
-}
+use crate::api::types::{
+    default_cfg_weight, default_one, default_temperature, FinishReason, Usage,
+};
 
 /// `POST /v1/chat/completions`. The model answers one question about one
 /// image: send one `user` message whose content holds one `image_url` part
@@ -217,14 +215,6 @@ pub enum ImageResponseFormat {
     B64Json,
     /// A link to `GET /v1/images/{sample_id}` (which needs the same API key).
     Url,
-}
-
-fn default_cfg_weight() -> f64 {
-    5.0
-}
-
-fn default_temperature() -> f64 {
-    1.0
 }
 
 /// `POST /v1/images/generations`. `cfg_weight`, `temperature`, `top_k`
