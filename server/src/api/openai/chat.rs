@@ -12,7 +12,7 @@ use ulm_core::record::AnswerParams;
 
 use super::types::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    ChatMessage, ChoiceLogprobs, ChunkChoice, ChunkDelta, ContentPart, MessageContent,
+    ChatMessage, ChoiceLogprobs, ChunkChoice, ChunkDelta, ContentPart, MessageContent, Role,
     TokenLogprob,
 };
 use super::unix_seconds;
@@ -118,19 +118,20 @@ fn unsupported(message: impl Into<String>) -> ApiError {
 fn image_and_question(messages: Vec<ChatMessage>) -> Result<(String, String), ApiError> {
     let mut user = None;
     for message in messages {
-        let role = match message {
-            ChatMessage::User(m) if user.is_none() => {
-                user = Some(m);
+        let role = match message.role {
+            Role::User if user.is_none() => {
+                user = Some(message);
                 continue;
             }
-            ChatMessage::User(_) => {
+            Role::User => {
                 return Err(unsupported(
                     "messages holds more than one user message; the model answers one question about one image",
                 ))
             }
-            ChatMessage::System(_) => "system",
-            ChatMessage::Developer(_) => "developer",
-            ChatMessage::Assistant(_) => "assistant",
+            Role::System => "system",
+            Role::Developer => "developer",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
         };
         return Err(unsupported(format!(
             "{role} messages are not supported; send one user message with an image and a question"
@@ -138,8 +139,8 @@ fn image_and_question(messages: Vec<ChatMessage>) -> Result<(String, String), Ap
     }
     let user = user.ok_or_else(|| unsupported("messages must hold one user message"))?;
     let parts = match user.content {
-        MessageContent::Parts(parts) => parts,
-        MessageContent::Text(_) => {
+        Some(MessageContent::Parts(parts)) => parts,
+        Some(MessageContent::Text(_)) | None => {
             return Err(unsupported(
                 "the question needs an image: give the user message's content as parts, one of them an image_url",
             ))

@@ -66,26 +66,23 @@ pub struct StreamOptions {
 
 /// A message of the conversation.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(tag = "role", rename_all = "snake_case")]
-pub enum ChatMessage {
-    System(OtherMessage),
-    Developer(OtherMessage),
-    User(UserMessage),
-    Assistant(OtherMessage),
-}
-
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct UserMessage {
-    pub content: MessageContent,
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: Option<MessageContent>,
+    /// Accepted and ignored.
     pub name: Option<String>,
 }
 
-/// A message of a role the model does not take; read only to refuse it
-/// with a clear error.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct OtherMessage {
-    #[schema(value_type = Object)]
-    pub content: Option<serde_json::Value>,
+/// Only `user` messages are answered; the others are refused with the
+/// reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
 }
 
 /// Plain text, or a list of parts.
