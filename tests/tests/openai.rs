@@ -209,12 +209,23 @@ async fn bad_requests_get_openai_shaped_errors() {
             422,
             "invalid_parameter",
         ),
+        (
+            "/v1/chat/completions",
+            chat_body(json!({"max_tokens": null, "max_completion_tokens": 0})),
+            422,
+            "invalid_parameter",
+        ),
     ];
     for (path, body, status, code) in cases {
         let (got, answer) = server.post(path, &body).await;
         assert_eq!(got, status, "{path} {body}: {answer}");
         assert_eq!(answer["error"]["code"], code, "{answer}");
         assert_eq!(answer["error"]["type"], "invalid_request_error", "{answer}");
-        assert!(answer["error"]["message"].as_str().unwrap().len() > 10);
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.len() > 10, "{message}");
+        assert!(
+            !message.contains("max_new_tokens"),
+            "names the client's field: {message}"
+        );
     }
 }

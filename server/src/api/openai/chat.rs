@@ -63,6 +63,15 @@ pub async fn chat_completions(
         }
         (a, b) => b.or(a).unwrap_or(DEFAULT_MAX_TOKENS),
     };
+    // Checked here so that the error names the field the client sent.
+    let field = if body.max_completion_tokens.is_some() {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    state
+        .limits
+        .count(field, max_new_tokens, state.limits.max_new_tokens)?;
     if body.top_logprobs.is_some_and(|k| k > 0) {
         return Err(ApiError::InvalidParameter(
             "top_logprobs is not supported: with logprobs true each token's own log-prob is returned"
