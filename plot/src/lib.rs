@@ -173,8 +173,8 @@ where
         .map_err(|e| e.to_string())
 }
 
-/// The panels in a grid of `columns`, each `panel_size`; a panel with
-/// nothing to draw is left blank.
+/// The panels in a grid of `columns`, each `panel_size`; a panel that
+/// cannot be drawn (it has nothing to draw) is left blank.
 pub fn grid(panels: &[Panel], columns: u32, panel_size: (u32, u32)) -> RgbImage {
     let columns = columns.max(1);
     let rows = (panels.len() as u32).div_ceil(columns).max(1);

@@ -210,6 +210,37 @@ impl Server {
         )
     }
 
+    /// The one version `/v1/models` marks active.
+    pub async fn active_version(&self) -> String {
+        let (status, models) = self.get("/v1/models").await;
+        assert_eq!(status, 200, "{models}");
+        let active: Vec<&Value> = models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["active"] == true)
+            .collect();
+        assert_eq!(active.len(), 1, "{models}");
+        active[0]["id"].as_str().unwrap().to_string()
+    }
+
+    /// Polls a job until `done` holds for it (ten minutes at most).
+    pub async fn wait_job(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(600);
+        loop {
+            let (status, job) = self.get(&format!("/v1/rl/jobs/{id}")).await;
+            assert_eq!(status, 200, "{job}");
+            if done(&job) {
+                return job;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job {id} stuck: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// SIGTERM and wait: in-flight requests finish.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -243,6 +274,11 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Whether a job has ended, whichever way.
+pub fn job_finished(job: &Value) -> bool {
+    ["promoted", "rejected", "failed", "cancelled"].contains(&job["status"].as_str().unwrap())
 }
 
 /// A small PNG image, base64.

@@ -13,11 +13,8 @@ use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
-use ulm_e2e::{png_base64, Server};
+use ulm_e2e::{job_finished, png_base64, Server, ADMIN_KEY, USER_KEY};
 use ulm_world::{examples, Split};
-
-const USER_KEY: &str = "playground-user-key-0123";
-const ADMIN_KEY: &str = "playground-admin-key-0123";
 
 fn chromedriver() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("ULM_CHROMEDRIVER") {
@@ -288,15 +285,7 @@ async fn the_playground_draws_asks_rates_and_rolls_back() {
     let (status, job) = server.post("/v1/rl/jobs", &config).await;
     assert_eq!(status, 202, "{job}");
     let id = job["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let job = loop {
-        let (_, job) = server.get(&format!("/v1/rl/jobs/{id}")).await;
-        if job["finished_at"].is_number() {
-            break job;
-        }
-        assert!(Instant::now() < deadline, "job stuck: {job}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let job = server.wait_job(&id, job_finished).await;
     assert_eq!(job["status"], "promoted", "{job}");
     fill(&page, "api-key", ADMIN_KEY).await;
     click(&page, "h1").await;
@@ -331,14 +320,7 @@ async fn the_playground_draws_asks_rates_and_rolls_back() {
         "document.getElementById('active-version').textContent === 'base'",
     )
     .await;
-    let (_, models) = server.get("/v1/models").await;
-    let active: Vec<&Value> = models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["active"] == true)
-        .collect();
-    assert_eq!(active[0]["id"], "base");
+    assert_eq!(server.active_version().await, "base");
 
     page.close().await.unwrap();
     server.stop();

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use ulm_e2e::{png_base64, Server, ADMIN_KEY, USER_KEY};
+use ulm_e2e::{job_finished, png_base64, Server, ADMIN_KEY, USER_KEY};
 
 fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no code>")
@@ -67,24 +67,6 @@ async fn serve_round(server: &Server, requests: usize, rate: bool) -> Round {
     round
 }
 
-/// Polls a job until `done` holds for it.
-async fn wait_job(server: &Server, id: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let (status, job) = server.get(&format!("/v1/rl/jobs/{id}")).await;
-        assert_eq!(status, 200, "{job}");
-        if done(&job) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "job {id} stuck: {job}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn finished(job: &Value) -> bool {
-    ["promoted", "rejected", "failed", "cancelled"].contains(&job["status"].as_str().unwrap())
-}
-
 async fn start_job(server: &Server, config: Value) -> String {
     let (status, job) = server.post("/v1/rl/jobs", &config).await;
     assert_eq!(status, 202, "{job}");
@@ -103,19 +85,6 @@ fn learning_job(steps: u32) -> Value {
     })
 }
 
-async fn active_version(server: &Server) -> String {
-    let (status, models) = server.get("/v1/models").await;
-    assert_eq!(status, 200, "{models}");
-    let active: Vec<&Value> = models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["active"] == true)
-        .collect();
-    assert_eq!(active.len(), 1, "{models}");
-    active[0]["id"].as_str().unwrap().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feedback_trains_a_promoted_version_that_serves_and_rolls_back() {
     let server = Server::start_with(&["--no-auth", "--rl-holdout-fraction", "0.4"]).await;
@@ -126,7 +95,7 @@ async fn feedback_trains_a_promoted_version_that_serves_and_rolls_back() {
     // with the held-out split drawn from random request ids) came within
     // the margin asserted below.
     let id = start_job(&server, learning_job(80)).await;
-    let job = wait_job(&server, &id, finished).await;
+    let job = server.wait_job(&id, job_finished).await;
     assert_eq!(job["status"], "promoted", "{job}");
     assert_eq!(job["parent_version"], "demo-base");
     assert_eq!(job["candidate_version"], "v1");
@@ -160,7 +129,7 @@ async fn feedback_trains_a_promoted_version_that_serves_and_rolls_back() {
             > 0.0
     );
 
-    assert_eq!(active_version(&server).await, "v1");
+    assert_eq!(server.active_version().await, "v1");
     let (_, models) = server.get("/v1/models").await;
     let v1 = &models["data"][1];
     assert_eq!(
@@ -196,7 +165,7 @@ async fn feedback_trains_a_promoted_version_that_serves_and_rolls_back() {
         .await;
     assert_eq!(status, 200, "{activated}");
     assert_eq!(activated["active"], true);
-    assert_eq!(active_version(&server).await, "demo-base");
+    assert_eq!(server.active_version().await, "demo-base");
     let rolled_back = serve_round(&server, 24, false).await;
     assert_eq!(rolled_back.versions, ["demo-base"]);
     assert_eq!(rolled_back.texts, before.texts);
@@ -222,7 +191,7 @@ async fn a_worse_candidate_is_rejected_and_changes_nothing_served() {
         json!({"steps": 6, "lr": 0.5, "beta": 0.0, "epsilon_high": 10.0, "max_kl": 0.5}),
     )
     .await;
-    let job = wait_job(&server, &id, finished).await;
+    let job = server.wait_job(&id, job_finished).await;
     assert_eq!(job["status"], "rejected", "{job}");
     // Worse by the gate's numbers: its reward dropped, or it left the base.
     let evaluation = &job["evaluation"];
@@ -242,7 +211,7 @@ async fn a_worse_candidate_is_rejected_and_changes_nothing_served() {
     assert_eq!(evaluation["decision"]["promote"], false);
     assert!(job["candidate_version"].is_null());
 
-    assert_eq!(active_version(&server).await, "demo-base");
+    assert_eq!(server.active_version().await, "demo-base");
     let (_, models) = server.get("/v1/models").await;
     assert_eq!(models["data"].as_array().unwrap().len(), 1, "{models}");
     let again = serve_round(&server, 8, false).await;
@@ -256,22 +225,24 @@ async fn kill9_during_a_job_loses_nothing_and_the_next_job_runs() {
     let round = serve_round(&server, 8, true).await;
     let promote = json!({"steps": 3, "lr": 0.02, "beta": 0.0, "lora_rank": 8, "max_kl": 100.0, "max_reward_drop": 10.0});
     let first = start_job(&server, promote.clone()).await;
-    let job = wait_job(&server, &first, finished).await;
+    let job = server.wait_job(&first, job_finished).await;
     assert_eq!(job["status"], "promoted", "{job}");
 
     // A long job, killed while it trains.
     let long = start_job(&server, json!({"steps": 1000, "lr": 0.001})).await;
-    wait_job(&server, &long, |j| j["steps_done"].as_i64().unwrap() >= 2).await;
+    server
+        .wait_job(&long, |j| j["steps_done"].as_i64().unwrap() >= 2)
+        .await;
     server.kill9();
     server.restart();
 
-    let job = wait_job(&server, &long, |_| true).await;
+    let job = server.wait_job(&long, |_| true).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert!(
         job["error"].as_str().unwrap().contains("interrupted"),
         "{job}"
     );
-    assert_eq!(active_version(&server).await, "v1");
+    assert_eq!(server.active_version().await, "v1");
     for id in &round.sample_ids {
         let (status, sample) = server.get(&format!("/v1/samples/{id}")).await;
         assert_eq!(status, 200);
@@ -282,11 +253,11 @@ async fn kill9_during_a_job_loses_nothing_and_the_next_job_runs() {
 
     // The next job runs normally, from v1.
     let next = start_job(&server, promote).await;
-    let job = wait_job(&server, &next, finished).await;
+    let job = server.wait_job(&next, job_finished).await;
     assert_eq!(job["status"], "promoted", "{job}");
     assert_eq!(job["parent_version"], "v1");
     assert_eq!(job["candidate_version"], "v2");
-    assert_eq!(active_version(&server).await, "v2");
+    assert_eq!(server.active_version().await, "v2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,7 +305,9 @@ async fn jobs_need_an_admin_run_one_at_a_time_and_cancel_within_a_step() {
     let (status, body) = server.post("/v1/rl/jobs", &json!({})).await;
     assert_eq!((status, code(&body)), (409, "conflict"), "{body}");
 
-    let running = wait_job(&server, &id, |j| j["steps_done"].as_i64().unwrap() >= 2).await;
+    let running = server
+        .wait_job(&id, |j| j["steps_done"].as_i64().unwrap() >= 2)
+        .await;
     assert_eq!(running["status"], "running");
     let (status, _) = server
         .post(&format!("/v1/rl/jobs/{id}/cancel"), &json!({}))
@@ -343,7 +316,7 @@ async fn jobs_need_an_admin_run_one_at_a_time_and_cancel_within_a_step() {
     let steps_at_cancel = server.get(&format!("/v1/rl/jobs/{id}")).await.1["steps_done"]
         .as_i64()
         .unwrap();
-    let job = wait_job(&server, &id, finished).await;
+    let job = server.wait_job(&id, job_finished).await;
     assert_eq!(job["status"], "cancelled", "{job}");
     // The step in flight when the request came may finish; no other starts.
     assert!(
@@ -358,7 +331,7 @@ async fn jobs_need_an_admin_run_one_at_a_time_and_cancel_within_a_step() {
     let (status, list) = server.get("/v1/rl/jobs?limit=10").await;
     assert_eq!(status, 200);
     assert_eq!(list["data"][0]["id"], id.as_str());
-    assert_eq!(active_version(&server).await, "demo-base");
+    assert_eq!(server.active_version().await, "demo-base");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,7 +371,7 @@ async fn enough_new_feedback_starts_a_job_with_the_configured_defaults() {
         .post(&format!("/v1/rl/jobs/{id}/cancel"), &json!({}))
         .await;
     assert_eq!(status, 202);
-    wait_job(&server, id, finished).await;
+    server.wait_job(id, job_finished).await;
     // The count starts again from the last job: no second job.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (_, jobs) = server.get("/v1/rl/jobs").await;

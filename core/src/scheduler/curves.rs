@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use serde::Deserialize;
 use ulm_rl::curves::{learning_curves_png, CurvePoint};
 
 /// The recorded steps that read as curve points (all of them, for metrics
@@ -19,7 +20,7 @@ fn steps(metrics: &serde_json::Value) -> Vec<&serde_json::Value> {
 pub fn job_curves_png(metrics: &serde_json::Value) -> Option<Vec<u8>> {
     let points: Vec<CurvePoint> = steps(metrics)
         .into_iter()
-        .filter_map(|s| serde_json::from_value(s.clone()).ok())
+        .filter_map(|s| CurvePoint::deserialize(s).ok())
         .collect();
     learning_curves_png(&points)
 }

@@ -309,12 +309,12 @@ impl Scheduler {
         };
         let Some(metrics) = metrics else { return };
         let dir = self.inner.jobs_dir.join(job);
-        let written =
-            tokio::task::spawn_blocking(move || curves::write_job_files(&dir, &metrics)).await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(job, %error, "writing the job's curves failed"),
-            Err(error) => tracing::warn!(job, %error, "writing the job's curves failed"),
+        let written = tokio::task::spawn_blocking(move || curves::write_job_files(&dir, &metrics))
+            .await
+            .map_err(std::io::Error::other)
+            .flatten();
+        if let Err(error) = written {
+            tracing::warn!(job, %error, "writing the job's curves failed");
         }
     }
 

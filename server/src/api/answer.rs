@@ -46,19 +46,15 @@ pub async fn answer(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<AnswerRequest>,
 ) -> Result<Response, ApiError> {
-    let params = AnswerParams {
-        n: body.n,
-        max_new_tokens: body.max_new_tokens,
-        temperature: body.temperature as f32,
-        top_p: body.top_p.map(|p| p as f32),
-        top_k: body.top_k,
-    };
     let question = AnswerQuestion {
         image: &body.image,
         question: body.question,
+        n: body.n,
+        max_new_tokens: body.max_new_tokens,
+        max_new_tokens_field: "max_new_tokens",
         temperature: body.temperature,
         top_p: body.top_p,
-        params,
+        top_k: body.top_k,
         seed: body.seed,
     };
     let job = AnswerJob::prepare(&state, question).await?;
@@ -76,10 +72,14 @@ pub(super) struct AnswerQuestion<'a> {
     /// Base64, or a `data:` URL.
     pub image: &'a str,
     pub question: String,
-    /// The sampling floats as sent (checked before they narrow to f32).
+    pub n: u32,
+    pub max_new_tokens: u32,
+    /// The name the route gives `max_new_tokens`, for its error message.
+    pub max_new_tokens_field: &'static str,
+    /// The sampling floats as sent: checked before they narrow to f32.
     pub temperature: f64,
     pub top_p: Option<f64>,
-    pub params: AnswerParams,
+    pub top_k: Option<u32>,
     pub seed: Option<u64>,
 }
 
@@ -102,16 +102,22 @@ impl AnswerJob {
     /// is queued before all of it passed.
     pub(super) async fn prepare(state: &AppState, q: AnswerQuestion<'_>) -> Result<Self, ApiError> {
         let limits = &state.limits;
-        let params = q.params;
         limits.text("question", &q.question)?;
-        limits.count("n", params.n, limits.max_answers_per_request)?;
+        limits.count("n", q.n, limits.max_answers_per_request)?;
         limits.count(
-            "max_new_tokens",
-            params.max_new_tokens,
+            q.max_new_tokens_field,
+            q.max_new_tokens,
             limits.max_new_tokens,
         )?;
-        limits.sampling(q.temperature, params.top_k, q.top_p)?;
-        let seeds = limits.seeds(q.seed, params.n)?;
+        limits.sampling(q.temperature, q.top_k, q.top_p)?;
+        let params = AnswerParams {
+            n: q.n,
+            max_new_tokens: q.max_new_tokens,
+            temperature: q.temperature as f32,
+            top_p: q.top_p.map(|p| p as f32),
+            top_k: q.top_k,
+        };
+        let seeds = limits.seeds(q.seed, q.n)?;
         let image_bytes = decode_base64_image(q.image, limits.max_image_bytes)?;
         let max_pixels = limits.max_image_pixels;
         // Few images decode at once; what is queued is the small image the

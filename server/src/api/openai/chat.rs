@@ -8,7 +8,6 @@ use futures::stream::Stream;
 use tokio::sync::mpsc;
 
 use ulm_core::engine::{StreamedToken, TextOutput};
-use ulm_core::record::AnswerParams;
 
 use super::types::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
@@ -55,45 +54,33 @@ pub async fn chat_completions(
     ApiJson(body): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let (image_url, question) = image_and_question(body.messages)?;
-    let max_new_tokens = match (body.max_tokens, body.max_completion_tokens) {
+    let (max_new_tokens_field, max_new_tokens) = match (body.max_tokens, body.max_completion_tokens)
+    {
         (Some(a), Some(b)) if a != b => {
             return Err(ApiError::InvalidParameter(format!(
                 "max_tokens ({a}) and max_completion_tokens ({b}) disagree; give one of them"
             )))
         }
-        (a, b) => b.or(a).unwrap_or(DEFAULT_MAX_TOKENS),
+        (_, Some(b)) => ("max_completion_tokens", b),
+        (a, None) => ("max_tokens", a.unwrap_or(DEFAULT_MAX_TOKENS)),
     };
-    // Checked here so that the error names the field the client sent.
-    let field = if body.max_completion_tokens.is_some() {
-        "max_completion_tokens"
-    } else {
-        "max_tokens"
-    };
-    state
-        .limits
-        .count(field, max_new_tokens, state.limits.max_new_tokens)?;
     if body.top_logprobs.is_some_and(|k| k > 0) {
         return Err(ApiError::InvalidParameter(
             "top_logprobs is not supported: with logprobs true each token's own log-prob is returned"
                 .into(),
         ));
     }
-    let temperature = body.temperature.unwrap_or(1.0);
-    let params = AnswerParams {
-        n: body.n,
-        max_new_tokens,
-        temperature: temperature as f32,
-        top_p: body.top_p.map(|p| p as f32),
-        top_k: None,
-    };
     let job = AnswerJob::prepare(
         &state,
         AnswerQuestion {
             image: &image_url,
             question,
-            temperature,
+            n: body.n,
+            max_new_tokens,
+            max_new_tokens_field,
+            temperature: body.temperature.unwrap_or(1.0),
             top_p: body.top_p,
-            params,
+            top_k: None,
             seed: body.seed,
         },
     )
