@@ -64,7 +64,10 @@ pub enum Transition {
         reason: String,
         evaluation: Option<serde_json::Value>,
     },
-    /// The process stopped while the job ran: its in-memory policy is gone.
+    /// A queued job withdrawn before any worker claimed it.
+    Withdraw,
+    /// The process running the job stopped renewing its lease (it died or
+    /// hung): its in-memory policy is gone.
     Interrupt,
 }
 
@@ -78,6 +81,7 @@ impl Transition {
             // Evaluation may end before its progress message was recorded.
             Transition::Reject { .. } | Transition::Promote { .. } => &[Running, Evaluating],
             Transition::Fail { .. } | Transition::Cancel { .. } => &JobStatus::ACTIVE,
+            Transition::Withdraw => &[Queued],
             Transition::Interrupt => &[Running, Evaluating],
         }
     }
@@ -90,7 +94,7 @@ impl Transition {
             Transition::Reject { .. } => JobStatus::Rejected,
             Transition::Promote { .. } => JobStatus::Promoted,
             Transition::Fail { .. } | Transition::Interrupt => JobStatus::Failed,
-            Transition::Cancel { .. } => JobStatus::Cancelled,
+            Transition::Cancel { .. } | Transition::Withdraw => JobStatus::Cancelled,
         }
     }
 
@@ -99,9 +103,11 @@ impl Transition {
         match self {
             Transition::Fail { error } => Some(error.clone()),
             Transition::Cancel { reason, .. } => Some(reason.clone()),
-            Transition::Interrupt => {
-                Some("interrupted: the server stopped while the job ran".into())
-            }
+            Transition::Withdraw => Some("cancelled before it started".into()),
+            Transition::Interrupt => Some(
+                "interrupted: the process running it stopped renewing its lease (it stopped or hung)"
+                    .into(),
+            ),
             _ => None,
         }
     }
@@ -132,6 +138,8 @@ pub struct JobRecord {
     pub evaluation: Option<serde_json::Value>,
     pub error: Option<String>,
     pub steps_done: i64,
+    /// The process that claimed it (host, pid and a random tag).
+    pub worker: Option<String>,
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
@@ -158,6 +166,7 @@ mod tests {
                 reason: "x".into(),
                 evaluation: None,
             },
+            Transition::Withdraw,
             Transition::Interrupt,
         ];
         for t in &all {
@@ -165,7 +174,7 @@ mod tests {
             assert!(!t.from().contains(&t.to()), "{t:?}");
         }
         let ends = all.iter().filter(|t| !t.to().is_active()).count();
-        assert_eq!(ends, 5);
+        assert_eq!(ends, 6);
         for s in [
             "queued",
             "running",

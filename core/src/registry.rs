@@ -1,17 +1,20 @@
 //! The model registry: the base model and every promoted version (LoRA
-//! adapters over the base, saved under `data_dir/versions/<id>`), which one
-//! is active, and activation (promotion or rollback) by swapping the
-//! engine's serving model between batches.
+//! adapters over the base, content-addressed blobs under `adapters/<hash>/`
+//! in the blob store), which one is active, and activation (promotion or
+//! rollback) by swapping the engine's serving model between batches. The
+//! active version is a row every process shares: each one follows it, so a
+//! promotion or an activation anywhere is served everywhere within a poll.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ulm_model::bundle::ModelBundle;
 use ulm_rl::{lora, RlError};
 
 use crate::engine::{Engine, ServingModel};
 use crate::store::jobs::VersionRecord;
-use crate::store::{Store, StoreError};
+use crate::store::{sha256_hex, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -38,21 +41,25 @@ struct Inner {
     engine: Engine,
     /// The base weights; every version shares their storage.
     base: ModelBundle,
-    versions_dir: PathBuf,
-    /// Activations (promotions, rollbacks) one at a time.
+    /// Local copies of checkpoints kept in a remote blob store, and
+    /// checkpoints being written before they are published.
+    cache_dir: PathBuf,
+    /// Activations (promotions, rollbacks, following) one at a time.
     switching: tokio::sync::Mutex<()>,
+    /// The last failure to follow the active version, logged once.
+    follow_error: Mutex<Option<String>>,
 }
 
 impl Registry {
     /// Records the base version, then serves the active version if it is
-    /// another one. A version that no longer loads leaves the base served,
-    /// with an error in the log.
+    /// another one. A version that does not load leaves the base served
+    /// here, with an error in the log, and [`Self::follow`] tries again.
     pub async fn open(
         store: Store,
         engine: Engine,
         base: ModelBundle,
         base_version: String,
-        data_dir: &std::path::Path,
+        data_dir: &Path,
     ) -> Result<Self, RegistryError> {
         store.ensure_base_version(&base_version).await?;
         let registry = Self {
@@ -60,31 +67,149 @@ impl Registry {
                 store: store.clone(),
                 engine,
                 base,
-                versions_dir: data_dir.join("versions"),
+                cache_dir: data_dir.join("cache"),
                 switching: tokio::sync::Mutex::new(()),
+                follow_error: Mutex::new(None),
             }),
         };
-        let active = store.active_version().await?;
-        match active {
-            Some(id) if id != base_version => {
-                if let Err(error) = registry.activate(&id).await {
-                    tracing::error!(%error, version = %id, "the active version does not load; serving the base model");
-                    store.set_active_version(&base_version).await?;
+        if store.active_version().await?.is_none() {
+            store.set_active_version(&base_version).await?;
+        }
+        registry.sync_active().await;
+        Ok(registry)
+    }
+
+    /// Serves whatever version is active in the store, checking every
+    /// `poll`: promotions and activations made by other processes.
+    pub fn follow(&self, poll: Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(poll).await;
+                this.sync_active().await;
+            }
+        })
+    }
+
+    /// Swaps in the active version if another one is served here.
+    async fn sync_active(&self) {
+        let outcome = self.try_sync_active().await;
+        let Ok(mut last) = self.inner.follow_error.lock() else {
+            return;
+        };
+        match outcome {
+            Ok(Some(version)) => {
+                tracing::info!(version, "serving the version made active in the store");
+                *last = None;
+            }
+            Ok(None) => *last = None,
+            Err(error) => {
+                let message = error.to_string();
+                if last.as_deref() != Some(message.as_str()) {
+                    tracing::error!(%error, "the active version does not load; serving the previous one");
+                    *last = Some(message);
                 }
             }
-            Some(_) => {}
-            None => store.set_active_version(&base_version).await?,
         }
-        Ok(registry)
+    }
+
+    /// The version swapped in, if any.
+    async fn try_sync_active(&self) -> Result<Option<String>, RegistryError> {
+        let _one_at_a_time = self.inner.switching.lock().await;
+        let Some(active) = self.inner.store.active_version().await? else {
+            return Ok(None);
+        };
+        if active == self.inner.engine.serving().version {
+            return Ok(None);
+        }
+        let record = self.inner.store.get_version(&active).await?;
+        let serving = self.load(&record).await?;
+        self.inner.engine.activate(serving);
+        Ok(Some(active))
     }
 
     pub fn base(&self) -> &ModelBundle {
         &self.inner.base
     }
 
-    /// Where a version's adapters live.
-    pub fn checkpoint_dir(&self, version: &str) -> PathBuf {
-        self.inner.versions_dir.join(version)
+    /// A fresh local directory for a checkpoint being written, before
+    /// [`Self::publish`].
+    pub fn staging_dir(&self, name: &str) -> PathBuf {
+        self.inner
+            .cache_dir
+            .join("staging")
+            .join(format!("{name}-{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    /// Stores the checkpoint in `dir` in the blob store, content-addressed:
+    /// `adapters/<hash of its files>`, the key a version row names.
+    pub async fn publish(&self, dir: &Path) -> Result<String, RegistryError> {
+        let mut files = Vec::new();
+        let mut entries = tokio::fs::read_dir(dir).await.map_err(StoreError::Io)?;
+        while let Some(entry) = entries.next_entry().await.map_err(StoreError::Io)? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let bytes = tokio::fs::read(entry.path())
+                .await
+                .map_err(StoreError::Io)?;
+            files.push((name, bytes));
+        }
+        files.sort();
+        let mut manifest = String::new();
+        for (name, bytes) in &files {
+            manifest.push_str(&format!("{name} {}\n", sha256_hex(bytes)));
+        }
+        let key = format!("adapters/{}", sha256_hex(manifest.as_bytes()));
+        let blobs = self.inner.store.blobs();
+        for (name, bytes) in files {
+            blobs.put(&format!("{key}/{name}"), bytes).await?;
+        }
+        Ok(key)
+    }
+
+    /// A local directory holding the checkpoint a version row names: the
+    /// blob store's own files when blobs are local, else a cached copy.
+    /// Rows written before blob storage name an absolute directory.
+    pub async fn checkpoint_dir(&self, checkpoint: &str) -> Result<PathBuf, RegistryError> {
+        if Path::new(checkpoint).is_absolute() {
+            return Ok(PathBuf::from(checkpoint));
+        }
+        let blobs = self.inner.store.blobs();
+        if let Some(path) = blobs.local_path(checkpoint) {
+            return Ok(path);
+        }
+        let dir = self.inner.cache_dir.join(checkpoint);
+        if dir.exists() {
+            return Ok(dir);
+        }
+        let names = blobs.list(checkpoint).await?;
+        if names.is_empty() {
+            return Err(StoreError::NotFound.into());
+        }
+        let tmp = self.staging_dir("download");
+        tokio::fs::create_dir_all(&tmp)
+            .await
+            .map_err(StoreError::Io)?;
+        for name in names {
+            let bytes = blobs.get(&format!("{checkpoint}/{name}")).await?;
+            tokio::fs::write(tmp.join(&name), bytes)
+                .await
+                .map_err(StoreError::Io)?;
+        }
+        if let Some(parent) = dir.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(StoreError::Io)?;
+        }
+        // A copy made meanwhile by another load holds the same bytes.
+        if tokio::fs::rename(&tmp, &dir).await.is_err() && !dir.exists() {
+            return Err(StoreError::Io(std::io::Error::other(format!(
+                "caching {checkpoint} in {} failed",
+                dir.display()
+            )))
+            .into());
+        }
+        let _ = tokio::fs::remove_dir_all(&tmp).await;
+        Ok(dir)
     }
 
     /// The id the next promoted version gets: `v1`, `v2`, ...
@@ -93,23 +218,36 @@ impl Registry {
         loop {
             let id = format!("v{n}");
             match self.inner.store.get_version(&id).await {
-                Err(StoreError::NotFound) if !self.checkpoint_dir(&id).exists() => return Ok(id),
-                Err(StoreError::NotFound) | Ok(_) => n += 1,
+                Err(StoreError::NotFound) => return Ok(id),
+                Ok(_) => n += 1,
                 Err(e) => return Err(e),
             }
         }
     }
 
     /// The serving model of a version: the base plus its adapters.
-    pub fn load(&self, version: &VersionRecord) -> Result<ServingModel, RlError> {
+    pub async fn load(&self, version: &VersionRecord) -> Result<ServingModel, RegistryError> {
+        let dir = match &version.checkpoint_path {
+            Some(checkpoint) => Some(self.checkpoint_dir(checkpoint).await?),
+            None => None,
+        };
         let mut model = self.inner.base.model.clone();
-        if let Some(dir) = &version.checkpoint_path {
-            let device = model.device().clone();
-            lora::load_for_inference(&mut model, std::path::Path::new(dir), &device)?;
-        }
-        Ok(ServingModel {
+        let id = version.id.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some(dir) = dir {
+                let device = model.device().clone();
+                lora::load_for_inference(&mut model, &dir, &device)?;
+            }
+            Ok(ServingModel { version: id, model })
+        })
+        .await
+        .map_err(|source| RegistryError::Thread {
             version: version.id.clone(),
-            model,
+            source,
+        })?
+        .map_err(|source| RegistryError::Load {
+            version: version.id.clone(),
+            source,
         })
     }
 
@@ -123,24 +261,13 @@ impl Registry {
             }
             Err(e) => return Err(e.into()),
         };
-        let registry = self.clone();
-        let to_load = record.clone();
-        let serving = tokio::task::spawn_blocking(move || registry.load(&to_load))
-            .await
-            .map_err(|source| RegistryError::Thread {
-                version: version.to_string(),
-                source,
-            })?
-            .map_err(|source| RegistryError::Load {
-                version: version.to_string(),
-                source,
-            })?;
+        let serving = self.load(&record).await?;
         self.inner.store.set_active_version(version).await?;
         self.inner.engine.activate(serving);
         Ok(record)
     }
 
-    /// Records a promoted version (its checkpoint already on disk), makes it
+    /// Records a promoted version (its checkpoint already published), makes it
     /// active and marks its job promoted in one transaction, then serves it.
     pub async fn promote(
         &self,

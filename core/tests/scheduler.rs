@@ -119,7 +119,7 @@ async fn rate(store: &Store, sample: &str, score: Option<f64>, correction: Optio
 /// generation requests.
 async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), None).await.unwrap();
+    let store = Store::open(dir.path(), None, None).await.unwrap();
     for g in 0..6 {
         let ids = serve(
             &store,
@@ -299,7 +299,7 @@ async fn a_cancelled_run_stops_before_its_first_step() {
 #[tokio::test]
 async fn non_finite_numbers_are_never_stored_and_old_rows_do_not_break_jobs() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), None).await.unwrap();
+    let store = Store::open(dir.path(), None, None).await.unwrap();
     let ids = serve(&store, "nan", Task::Answer, "What is it?", 3, 1.0).await;
     // Rows as an earlier version could write them: a null log-prob, an
     // unbounded score.

@@ -10,6 +10,7 @@ pub mod api;
 pub mod listen;
 pub mod oneshot;
 pub mod pretrain;
+pub mod s3;
 pub mod serve;
 pub mod train;
 pub mod world;

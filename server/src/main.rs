@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use ulm_model::demo::{save_demo_checkpoint, DEFAULT_SEED};
 use ulm_server::oneshot::{self, AnswerArgs, GenerateArgs};
 use ulm_server::pretrain::{eval, pretrain, EvalArgs, PretrainArgs};
-use ulm_server::serve::{serve, ServeArgs};
+use ulm_server::serve::{serve, Role, ServeArgs};
 use ulm_server::train::{train, TrainArgs};
 use ulm_server::world::{verify_caption, write_world, VerifyArgs, WorldArgs};
 
@@ -21,6 +21,10 @@ struct Cli {
 enum Command {
     /// Run the HTTP server.
     Serve(Box<ServeArgs>),
+    /// Run RL jobs only, claimed from the shared database, beside serving
+    /// replicas started with `--no-rl-scheduler` (same options as `serve`;
+    /// HTTP answers /healthz, /readyz and /metrics).
+    Worker(Box<ServeArgs>),
     /// Print the OpenAPI document.
     Openapi,
     /// Offline GRPO over a JSONL dataset.
@@ -56,7 +60,11 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => {
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(serve(*args))?;
+            runtime.block_on(serve(*args, Role::Serve))?;
+        }
+        Command::Worker(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(serve(*args, Role::Worker))?;
         }
         Command::Openapi => println!("{}", ulm_server::api::openapi_json()),
         Command::Train(args) => train(*args)?,

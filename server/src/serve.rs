@@ -13,12 +13,12 @@ use serde::Deserialize;
 
 use crate::api::auth::Auth;
 use crate::api::limits::Limits;
-use crate::api::{router, AppState};
+use crate::api::{operations_router, router, AppState};
 use crate::listen::serve_connections;
 use ulm_core::engine::{Engine, EngineConfig};
 use ulm_core::registry::Registry;
 use ulm_core::scheduler::config::JobConfig;
-use ulm_core::scheduler::{Scheduler, SchedulerConfig};
+use ulm_core::scheduler::{Scheduler, SchedulerConfig, SchedulerRole};
 use ulm_core::store::Store;
 use ulm_model::bundle::{ModelBundle, ModelChoice};
 
@@ -111,10 +111,35 @@ pub struct ServeArgs {
     #[arg(long, env = "ULM_RL_HOLDOUT_FRACTION")]
     pub rl_holdout_fraction: Option<f64>,
     /// Run no RL jobs in this process: no triggers, and jobs queued through
-    /// the API wait for a replica that runs them.
+    /// the API wait for a worker (`ulm-server worker`) or another replica
+    /// that runs them.
     #[arg(long, env = "ULM_NO_RL_SCHEDULER")]
     #[serde(default)]
     pub no_rl_scheduler: bool,
+    /// Where images and adapters are stored: `s3://bucket/prefix` for an
+    /// S3-compatible service shared by several machines (endpoint, region
+    /// and credentials from the `AWS_*` environment variables)
+    /// [default: files under the data directory].
+    #[arg(long, env = "ULM_BLOB_URL")]
+    pub blob_url: Option<String>,
+    /// How often the active version is read from the database, so that a
+    /// promotion or activation made by another process is served here, ms
+    /// [default: 1000].
+    #[arg(long, env = "ULM_VERSION_POLL_MS")]
+    pub version_poll_ms: Option<u64>,
+    /// A running job whose worker renewed nothing for this long is marked
+    /// failed, seconds [default: 30].
+    #[arg(long, env = "ULM_RL_JOB_LEASE_SECS")]
+    pub rl_job_lease_secs: Option<u64>,
+}
+
+/// What the process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The HTTP API (and, unless `--no-rl-scheduler`, RL jobs).
+    Serve,
+    /// RL jobs only; HTTP answers health and metrics.
+    Worker,
 }
 
 macro_rules! merge_fields {
@@ -157,7 +182,10 @@ impl ServeArgs {
             rl_interval_secs,
             rl_min_new_feedback,
             rl_job_config,
-            rl_holdout_fraction
+            rl_holdout_fraction,
+            blob_url,
+            version_poll_ms,
+            rl_job_lease_secs
         );
         self.no_auth |= file.no_auth;
         self.demo |= file.demo;
@@ -192,6 +220,9 @@ impl ServeArgs {
         if self.rl_interval_secs == Some(0) || self.rl_min_new_feedback == Some(0) {
             bail!("--rl-interval-secs and --rl-min-new-feedback must be positive");
         }
+        if self.rl_job_lease_secs == Some(0) || self.version_poll_ms == Some(0) {
+            bail!("--rl-job-lease-secs and --version-poll-ms must be positive");
+        }
         let job_defaults: JobConfig = match &self.rl_job_config {
             Some(json) => serde_json::from_str(json).context("--rl-job-config")?,
             None => JobConfig::default(),
@@ -204,6 +235,9 @@ impl ServeArgs {
             min_new_feedback: self.rl_min_new_feedback,
             holdout_fraction: holdout,
             job_defaults,
+            lease: self
+                .rl_job_lease_secs
+                .map_or(defaults.lease, Duration::from_secs),
             ..defaults
         })
     }
@@ -230,11 +264,24 @@ impl ServeArgs {
     }
 }
 
-pub async fn serve(args: ServeArgs) -> Result<()> {
+pub async fn serve(args: ServeArgs, role: Role) -> Result<()> {
     let args = args.with_file()?;
-    let auth = args.auth()?;
+    let auth = match role {
+        Role::Serve => args.auth()?,
+        // Health and metrics are public; a worker serves nothing else.
+        Role::Worker => Auth::Disabled,
+    };
+    if role == Role::Worker && args.no_rl_scheduler {
+        bail!("a worker runs RL jobs: --no-rl-scheduler makes no sense here");
+    }
     let scheduler_config = args.scheduler()?;
-    if matches!(auth, Auth::Disabled) {
+    let blobs = args
+        .blob_url
+        .as_deref()
+        .map(crate::s3::open)
+        .transpose()
+        .context("--blob-url")?;
+    if role == Role::Serve && matches!(auth, Auth::Disabled) {
         tracing::warn!("authentication is disabled (--no-auth): every client is admin");
     }
     let data_dir = args
@@ -251,9 +298,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         )?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let store = Store::open(&data_dir, args.database_url.as_deref())
+    let store = Store::open(&data_dir, args.database_url.as_deref(), blobs)
         .await
         .context("opening the database")?;
+    tracing::info!(blobs = %store.blobs().describe(), "blob storage");
     let bundle = load_model(&args).await?;
     tracing::info!("model: {}", bundle.describe());
     if bundle.is_demo() {
@@ -281,6 +329,8 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .context("opening the model registry")?;
     tracing::info!(version = %engine.model_version(), "serving model version");
+    let poll = Duration::from_millis(args.version_poll_ms.unwrap_or(1000));
+    let follower = registry.follow(poll);
     let scheduler = Scheduler::new(
         store.clone(),
         registry.clone(),
@@ -289,7 +339,13 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     )
     .await
     .context("starting the RL scheduler")?;
-    let scheduler_task = (!args.no_rl_scheduler).then(|| scheduler.spawn());
+    let runs_jobs = role == Role::Worker || !args.no_rl_scheduler;
+    let scheduler_task = scheduler.spawn(if runs_jobs {
+        SchedulerRole::RunJobs
+    } else {
+        SchedulerRole::WatchLeases
+    });
+    tracing::info!(worker = scheduler.worker(), runs_jobs, "RL scheduler");
     let limits = args.limits();
     let header_timeout = Duration::from_secs(args.header_timeout_secs.unwrap_or(30).max(1));
     let state = AppState {
@@ -312,25 +368,20 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     // Tests and scripts read this line to find the port.
     println!("listening on http://{local}");
     tracing::info!(%local, data_dir = %data_dir.display(), "serving");
-    serve_connections(
-        listener,
-        router(state, auth),
-        header_timeout,
-        shutdown_signal(),
-    )
-    .await;
+    let app = match role {
+        Role::Serve => router(state, auth),
+        Role::Worker => operations_router(state),
+    };
+    serve_connections(listener, app, header_timeout, shutdown_signal()).await;
     tracing::info!("in-flight requests finished; shutting down");
+    follower.abort();
     scheduler.stop();
-    if let Some(task) = scheduler_task {
-        // A running job stops at its next step and is recorded as cancelled.
-        if tokio::time::timeout(Duration::from_secs(60), task)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "the running job did not stop within 60 s; it will read failed after restart"
-            );
-        }
+    // A running job stops at its next step and is recorded as cancelled.
+    if tokio::time::timeout(Duration::from_secs(60), scheduler_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the running job did not stop within 60 s; it fails when its lease lapses");
     }
     store.close().await;
     Ok(())

@@ -47,7 +47,7 @@ pub fn server_binary() -> PathBuf {
 }
 
 /// A fresh database URL when the tests run against PostgreSQL.
-async fn fresh_database() -> Option<String> {
+pub async fn fresh_database() -> Option<String> {
     let base = std::env::var("ULM_TEST_DATABASE_URL").ok()?;
     let name = format!("ulm_test_{}", uuid::Uuid::new_v4().simple());
     use sqlx::Connection;
@@ -64,6 +64,10 @@ async fn fresh_database() -> Option<String> {
 
 pub struct Server {
     child: Option<Child>,
+    /// `serve` or `worker`.
+    command: &'static str,
+    /// Environment variables the process gets beyond the test's.
+    env: Vec<(String, String)>,
     pub base: String,
     pub data_dir: PathBuf,
     pub database_url: Option<String>,
@@ -92,11 +96,36 @@ impl Server {
     }
 
     async fn start_serving(args: &[&str], demo: bool) -> Server {
+        Self::launch("serve", args, demo, fresh_database().await, &[])
+    }
+
+    /// One process of several sharing `database_url` (the demo model, its
+    /// own data directory): `command` is `serve` or `worker`.
+    pub fn start_sharing(
+        command: &'static str,
+        args: &[&str],
+        database_url: &str,
+        env: &[(&str, &str)],
+    ) -> Server {
+        Self::launch(command, args, true, Some(database_url.to_string()), env)
+    }
+
+    fn launch(
+        command: &'static str,
+        args: &[&str],
+        demo: bool,
+        database_url: Option<String>,
+        env: &[(&str, &str)],
+    ) -> Server {
         let tmp = tempfile::tempdir().expect("temp dir");
         let data_dir = tmp.path().to_path_buf();
-        let database_url = fresh_database().await;
         let mut server = Server {
             child: None,
+            command,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             base: String::new(),
             data_dir,
             database_url,
@@ -115,7 +144,7 @@ impl Server {
 
     fn spawn(&mut self) {
         let mut cmd = Command::new(server_binary());
-        cmd.arg("serve")
+        cmd.arg(self.command)
             .args(["--port", "0", "--data-dir"])
             .arg(&self.data_dir);
         if self.demo {
@@ -135,6 +164,7 @@ impl Server {
         ] {
             cmd.env_remove(var);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -292,4 +322,64 @@ pub fn png_base64(w: u32, h: u32) -> String {
 
 pub fn answer_body(n: u32) -> Value {
     json!({"image": png_base64(40, 30), "question": "What is in the picture?", "n": n, "max_new_tokens": 8, "seed": 1})
+}
+
+/// The favoured property on the demo model: the share of ASCII letters.
+pub fn letter_share(text: &str) -> f64 {
+    let total = text.chars().count().max(1);
+    text.chars().filter(|c| c.is_ascii_alphabetic()).count() as f64 / total as f64
+}
+
+/// What one round of serving produced.
+pub struct Round {
+    pub mean_share: f64,
+    pub versions: Vec<String>,
+    pub texts: Vec<String>,
+    pub sample_ids: Vec<String>,
+}
+
+/// `requests` questions (fixed seeds, so a round is reproducible on one
+/// version), 8 answers each; with `rate`, every answer gets its letter share
+/// as feedback.
+pub async fn serve_round(server: &Server, requests: usize, rate: bool) -> Round {
+    let mut round = Round {
+        mean_share: 0.0,
+        versions: Vec::new(),
+        texts: Vec::new(),
+        sample_ids: Vec::new(),
+    };
+    for i in 0..requests {
+        let body = json!({
+            "image": png_base64(32 + i as u32, 24), "question": format!("What is in picture {i}?"),
+            "n": 8, "max_new_tokens": 6, "temperature": 1.0, "seed": 1000 * i,
+        });
+        let (status, answer) = server.post("/v1/answer", &body).await;
+        assert_eq!(status, 200, "{answer}");
+        round
+            .versions
+            .push(answer["model_version"].as_str().unwrap().to_string());
+        for sample in answer["samples"].as_array().unwrap() {
+            let text = sample["text"].as_str().unwrap().to_string();
+            let id = sample["sample_id"].as_str().unwrap().to_string();
+            if rate {
+                let feedback =
+                    json!({"sample_id": id, "key": "letters", "score": letter_share(&text)});
+                let (status, body) = server.post("/v1/feedback", &feedback).await;
+                assert_eq!(status, 201, "{body}");
+            }
+            round.mean_share += letter_share(&text);
+            round.texts.push(text);
+            round.sample_ids.push(id);
+        }
+    }
+    round.mean_share /= round.texts.len() as f64;
+    round.versions.dedup();
+    round
+}
+
+pub async fn start_job(server: &Server, config: Value) -> String {
+    let (status, job) = server.post("/v1/rl/jobs", &config).await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["status"], "queued");
+    job["id"].as_str().unwrap().to_string()
 }

@@ -9,69 +9,10 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use ulm_e2e::{job_finished, png_base64, Server, ADMIN_KEY, USER_KEY};
+use ulm_e2e::{job_finished, serve_round, start_job, Server, ADMIN_KEY, USER_KEY};
 
 fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no code>")
-}
-
-fn letter_share(text: &str) -> f64 {
-    let total = text.chars().count().max(1);
-    text.chars().filter(|c| c.is_ascii_alphabetic()).count() as f64 / total as f64
-}
-
-/// What one round of serving produced.
-struct Round {
-    mean_share: f64,
-    versions: Vec<String>,
-    texts: Vec<String>,
-    sample_ids: Vec<String>,
-}
-
-/// `requests` questions (fixed seeds, so a round is reproducible on one
-/// version), 8 answers each; with `rate`, every answer gets its letter share
-/// as feedback.
-async fn serve_round(server: &Server, requests: usize, rate: bool) -> Round {
-    let mut round = Round {
-        mean_share: 0.0,
-        versions: Vec::new(),
-        texts: Vec::new(),
-        sample_ids: Vec::new(),
-    };
-    for i in 0..requests {
-        let body = json!({
-            "image": png_base64(32 + i as u32, 24), "question": format!("What is in picture {i}?"),
-            "n": 8, "max_new_tokens": 6, "temperature": 1.0, "seed": 1000 * i,
-        });
-        let (status, answer) = server.post("/v1/answer", &body).await;
-        assert_eq!(status, 200, "{answer}");
-        round
-            .versions
-            .push(answer["model_version"].as_str().unwrap().to_string());
-        for sample in answer["samples"].as_array().unwrap() {
-            let text = sample["text"].as_str().unwrap().to_string();
-            let id = sample["sample_id"].as_str().unwrap().to_string();
-            if rate {
-                let feedback =
-                    json!({"sample_id": id, "key": "letters", "score": letter_share(&text)});
-                let (status, body) = server.post("/v1/feedback", &feedback).await;
-                assert_eq!(status, 201, "{body}");
-            }
-            round.mean_share += letter_share(&text);
-            round.texts.push(text);
-            round.sample_ids.push(id);
-        }
-    }
-    round.mean_share /= round.texts.len() as f64;
-    round.versions.dedup();
-    round
-}
-
-async fn start_job(server: &Server, config: Value) -> String {
-    let (status, job) = server.post("/v1/rl/jobs", &config).await;
-    assert_eq!(status, 202, "{job}");
-    assert_eq!(job["status"], "queued");
-    job["id"].as_str().unwrap().to_string()
 }
 
 /// Learns fast enough to see on the demo model in seconds: a high learning
@@ -221,7 +162,15 @@ async fn a_worse_candidate_is_rejected_and_changes_nothing_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_during_a_job_loses_nothing_and_the_next_job_runs() {
-    let mut server = Server::start_with(&["--no-auth", "--rl-holdout-fraction", "0.25"]).await;
+    // A short lease: the killed process's job is failed soon after.
+    let mut server = Server::start_with(&[
+        "--no-auth",
+        "--rl-holdout-fraction",
+        "0.25",
+        "--rl-job-lease-secs",
+        "3",
+    ])
+    .await;
     let round = serve_round(&server, 8, true).await;
     let promote = json!({"steps": 3, "lr": 0.02, "beta": 0.0, "lora_rank": 8, "max_kl": 100.0, "max_reward_drop": 10.0});
     let first = start_job(&server, promote.clone()).await;
@@ -236,12 +185,13 @@ async fn kill9_during_a_job_loses_nothing_and_the_next_job_runs() {
     server.kill9();
     server.restart();
 
-    let job = server.wait_job(&long, |_| true).await;
+    let job = server.wait_job(&long, job_finished).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert!(
         job["error"].as_str().unwrap().contains("interrupted"),
         "{job}"
     );
+    assert!(job["worker"].is_string(), "{job}");
     assert_eq!(server.active_version().await, "v1");
     for id in &round.sample_ids {
         let (status, sample) = server.get(&format!("/v1/samples/{id}")).await;

@@ -3,7 +3,10 @@
 //! through its life: queued, running (training off the async runtime while
 //! serving goes on), evaluating, then promoted, rejected, failed or
 //! cancelled. Jobs are rows in the store, so they survive restarts and any
-//! replica sharing the database sees them.
+//! process sharing the database sees them: a process that runs jobs claims
+//! one at a time and renews a lease on it while it runs; every process
+//! fails jobs whose lease lapsed, so a job whose worker died never stays
+//! running.
 
 pub mod config;
 pub mod curves;
@@ -23,7 +26,7 @@ use ulm_rl::{checkpoint, RlError};
 
 use crate::jobs::{JobRecord, JobStatus, JobTrigger, Transition};
 use crate::registry::{Registry, RegistryError};
-use crate::store::jobs::VersionRecord;
+use crate::store::jobs::{Lease, VersionRecord};
 use crate::store::{now_ms, Store, StoreError};
 use config::{ConfigError, JobConfig};
 use job::{JobInputs, Progress, RunEnd, StepSummary};
@@ -40,6 +43,8 @@ pub struct SchedulerConfig {
     pub poll: Duration,
     /// Configuration of jobs the scheduler starts itself.
     pub job_defaults: JobConfig,
+    /// A running job whose worker renewed nothing for this long is failed.
+    pub lease: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -50,6 +55,7 @@ impl Default for SchedulerConfig {
             holdout_fraction: 0.2,
             poll: Duration::from_secs(1),
             job_defaults: JobConfig::default(),
+            lease: Duration::from_secs(30),
         }
     }
 }
@@ -89,6 +95,15 @@ pub enum JobError {
     Store(#[from] StoreError),
 }
 
+/// What this process's scheduler loop does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedulerRole {
+    /// Fires triggers, claims and runs jobs, and fails lapsed ones.
+    RunJobs,
+    /// Only fails jobs whose lease lapsed (serving replicas).
+    WatchLeases,
+}
+
 #[derive(Clone)]
 pub struct Scheduler {
     inner: Arc<Inner>,
@@ -98,6 +113,8 @@ struct Inner {
     store: Store,
     registry: Registry,
     config: SchedulerConfig,
+    /// This process, as it names itself on the jobs it claims.
+    worker: String,
     /// `<jobs_dir>/<job id>/` holds each finished job's metrics and curves.
     jobs_dir: PathBuf,
     /// The job this process runs now, and its cancel flag.
@@ -107,32 +124,54 @@ struct Inner {
 }
 
 impl Scheduler {
-    /// Marks jobs a crash interrupted as failed; call before serving.
+    /// Fails jobs whose lease lapsed; call before serving.
     pub async fn new(
         store: Store,
         registry: Registry,
         config: SchedulerConfig,
         jobs_dir: PathBuf,
     ) -> Result<Self, StoreError> {
-        let interrupted = store.interrupt_jobs().await?;
-        if interrupted > 0 {
-            tracing::warn!(
-                interrupted,
-                "jobs interrupted by the last shutdown are marked failed"
-            );
-            metrics::counter!("ulm_rl_jobs_total", "status" => "failed").increment(interrupted);
-        }
-        Ok(Self {
+        let worker = format!(
+            "{}-{}-{}",
+            hostname(),
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let this = Self {
             inner: Arc::new(Inner {
                 store,
                 registry,
                 config,
+                worker,
                 jobs_dir,
                 running: Mutex::new(None),
                 wake: Notify::new(),
                 stopping: AtomicBool::new(false),
             }),
-        })
+        };
+        this.expire_leases().await?;
+        Ok(this)
+    }
+
+    /// The name this process gives itself on the jobs it claims.
+    pub fn worker(&self) -> &str {
+        &self.inner.worker
+    }
+
+    async fn expire_leases(&self) -> Result<(), StoreError> {
+        let lapsed = self
+            .inner
+            .store
+            .expire_leases(self.inner.config.lease)
+            .await?;
+        if lapsed > 0 {
+            tracing::warn!(
+                lapsed,
+                "jobs whose worker stopped renewing its lease are marked failed"
+            );
+            metrics::counter!("ulm_rl_jobs_total", "status" => "failed").increment(lapsed);
+        }
+        Ok(())
     }
 
     /// Queues a job; refused while another is queued or running.
@@ -140,6 +179,16 @@ impl Scheduler {
         &self,
         config: JobConfig,
         trigger: JobTrigger,
+    ) -> Result<JobRecord, SchedulerError> {
+        self.queue(config, trigger, None).await
+    }
+
+    /// Queues a job, once per `trigger_key` when one is given.
+    async fn queue(
+        &self,
+        config: JobConfig,
+        trigger: JobTrigger,
+        trigger_key: Option<&str>,
     ) -> Result<JobRecord, SchedulerError> {
         config.validate()?;
         let job = JobRecord {
@@ -154,38 +203,38 @@ impl Scheduler {
             evaluation: None,
             error: None,
             steps_done: 0,
+            worker: None,
             created_at: now_ms(),
             started_at: None,
             finished_at: None,
         };
-        self.inner.store.create_job(&job).await?;
+        self.inner.store.create_job(&job, trigger_key).await?;
         tracing::info!(job = %job.id, trigger = trigger.as_str(), "job queued");
         self.inner.wake.notify_one();
         Ok(job)
     }
 
-    /// Cancels a queued job at once, a running one before its next step.
+    /// Cancels a queued job at once, a running one before its next step:
+    /// here when this process runs it, otherwise through a flag its worker
+    /// reads when it renews its lease.
     pub async fn cancel(&self, id: &str) -> Result<JobRecord, SchedulerError> {
-        let job = self.inner.store.get_job(id).await?;
+        let store = &self.inner.store;
+        let job = store.get_job(id).await?;
         if !job.status.is_active() {
             return Err(SchedulerError::Finished(id.to_string()));
         }
-        match self.running_flag(id) {
-            Some(flag) => flag.store(true, Ordering::SeqCst),
-            None => {
-                let withdraw = Transition::Cancel {
-                    reason: "cancelled before it started".into(),
-                    evaluation: None,
-                };
-                if self.inner.store.transition_job(id, &withdraw).await? {
-                    metrics::counter!("ulm_rl_jobs_total", "status" => "cancelled").increment(1);
-                } else if let Some(flag) = self.running_flag(id) {
-                    // It started between the two looks.
-                    flag.store(true, Ordering::SeqCst);
-                }
-            }
+        if let Some(flag) = self.running_flag(id) {
+            flag.store(true, Ordering::SeqCst);
+        } else if store.transition_job(id, &Transition::Withdraw).await? {
+            metrics::counter!("ulm_rl_jobs_total", "status" => "cancelled").increment(1);
+        } else if let Some(flag) = self.running_flag(id) {
+            // This process claimed it between the two looks.
+            flag.store(true, Ordering::SeqCst);
+        } else if !store.request_cancel(id).await? {
+            // It ended meanwhile.
+            return Err(SchedulerError::Finished(id.to_string()));
         }
-        Ok(self.inner.store.get_job(id).await?)
+        Ok(store.get_job(id).await?)
     }
 
     /// The cancel flag of `id` when this process runs it now.
@@ -197,12 +246,12 @@ impl Scheduler {
             .map(|(_, flag)| flag.clone())
     }
 
-    /// Runs triggers and queued jobs until [`Self::stop`].
-    pub fn spawn(&self) -> tokio::task::JoinHandle<()> {
+    /// Does `role`'s work until [`Self::stop`].
+    pub fn spawn(&self, role: SchedulerRole) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
             while !this.inner.stopping.load(Ordering::SeqCst) {
-                if let Err(error) = this.tick().await {
+                if let Err(error) = this.tick(role).await {
                     tracing::error!(%error, "scheduler tick failed");
                 }
                 tokio::select! {
@@ -224,9 +273,13 @@ impl Scheduler {
         self.inner.wake.notify_one();
     }
 
-    async fn tick(&self) -> Result<(), StoreError> {
+    async fn tick(&self, role: SchedulerRole) -> Result<(), StoreError> {
+        self.expire_leases().await?;
+        if role == SchedulerRole::WatchLeases {
+            return Ok(());
+        }
         self.maybe_trigger().await?;
-        if let Some(job) = self.inner.store.next_queued_job().await? {
+        if let Some(job) = self.inner.store.claim_next_job(&self.inner.worker).await? {
             self.run(job).await;
         }
         Ok(())
@@ -253,7 +306,13 @@ impl Scheduler {
             }
         };
         if let Some(trigger) = trigger {
-            match self.submit(c.job_defaults.clone(), trigger).await {
+            // Processes that see the same trigger name the same job after
+            // `last`: the database keeps one.
+            let key = format!("after:{last}");
+            match self
+                .queue(c.job_defaults.clone(), trigger, Some(&key))
+                .await
+            {
                 Ok(_) | Err(SchedulerError::Store(StoreError::JobActive(_))) => {}
                 Err(SchedulerError::Store(e)) => return Err(e),
                 Err(e) => tracing::error!(error = %e, "the scheduler's job defaults are invalid"),
@@ -358,8 +417,22 @@ impl Scheduler {
         }
     }
 
-    /// The job from queued to the end of its life: the status it ended in,
-    /// none when it was no longer queued (cancelled before it started).
+    /// Renews the lease on `job`; a cancel asked elsewhere, or a job that
+    /// ended elsewhere, raises `cancel`.
+    async fn renew_lease(&self, job: &str, cancel: &AtomicBool) {
+        match self.inner.store.renew_lease(job, &self.inner.worker).await {
+            Ok(Lease::Held) => {}
+            Ok(Lease::CancelRequested) => cancel.store(true, Ordering::SeqCst),
+            Ok(Lease::Lost) => {
+                tracing::warn!(job, "the job ended elsewhere; stopping it here");
+                cancel.store(true, Ordering::SeqCst);
+            }
+            Err(error) => tracing::warn!(job, %error, "renewing the job's lease failed"),
+        }
+    }
+
+    /// The claimed job to the end of its life: the status it ended in,
+    /// none when it ended elsewhere.
     async fn run_job(
         &self,
         job: &JobRecord,
@@ -367,9 +440,6 @@ impl Scheduler {
     ) -> Result<Option<JobStatus>, JobError> {
         let store = &self.inner.store;
         let registry = &self.inner.registry;
-        if !store.transition_job(&job.id, &Transition::Start).await? {
-            return Ok(None);
-        }
         let config: JobConfig = serde_json::from_value(job.config.clone())?;
         let active = registry.serving();
         let parent = store.get_version(&active.version).await?;
@@ -386,9 +456,13 @@ impl Scheduler {
         if data.eval.is_empty() {
             return Err(JobError::NoEvaluationData(counts));
         }
+        let parent_checkpoint = match &parent.checkpoint_path {
+            Some(checkpoint) => Some(registry.checkpoint_dir(checkpoint).await?),
+            None => None,
+        };
         let inputs = JobInputs {
             base: registry.base().clone(),
-            parent_checkpoint: parent.checkpoint_path.clone().map(Into::into),
+            parent_checkpoint,
             active: active.clone(),
             config: config.clone(),
             data,
@@ -397,9 +471,12 @@ impl Scheduler {
         let flag = cancel.clone();
         let mut training = tokio::task::spawn_blocking(move || job::run(inputs, &flag, &tx));
         let mut steps: Vec<StepSummary> = Vec::new();
+        let mut heartbeat =
+            tokio::time::interval((self.inner.config.lease / 4).max(Duration::from_millis(100)));
         let end = loop {
             tokio::select! {
                 Some(progress) = rx.recv() => self.on_progress(&job.id, progress, &mut steps).await,
+                _ = heartbeat.tick() => self.renew_lease(&job.id, &cancel).await,
                 joined = &mut training => break joined,
             }
         };
@@ -440,27 +517,40 @@ impl Scheduler {
             tracing::info!(job = %job.id, reason = %decision.reason, "candidate rejected");
             return self.end(&job.id, Transition::Reject { evaluation }).await;
         }
+        // The checkpoint is in the blob store before any row names it.
+        let staging = registry.staging_dir(&job.id);
+        let written = staging.clone();
+        tokio::task::spawn_blocking(move || {
+            checkpoint::save(&trained.trainer, &written, None, &[])
+        })
+        .await??;
+        let published = registry.publish(&staging).await;
+        if let Err(error) = tokio::fs::remove_dir_all(&staging).await {
+            tracing::warn!(job = %job.id, %error, "removing the staged checkpoint failed");
+        }
         let version = registry.next_version_id().await?;
-        let dir = registry.checkpoint_dir(&version);
         let record = VersionRecord {
             id: version.clone(),
             parent: Some(parent.id.clone()),
             job_id: Some(job.id.clone()),
-            checkpoint_path: Some(dir.to_string_lossy().into_owned()),
+            checkpoint_path: Some(published?),
             metrics: evaluation.clone(),
             created_at: now_ms(),
         };
-        // The checkpoint is durable before any row names it.
-        let loader = registry.clone();
-        let to_load = record.clone();
-        let serving = tokio::task::spawn_blocking(move || -> Result<_, RlError> {
-            checkpoint::save(&trained.trainer, &dir, None, &[])?;
-            loader.load(&to_load)
-        })
-        .await??;
+        let serving = registry.load(&record).await?;
         registry.promote(&record, &evaluation, serving).await?;
         tracing::info!(job = %job.id, version, reason = %decision.reason, "candidate promoted");
         metrics::counter!("ulm_rl_promotions_total").increment(1);
         Ok(Some(JobStatus::Promoted))
     }
+}
+
+/// The machine's name, for the worker name on claimed jobs.
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into())
 }

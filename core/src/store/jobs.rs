@@ -19,7 +19,7 @@ pub struct VersionRecord {
 }
 
 const JOB_SELECT: &str = "SELECT id, status, trigger_reason, config, parent_version, candidate_version, \
-    data_counts, metrics, evaluation, error, steps_done, created_at, started_at, finished_at FROM rl_jobs";
+    data_counts, metrics, evaluation, error, steps_done, worker, created_at, started_at, finished_at FROM rl_jobs";
 const VERSION_SELECT: &str =
     "SELECT id, parent, job_id, checkpoint_path, metrics, created_at FROM model_versions";
 const ACTIVE_KEY: &str = "active_version";
@@ -46,6 +46,7 @@ fn job_from_row(row: &AnyRow) -> Result<JobRecord, StoreError> {
         evaluation: json_opt(row, "evaluation")?,
         error: row.try_get("error")?,
         steps_done: row.try_get("steps_done")?,
+        worker: row.try_get("worker")?,
         created_at: row.try_get("created_at")?,
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
@@ -64,31 +65,50 @@ fn version_from_row(row: &AnyRow) -> Result<VersionRecord, StoreError> {
 }
 
 impl Store {
-    /// Queues a job unless one is queued, running or evaluating.
-    pub async fn create_job(&self, job: &JobRecord) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let active = sqlx::query(&format!(
-            "SELECT id FROM rl_jobs WHERE status IN ({}) LIMIT 1",
-            status_list(&JobStatus::ACTIVE)
-        ))
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = active {
-            return Err(StoreError::JobActive(row.try_get("id")?));
+    /// Queues a job unless one is queued, running or evaluating (a unique
+    /// index makes this hold across processes). A job with a `trigger_key`
+    /// is created once per key.
+    pub async fn create_job(
+        &self,
+        job: &JobRecord,
+        trigger_key: Option<&str>,
+    ) -> Result<(), StoreError> {
+        if let Some(id) = self.active_job_id().await? {
+            return Err(StoreError::JobActive(id));
         }
-        sqlx::query(
-            "INSERT INTO rl_jobs (id, status, trigger_reason, config, steps_done, created_at) \
-             VALUES ($1, $2, $3, $4, 0, $5)",
+        let inserted = sqlx::query(
+            "INSERT INTO rl_jobs (id, status, trigger_reason, config, steps_done, created_at, trigger_key) \
+             VALUES ($1, $2, $3, $4, 0, $5, $6)",
         )
         .bind(&job.id)
         .bind(job.status.as_str())
         .bind(job.trigger.as_str())
         .bind(job.config.to_string())
         .bind(job.created_at)
-        .execute(&mut *tx)
+        .bind(trigger_key)
+        .execute(&self.pool)
+        .await;
+        match inserted {
+            Ok(_) => Ok(()),
+            // Another process queued a job (or fired this trigger) first.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                let active = self.active_job_id().await?;
+                Err(StoreError::JobActive(
+                    active.unwrap_or_else(|| "(already finished)".into()),
+                ))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn active_job_id(&self) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT id FROM rl_jobs WHERE status IN ({}) LIMIT 1",
+            status_list(&JobStatus::ACTIVE)
+        ))
+        .fetch_optional(&self.pool)
         .await?;
-        tx.commit().await?;
-        Ok(())
+        Ok(row.map(|r| r.try_get("id")).transpose()?)
     }
 
     pub async fn get_job(&self, id: &str) -> Result<JobRecord, StoreError> {
@@ -111,14 +131,58 @@ impl Store {
         rows.iter().map(job_from_row).collect()
     }
 
-    /// The oldest queued job.
-    pub async fn next_queued_job(&self) -> Result<Option<JobRecord>, StoreError> {
+    /// Claims the oldest queued job for `worker`: running, with a fresh
+    /// lease. One statement, so two processes never claim the same job
+    /// (PostgreSQL skips a row another claim holds; SQLite writes one at a
+    /// time).
+    pub async fn claim_next_job(&self, worker: &str) -> Result<Option<JobRecord>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let scope = Scope::NextQueued {
+            worker,
+            skip_locked: self.postgres,
+        };
+        let claimed = apply_transition(&mut tx, scope, &Transition::Start).await?;
+        tx.commit().await?;
+        match claimed.first() {
+            Some(id) => Ok(Some(self.get_job(id).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Renews `worker`'s lease on job `id`, and says whether it should go on.
+    pub async fn renew_lease(&self, id: &str, worker: &str) -> Result<Lease, StoreError> {
         let row = sqlx::query(&format!(
-            "{JOB_SELECT} WHERE status = 'queued' ORDER BY created_at, id LIMIT 1"
+            "UPDATE rl_jobs SET heartbeat_at = $1 WHERE id = $2 AND worker = $3 AND status IN ({}) \
+             RETURNING cancel_requested",
+            status_list(&[JobStatus::Running, JobStatus::Evaluating])
         ))
+        .bind(now_ms())
+        .bind(id)
+        .bind(worker)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(job_from_row).transpose()
+        let Some(row) = row else {
+            return Ok(Lease::Lost);
+        };
+        let cancel: i64 = row.try_get("cancel_requested")?;
+        Ok(if cancel != 0 {
+            Lease::CancelRequested
+        } else {
+            Lease::Held
+        })
+    }
+
+    /// Asks the worker running job `id` to cancel it; false when the job
+    /// is not running or evaluating.
+    pub async fn request_cancel(&self, id: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(&format!(
+            "UPDATE rl_jobs SET cancel_requested = 1 WHERE id = $1 AND status IN ({})",
+            status_list(&[JobStatus::Running, JobStatus::Evaluating])
+        ))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Applies `transition` to job `id` if the job is in one of the
@@ -129,19 +193,21 @@ impl Store {
         id: &str,
         transition: &Transition,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let moved = apply_transition(&mut tx, Some(id), transition).await?;
+        let mut tx = self.begin_write().await?;
+        let moved = apply_transition(&mut tx, Scope::Job(id), transition).await?;
         tx.commit().await?;
-        Ok(moved == 1)
+        Ok(moved.len() == 1)
     }
 
-    /// After a crash: jobs that were running or evaluating cannot resume
-    /// (their in-memory policy is gone) and are marked failed.
-    pub async fn interrupt_jobs(&self) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let moved = apply_transition(&mut tx, None, &Transition::Interrupt).await?;
+    /// Fails the running jobs whose worker renewed no lease for `lease`
+    /// (it died or hung): their in-memory policy is gone.
+    pub async fn expire_leases(&self, lease: std::time::Duration) -> Result<u64, StoreError> {
+        let before = now_ms() - lease.as_millis() as i64;
+        let mut tx = self.begin_write().await?;
+        let moved =
+            apply_transition(&mut tx, Scope::Stale { before }, &Transition::Interrupt).await?;
         tx.commit().await?;
-        Ok(moved)
+        Ok(moved.len() as u64)
     }
 
     /// Records a promoted version, makes it active, and moves its job to
@@ -156,7 +222,7 @@ impl Store {
             .job_id
             .clone()
             .ok_or_else(|| StoreError::Corrupt(format!("version {} names no job", version.id)))?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO model_versions (id, parent, job_id, checkpoint_path, metrics, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -174,7 +240,11 @@ impl Store {
             version: version.id.clone(),
             evaluation: evaluation.clone(),
         };
-        if apply_transition(&mut tx, Some(&job), &promote).await? != 1 {
+        if apply_transition(&mut tx, Scope::Job(&job), &promote)
+            .await?
+            .len()
+            != 1
+        {
             // Dropping the transaction rolls the version back.
             return Err(StoreError::JobFinished(job));
         }
@@ -265,7 +335,7 @@ impl Store {
     }
 
     pub async fn set_active_version(&self, id: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         set_active(&mut tx, id).await?;
         tx.commit().await?;
         Ok(())
@@ -293,37 +363,76 @@ fn status_list(statuses: &[JobStatus]) -> String {
         .join(", ")
 }
 
-/// The one statement that changes a job's status: `id`'s row, or every job
-/// when `id` is none, if it is in a status the transition may leave.
+/// What a lease renewal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    Held,
+    /// Still held, and someone asked for the job to be cancelled.
+    CancelRequested,
+    /// The job ended elsewhere (cancelled, or failed when the lease lapsed).
+    Lost,
+}
+
+/// The rows a transition applies to.
+enum Scope<'a> {
+    Job(&'a str),
+    /// Jobs whose last heartbeat (none counts as oldest) is before `before`.
+    Stale {
+        before: i64,
+    },
+    /// The oldest queued job, claimed by `worker` with a fresh heartbeat.
+    NextQueued {
+        worker: &'a str,
+        skip_locked: bool,
+    },
+}
+
+/// The one statement that changes a job's status: the rows of `scope` that
+/// are in a status the transition may leave. Returns their ids.
 async fn apply_transition(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    id: Option<&str>,
+    scope: Scope<'_>,
     transition: &Transition,
-) -> Result<u64, StoreError> {
+) -> Result<Vec<String>, StoreError> {
     let to = transition.to();
     let now = now_ms();
     let candidate = match transition {
         Transition::Promote { version, .. } => Some(version.clone()),
         _ => None,
     };
-    let done = sqlx::query(&format!(
+    let (rows, claim) = match &scope {
+        Scope::Job(_) => ("id = $8".to_string(), ""),
+        Scope::Stale { .. } => ("COALESCE(heartbeat_at, 0) < $8".to_string(), ""),
+        Scope::NextQueued { skip_locked, .. } => (
+            format!(
+                "id = (SELECT id FROM rl_jobs WHERE status = 'queued' ORDER BY created_at, id LIMIT 1{})",
+                if *skip_locked { " FOR UPDATE SKIP LOCKED" } else { "" }
+            ),
+            ", worker = $8, heartbeat_at = $3",
+        ),
+    };
+    let query = format!(
         "UPDATE rl_jobs SET status = $1, \
          started_at = CASE WHEN $2 THEN $3 ELSE started_at END, \
          finished_at = CASE WHEN $4 THEN $3 ELSE finished_at END, \
          error = COALESCE($5, error), evaluation = COALESCE($6, evaluation), \
-         candidate_version = COALESCE($7, candidate_version) \
-         WHERE ($8 IS NULL OR id = $8) AND status IN ({})",
+         candidate_version = COALESCE($7, candidate_version){claim} \
+         WHERE {rows} AND status IN ({}) RETURNING id",
         status_list(transition.from())
-    ))
-    .bind(to.as_str())
-    .bind(to == JobStatus::Running)
-    .bind(now)
-    .bind(!to.is_active())
-    .bind(transition.error())
-    .bind(transition.evaluation().map(|e| e.to_string()))
-    .bind(candidate)
-    .bind(id)
-    .execute(&mut **tx)
-    .await?;
-    Ok(done.rows_affected())
+    );
+    let query = sqlx::query(&query)
+        .bind(to.as_str())
+        .bind(to == JobStatus::Running)
+        .bind(now)
+        .bind(!to.is_active())
+        .bind(transition.error())
+        .bind(transition.evaluation().map(|e| e.to_string()))
+        .bind(candidate);
+    let query = match scope {
+        Scope::Job(id) => query.bind(id.to_string()),
+        Scope::Stale { before } => query.bind(before),
+        Scope::NextQueued { worker, .. } => query.bind(worker.to_string()),
+    };
+    let rows = query.fetch_all(&mut **tx).await?;
+    rows.iter().map(|row| Ok(row.try_get("id")?)).collect()
 }

@@ -3,19 +3,22 @@
 //! One code path through sqlx's `Any` driver: an SQLite file in the data
 //! directory by default (WAL, `synchronous = FULL`), PostgreSQL when a
 //! `postgres://` URL is given. Migrations are embedded and portable. Images
-//! are content-addressed files under the data directory, written atomically
-//! (temporary file, fsync, rename) before the row that names them.
+//! are content-addressed blobs ([`blobs`]: files under the data directory by
+//! default, or a bucket every replica shares), written before the row that
+//! names them.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, FromRow, Row};
 
+pub mod blobs;
 pub mod jobs;
 pub mod training_data;
 
 use crate::record::{usable_logprobs, SampleRecord};
+use blobs::BlobStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -35,6 +38,8 @@ pub enum StoreError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("file error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("blob storage error: {0}")]
+    Blob(String),
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
 }
@@ -71,7 +76,9 @@ pub enum FeedbackOutcome {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
-    images_dir: PathBuf,
+    blobs: BlobStore,
+    /// PostgreSQL, where claims can skip rows other workers hold.
+    postgres: bool,
 }
 
 pub fn now_ms() -> i64 {
@@ -97,11 +104,15 @@ fn parse_name<T: std::str::FromStr>(column: &str, value: &str) -> Result<T, Stor
 
 impl Store {
     /// Opens (and migrates) the database. Without a URL: `data_dir/ulm.sqlite`.
-    pub async fn open(data_dir: &Path, database_url: Option<&str>) -> Result<Self, StoreError> {
+    /// Blobs go to `blobs`, or under `data_dir` when it is none.
+    pub async fn open(
+        data_dir: &Path,
+        database_url: Option<&str>,
+        blobs: Option<BlobStore>,
+    ) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         std::fs::create_dir_all(data_dir)?;
-        let images_dir = data_dir.join("images");
-        std::fs::create_dir_all(&images_dir)?;
+        let blobs = blobs.unwrap_or_else(|| BlobStore::local(data_dir));
         let url = match database_url {
             Some(url) => url.to_string(),
             None => format!(
@@ -131,7 +142,26 @@ impl Store {
             .connect(&url)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool, images_dir })
+        Ok(Self {
+            pool,
+            blobs,
+            postgres: !sqlite,
+        })
+    }
+
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    /// A transaction that writes. On SQLite it takes the write lock at once
+    /// (`BEGIN IMMEDIATE`), so that it waits its turn behind other writers
+    /// instead of failing "database is locked" when a read turns into a write.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        Ok(if self.postgres {
+            self.pool.begin().await?
+        } else {
+            self.pool.begin_with("BEGIN IMMEDIATE").await?
+        })
     }
 
     /// Database reachable.
@@ -139,32 +169,10 @@ impl Store {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
 
-    fn image_path(&self, sha: &str) -> PathBuf {
-        self.images_dir.join(&sha[..2]).join(format!("{sha}.png"))
-    }
-
     /// Stores PNG bytes under their hash (idempotent) and returns the hash.
     pub async fn put_image(&self, png: Vec<u8>) -> Result<String, StoreError> {
         let sha = sha256_hex(&png);
-        let path = self.image_path(&sha);
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            if path.exists() {
-                return Ok(());
-            }
-            let dir = path.parent().expect("image paths have a parent");
-            std::fs::create_dir_all(dir)?;
-            let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4()));
-            {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&png)?;
-                f.sync_all()?;
-            }
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(dir)?.sync_all()
-        })
-        .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        self.blobs.put(&image_key(&sha), png).await?;
         Ok(sha)
     }
 
@@ -172,16 +180,12 @@ impl Store {
         if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(StoreError::NotFound);
         }
-        match tokio::fs::read(self.image_path(sha)).await {
-            Ok(bytes) => Ok(bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::NotFound),
-            Err(e) => Err(e.into()),
-        }
+        self.blobs.get(&image_key(sha)).await
     }
 
     /// Inserts the samples of one request in one transaction.
     pub async fn insert_samples(&self, samples: &[SampleRecord]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for s in samples {
             sqlx::query(
                 "INSERT INTO samples (id, request_id, group_index, task, model_version, prompt, input_image_sha256, \
@@ -243,7 +247,7 @@ impl Store {
         &self,
         items: &[FeedbackRecord],
     ) -> Result<Vec<FeedbackOutcome>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let mut outcomes = Vec::with_capacity(items.len());
         for item in items {
             if let Some(client_id) = &item.client_id {
@@ -303,6 +307,11 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// `images/ab/abcd....png`: the layout image files always had under the data directory.
+fn image_key(sha: &str) -> String {
+    format!("images/{}/{sha}.png", &sha[..2])
 }
 
 const SAMPLE_SELECT: &str =

@@ -208,6 +208,18 @@ fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response {
     ApiError::Internal("a handler panicked".into()).into_response()
 }
 
+/// What a worker process answers over HTTP: health and metrics.
+pub fn operations_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(CatchPanicLayer::custom(panic_response))
+        .with_state(state)
+}
+
 pub fn router(state: AppState, auth: Auth) -> Router {
     let auth = Arc::new(auth);
     let body_limit = state.limits.max_body_bytes;

@@ -111,10 +111,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_admins_see_server_paths() {
+    fn only_admins_see_where_adapters_are_stored() {
         let version: ModelView = serde_json::from_value(serde_json::json!({
             "id": "v1", "object": "model", "created": 0, "owned_by": "ulm-server", "description": "", "demo": true, "active": true, "parent": "demo-base",
-            "job_id": "job", "checkpoint_path": "/data/versions/v1", "metrics": {}, "created_at": 0,
+            "job_id": "job", "checkpoint_path": "adapters/0f3a", "metrics": {}, "created_at": 0,
             "max_context_tokens": 1, "image_tokens_per_image": 1, "generated_image_size": 1,
             "understanding_image_size": 1,
         }))
@@ -124,7 +124,7 @@ mod tests {
             .is_none());
         assert_eq!(
             for_role(version, Role::Admin).checkpoint_path.as_deref(),
-            Some("/data/versions/v1")
+            Some("adapters/0f3a")
         );
     }
 }

@@ -43,6 +43,7 @@ fn view(j: JobRecord) -> JobView {
         evaluation: j.evaluation,
         error: j.error,
         steps_done: j.steps_done,
+        worker: j.worker,
         created_at: j.created_at,
         started_at: j.started_at,
         finished_at: j.finished_at,

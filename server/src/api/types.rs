@@ -304,8 +304,8 @@ pub struct ModelView {
     pub parent: Option<String>,
     /// The RL job that produced it.
     pub job_id: Option<String>,
-    /// Its LoRA adapters on the server's disk; none for the base model, and
-    /// shown to admin keys only.
+    /// Its LoRA adapters in the blob store (`adapters/<hash>`); none for the
+    /// base model, and shown to admin keys only.
     pub checkpoint_path: Option<String>,
     /// The evaluation that promoted it.
     #[schema(value_type = Object)]
@@ -352,6 +352,9 @@ pub struct JobView {
     /// The learning curves as PNG (`GET`), once a step is trained.
     pub curves_url: Option<String>,
     pub steps_done: i64,
+    /// The process that claimed the job (host, pid and a random tag); none
+    /// while queued.
+    pub worker: Option<String>,
     /// Unix milliseconds.
     pub created_at: i64,
     pub started_at: Option<i64>,
