@@ -145,6 +145,34 @@ pub struct JobRecord {
     pub finished_at: Option<i64>,
 }
 
+impl JobRecord {
+    /// A job just submitted: queued, nothing recorded yet.
+    pub fn queued(
+        id: String,
+        trigger: JobTrigger,
+        config: serde_json::Value,
+        created_at: i64,
+    ) -> Self {
+        Self {
+            id,
+            status: JobStatus::Queued,
+            trigger,
+            config,
+            parent_version: None,
+            candidate_version: None,
+            data_counts: None,
+            metrics: None,
+            evaluation: None,
+            error: None,
+            steps_done: 0,
+            worker: None,
+            created_at,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,23 +11,7 @@ use ulm_core::store::jobs::Lease;
 use ulm_core::store::{now_ms, Store, StoreError};
 
 fn queued(id: &str) -> JobRecord {
-    JobRecord {
-        id: id.into(),
-        status: JobStatus::Queued,
-        trigger: JobTrigger::Api,
-        config: serde_json::json!({}),
-        parent_version: None,
-        candidate_version: None,
-        data_counts: None,
-        metrics: None,
-        evaluation: None,
-        error: None,
-        steps_done: 0,
-        worker: None,
-        created_at: now_ms(),
-        started_at: None,
-        finished_at: None,
-    }
+    JobRecord::queued(id.into(), JobTrigger::Api, serde_json::json!({}), now_ms())
 }
 
 async fn two_processes() -> (tempfile::TempDir, Store, Store) {

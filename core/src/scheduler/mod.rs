@@ -191,23 +191,12 @@ impl Scheduler {
         trigger_key: Option<&str>,
     ) -> Result<JobRecord, SchedulerError> {
         config.validate()?;
-        let job = JobRecord {
-            id: uuid::Uuid::new_v4().to_string(),
-            status: JobStatus::Queued,
+        let job = JobRecord::queued(
+            uuid::Uuid::new_v4().to_string(),
             trigger,
-            config: serde_json::to_value(&config).unwrap_or_default(),
-            parent_version: None,
-            candidate_version: None,
-            data_counts: None,
-            metrics: None,
-            evaluation: None,
-            error: None,
-            steps_done: 0,
-            worker: None,
-            created_at: now_ms(),
-            started_at: None,
-            finished_at: None,
-        };
+            serde_json::to_value(&config).unwrap_or_default(),
+            now_ms(),
+        );
         self.inner.store.create_job(&job, trigger_key).await?;
         tracing::info!(job = %job.id, trigger = trigger.as_str(), "job queued");
         self.inner.wake.notify_one();
