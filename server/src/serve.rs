@@ -301,6 +301,13 @@ pub async fn serve(args: ServeArgs, role: Role) -> Result<()> {
     let store = Store::open(&data_dir, args.database_url.as_deref(), blobs)
         .await
         .context("opening the database")?;
+    // A wrong bucket, endpoint or key is a start-up error, not a failure of
+    // the first request that stores an image.
+    store
+        .blobs()
+        .list("adapters")
+        .await
+        .with_context(|| format!("reaching the blob store {}", store.blobs().describe()))?;
     tracing::info!(blobs = %store.blobs().describe(), "blob storage");
     let bundle = load_model(&args).await?;
     tracing::info!("model: {}", bundle.describe());

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use ulm_e2e::{fresh_database, job_finished, serve_round, start_job, Server};
+use ulm_e2e::{fresh_database, job_finished, serve_round, server_binary, start_job, Server};
 
 const BUCKET: &str = "ulm-cluster-test";
 
@@ -110,6 +110,28 @@ async fn replicas_share_images_feedback_and_versions_and_a_dead_worker_leaves_no
         ("AWS_SECRET_ACCESS_KEY", "test"),
         ("AWS_DEFAULT_REGION", "us-east-1"),
     ];
+    // A bucket that does not exist stops a process before it listens.
+    let dir = tempfile::tempdir().unwrap();
+    let refused = Command::new(server_binary())
+        .args(["serve", "--no-auth", "--demo", "--port", "0", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--database-url",
+            &database,
+            "--blob-url",
+            "s3://no-such-bucket/x",
+        ])
+        .envs(env)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("reaching the blob store s3://no-such-bucket/x"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&refused.stdout).contains("listening"));
+
     let blob_url = format!("s3://{BUCKET}/ulm");
     let shared = [
         "--blob-url",
