@@ -1,8 +1,9 @@
 //! Jobs shared by several processes through one database: one active job
 //! whoever submits it, a trigger fires once, a job is claimed once, and a
 //! job whose worker stops renewing its lease ends failed, never stuck.
-//! Two `Store` handles on one SQLite file stand for two processes (the
-//! PostgreSQL path runs in `tests/tests/cluster.rs`).
+//! Two `Store` handles on one database stand for two processes: one SQLite
+//! file, or a fresh PostgreSQL database when `ULM_TEST_DATABASE_URL` is set
+//! (CI runs both).
 
 use std::time::Duration;
 
@@ -16,9 +17,25 @@ fn queued(id: &str) -> JobRecord {
 
 async fn two_processes() -> (tempfile::TempDir, Store, Store) {
     let dir = tempfile::tempdir().unwrap();
-    let a = Store::open(dir.path(), None, None).await.unwrap();
-    let b = Store::open(dir.path(), None, None).await.unwrap();
+    let url = match std::env::var("ULM_TEST_DATABASE_URL") {
+        Ok(base) => Some(fresh_postgres_database(&base).await),
+        Err(_) => None,
+    };
+    let a = Store::open(dir.path(), url.as_deref(), None).await.unwrap();
+    let b = Store::open(dir.path(), url.as_deref(), None).await.unwrap();
     (dir, a, b)
+}
+
+async fn fresh_postgres_database(base: &str) -> String {
+    use sqlx::Connection;
+    let name = format!("ulm_leases_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(base).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
