@@ -300,6 +300,16 @@ async fn every_bad_input_gets_its_documented_error_and_nothing_breaks() {
         let (got, body) = server.get(path).await;
         assert_eq!((got, code(&body)), (status, expected_code), "{path}");
     }
+    // A body refused before it was read ends its connection, and says so.
+    let resp = server
+        .http
+        .post(server.url("/v1/generate"))
+        .json(&json!({"prompt": "a".repeat(300_000)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(resp.headers()["connection"], "close");
     let resp = server
         .http
         .delete(server.url("/v1/generate"))
