@@ -141,9 +141,45 @@ impl Registry {
             .join(format!("{name}-{}", uuid::Uuid::new_v4().simple()))
     }
 
-    /// Stores the checkpoint in `dir` in the blob store, content-addressed:
-    /// `adapters/<hash of its files>`, the key a version row names.
+    /// Stores the checkpoint in the staging directory `dir` in the blob
+    /// store, content-addressed: `adapters/<hash of its files>`, the key a
+    /// version row names. `dir` is used up: with a remote store it becomes
+    /// the local copy [`Self::checkpoint_dir`] would otherwise download.
     pub async fn publish(&self, dir: &Path) -> Result<String, RegistryError> {
+        let published = self.upload(dir).await;
+        let cache = match &published {
+            Ok(key) if self.inner.store.blobs().local_path(key).is_none() => {
+                Some(self.inner.cache_dir.join(key))
+            }
+            _ => None,
+        };
+        let kept = match cache {
+            Some(cache) => self.keep_in_cache(dir, &cache).await,
+            None => false,
+        };
+        if !kept {
+            if let Err(error) = tokio::fs::remove_dir_all(dir).await {
+                tracing::warn!(dir = %dir.display(), %error, "removing a staged checkpoint failed");
+            }
+        }
+        published
+    }
+
+    /// Moves the complete checkpoint `dir` to `cache`; false when it stays
+    /// where it is (a copy is already cached, or the move failed).
+    async fn keep_in_cache(&self, dir: &Path, cache: &Path) -> bool {
+        if cache.exists() {
+            return false;
+        }
+        if let Some(parent) = cache.parent() {
+            if tokio::fs::create_dir_all(parent).await.is_err() {
+                return false;
+            }
+        }
+        tokio::fs::rename(dir, cache).await.is_ok()
+    }
+
+    async fn upload(&self, dir: &Path) -> Result<String, RegistryError> {
         let mut files = Vec::new();
         let mut entries = tokio::fs::read_dir(dir).await.map_err(StoreError::Io)?;
         while let Some(entry) = entries.next_entry().await.map_err(StoreError::Io)? {
@@ -195,20 +231,17 @@ impl Registry {
                 .await
                 .map_err(StoreError::Io)?;
         }
-        if let Some(parent) = dir.parent() {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(StoreError::Io)?;
-        }
         // A copy made meanwhile by another load holds the same bytes.
-        if tokio::fs::rename(&tmp, &dir).await.is_err() && !dir.exists() {
-            return Err(StoreError::Io(std::io::Error::other(format!(
-                "caching {checkpoint} in {} failed",
-                dir.display()
-            )))
-            .into());
+        if !self.keep_in_cache(&tmp, &dir).await {
+            let _ = tokio::fs::remove_dir_all(&tmp).await;
+            if !dir.exists() {
+                return Err(StoreError::Io(std::io::Error::other(format!(
+                    "caching {checkpoint} in {} failed",
+                    dir.display()
+                )))
+                .into());
+            }
         }
-        let _ = tokio::fs::remove_dir_all(&tmp).await;
         Ok(dir)
     }
 

@@ -58,7 +58,10 @@ async fn one_job_is_active_and_a_trigger_fires_once_across_processes() {
     let fail = Transition::Fail { error: "x".into() };
     assert!(a.transition_job(winner, &fail).await.unwrap());
     let again = b.create_job(&queued("d"), Some("after:0")).await;
-    assert!(matches!(again, Err(StoreError::JobActive(_))), "{again:?}");
+    assert!(
+        matches!(&again, Err(StoreError::TriggerFired(key)) if key == "after:0"),
+        "{again:?}"
+    );
     b.create_job(&queued("e"), Some("after:1")).await.unwrap();
 }
 

@@ -343,9 +343,7 @@ pub async fn serve(args: ServeArgs, role: Role) -> Result<()> {
         registry.clone(),
         scheduler_config,
         data_dir.join("jobs"),
-    )
-    .await
-    .context("starting the RL scheduler")?;
+    );
     let runs_jobs = role == Role::Worker || !args.no_rl_scheduler;
     let scheduler_task = scheduler.spawn(if runs_jobs {
         SchedulerRole::RunJobs

@@ -306,6 +306,16 @@ impl Drop for Server {
     }
 }
 
+/// For a test that needs something this machine may lack: says it is
+/// skipped, or fails when `required_by` (set in CI) is set.
+pub fn skip_unless_required(required_by: &str, why: &str) {
+    assert!(
+        std::env::var_os(required_by).is_none(),
+        "{required_by} is set but {why}"
+    );
+    eprintln!("skipped: {why}");
+}
+
 /// Whether a job has ended, whichever way.
 pub fn job_finished(job: &Value) -> bool {
     ["promoted", "rejected", "failed", "cancelled"].contains(&job["status"].as_str().unwrap())

@@ -15,7 +15,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use ulm_e2e::{fresh_database, job_finished, serve_round, server_binary, start_job, Server};
+use ulm_e2e::{
+    fresh_database, job_finished, serve_round, server_binary, skip_unless_required, start_job,
+    Server,
+};
 
 const BUCKET: &str = "ulm-cluster-test";
 
@@ -67,14 +70,6 @@ async fn start_object_store() -> Option<ObjectStore> {
     }
 }
 
-fn skip(why: &str) {
-    assert!(
-        std::env::var_os("ULM_REQUIRE_CLUSTER").is_none(),
-        "ULM_REQUIRE_CLUSTER is set but {why}"
-    );
-    eprintln!("skipped: {why}");
-}
-
 /// Waits until `server` serves `version` (what `/v1/models` marks active
 /// is the engine's serving version).
 async fn wait_serving(server: &Server, version: &str, within: Duration) -> Duration {
@@ -98,10 +93,10 @@ fn promoting_job() -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_images_feedback_and_versions_and_a_dead_worker_leaves_no_job_stuck() {
     let Some(database) = fresh_database().await else {
-        return skip("ULM_TEST_DATABASE_URL is not set");
+        return skip_unless_required("ULM_REQUIRE_CLUSTER", "ULM_TEST_DATABASE_URL is not set");
     };
     let Some(s3) = start_object_store().await else {
-        return skip("moto_server is not installed");
+        return skip_unless_required("ULM_REQUIRE_CLUSTER", "moto_server is not installed");
     };
     let env = [
         ("AWS_ENDPOINT", s3.endpoint.as_str()),
@@ -198,13 +193,22 @@ async fn replicas_share_images_feedback_and_versions_and_a_dead_worker_leaves_no
         .find(|m| m["id"] == "v1")
         .unwrap()
         .clone();
-    assert!(
-        v1["checkpoint_path"]
-            .as_str()
-            .unwrap()
-            .starts_with("adapters/"),
-        "{v1}"
-    );
+    let key = v1["checkpoint_path"].as_str().unwrap();
+    assert!(key.starts_with("adapters/"), "{v1}");
+    for replica in [&a, &b] {
+        assert!(
+            !replica.data_dir.join(key).exists(),
+            "{key} is not a local blob"
+        );
+        assert!(
+            replica.data_dir.join("cache").join(key).is_dir(),
+            "{key} cached to load it"
+        );
+    }
+    // The worker keeps what it published as its cached copy; nothing staged is left.
+    assert!(worker.data_dir.join("cache").join(key).is_dir());
+    let staged = worker.data_dir.join("cache").join("staging");
+    assert!(!staged.exists() || std::fs::read_dir(&staged).unwrap().next().is_none());
 
     // A rollback asked of B is served by A too.
     let (status, body) = b.post("/v1/models/demo-base/activate", &json!({})).await;

@@ -124,20 +124,21 @@ struct Inner {
 }
 
 impl Scheduler {
-    /// Fails jobs whose lease lapsed; call before serving.
-    pub async fn new(
+    /// A scheduler that does nothing until [`Self::spawn`]; its first tick
+    /// fails the jobs whose lease lapsed while no process watched.
+    pub fn new(
         store: Store,
         registry: Registry,
         config: SchedulerConfig,
         jobs_dir: PathBuf,
-    ) -> Result<Self, StoreError> {
+    ) -> Self {
         let worker = format!(
             "{}-{}-{}",
             hostname(),
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let this = Self {
+        Self {
             inner: Arc::new(Inner {
                 store,
                 registry,
@@ -148,9 +149,7 @@ impl Scheduler {
                 wake: Notify::new(),
                 stopping: AtomicBool::new(false),
             }),
-        };
-        this.expire_leases().await?;
-        Ok(this)
+        }
     }
 
     /// The name this process gives itself on the jobs it claims.
@@ -302,7 +301,10 @@ impl Scheduler {
                 .queue(c.job_defaults.clone(), trigger, Some(&key))
                 .await
             {
-                Ok(_) | Err(SchedulerError::Store(StoreError::JobActive(_))) => {}
+                Ok(_)
+                | Err(SchedulerError::Store(
+                    StoreError::JobActive(_) | StoreError::TriggerFired(_),
+                )) => {}
                 Err(SchedulerError::Store(e)) => return Err(e),
                 Err(e) => tracing::error!(error = %e, "the scheduler's job defaults are invalid"),
             }
@@ -513,16 +515,13 @@ impl Scheduler {
             checkpoint::save(&trained.trainer, &written, None, &[])
         })
         .await??;
-        let published = registry.publish(&staging).await;
-        if let Err(error) = tokio::fs::remove_dir_all(&staging).await {
-            tracing::warn!(job = %job.id, %error, "removing the staged checkpoint failed");
-        }
+        let published = registry.publish(&staging).await?;
         let version = registry.next_version_id().await?;
         let record = VersionRecord {
             id: version.clone(),
             parent: Some(parent.id.clone()),
             job_id: Some(job.id.clone()),
-            checkpoint_path: Some(published?),
+            checkpoint_path: Some(published),
             metrics: evaluation.clone(),
             created_at: now_ms(),
         };

@@ -90,12 +90,13 @@ impl Store {
         .await;
         match inserted {
             Ok(_) => Ok(()),
-            // Another process queued a job (or fired this trigger) first.
+            // Another process queued a job, or fired this trigger, first.
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                let active = self.active_job_id().await?;
-                Err(StoreError::JobActive(
-                    active.unwrap_or_else(|| "(already finished)".into()),
-                ))
+                match (self.active_job_id().await?, trigger_key) {
+                    (Some(id), _) => Err(StoreError::JobActive(id)),
+                    (None, Some(key)) => Err(StoreError::TriggerFired(key.to_string())),
+                    (None, None) => Err(sqlx::Error::Database(e).into()),
+                }
             }
             Err(e) => Err(e.into()),
         }

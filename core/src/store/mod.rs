@@ -28,6 +28,8 @@ pub enum StoreError {
     Conflict(String),
     #[error("job {0} is already queued or running")]
     JobActive(String),
+    #[error("the trigger {0} already started its job")]
+    TriggerFired(String),
     #[error("job {0} has already finished")]
     JobFinished(String),
     #[error("the sample {0} does not exist")]
