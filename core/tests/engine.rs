@@ -1,10 +1,14 @@
-//! The engine: a request that fails inside a batch fails alone.
+//! The engine: a request that fails to join a batch fails alone; requests
+//! join and leave a running batch (continuous batching) unless the engine
+//! batches statically; a version swap reaches requests that start after it.
 
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
-use ulm_core::engine::{AnswerWork, Engine, EngineConfig, EngineError};
-use ulm_core::record::AnswerParams;
+use ulm_core::engine::{
+    AnswerWork, Batching, Engine, EngineConfig, EngineError, ImageWork, ServingModel,
+};
+use ulm_core::record::{AnswerParams, GenerateParams};
 use ulm_model::bundle::ModelBundle;
 use ulm_model::demo::DEFAULT_SEED;
 
@@ -48,4 +52,133 @@ async fn a_request_that_fails_in_a_batch_fails_alone() {
         .iter()
         .all(|s| s.token_ids.len() <= 3));
     assert!(matches!(bad, Err(EngineError::InvalidInput(_))), "{bad:?}");
+}
+
+fn images(n: u32) -> ImageWork {
+    ImageWork {
+        prompt: "a red circle above a blue square".into(),
+        params: GenerateParams {
+            n,
+            cfg_weight: 3.0,
+            temperature: 1.0,
+            top_k: None,
+        },
+        seeds: (0..n as u64).collect(),
+    }
+}
+
+fn demo_engine(batching: Batching) -> Engine {
+    let bundle = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
+    let config = EngineConfig {
+        batching,
+        ..EngineConfig::default()
+    };
+    Engine::start(bundle, "demo-base".into(), config)
+}
+
+/// Waits until the worker is drawing `images` images.
+async fn until_drawing(engine: &Engine, images: usize) {
+    while engine.running().1 < images {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Which of a long image request and a short answer, sent while the images
+/// are being drawn, ends first.
+async fn short_answer_during_images(batching: Batching) -> (bool, u64) {
+    let engine = demo_engine(batching);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let long = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.generate(images(16), deadline).await }
+    });
+    until_drawing(&engine, 16).await;
+    let answer = engine.answer(work(2), deadline, None).await.unwrap();
+    let images_done = long.is_finished();
+    let generated = long.await.unwrap().unwrap();
+    assert_eq!(generated.images.len(), 16);
+    (!images_done, answer.timings.queue_ms)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_answer_joins_running_images_instead_of_waiting_for_them() {
+    let (answer_first, _) = short_answer_during_images(Batching::Continuous).await;
+    assert!(
+        answer_first,
+        "continuous batching: the answer joins the running batch and ends first"
+    );
+    let (answer_first, queued_ms) = short_answer_during_images(Batching::Static).await;
+    assert!(
+        !answer_first,
+        "static batching: the answer waits for the images ({queued_ms} ms queued)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_reaches_requests_that_start_after_it_and_running_ones_keep_their_version() {
+    let engine = demo_engine(Batching::Continuous);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let before = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.generate(images(8), deadline).await }
+    });
+    until_drawing(&engine, 8).await;
+    let model = engine.serving().model.clone();
+    engine.activate(ServingModel {
+        version: "v2".into(),
+        model,
+    });
+    // Images asked for after the swap wait for the old version's images to
+    // end, then run on the new version; an answer starts on it at once.
+    let after = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.generate(images(1), deadline).await }
+    });
+    let answer = engine.answer(work(2), deadline, None).await.unwrap();
+    assert_eq!(answer.model_version, "v2");
+    assert!(
+        !before.is_finished(),
+        "the answer did not wait for the images"
+    );
+    let before = before.await.unwrap().unwrap();
+    let after = after.await.unwrap().unwrap();
+    assert_eq!(before.model_version, "demo-base");
+    assert_eq!(after.model_version, "v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_is_refused_while_requests_wait_for_room() {
+    let bundle = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
+    // Room for one image at a time, two waiting.
+    let config = EngineConfig {
+        max_queue: 2,
+        max_batch_rows: 1,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(bundle, "demo-base".into(), config);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let running = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.generate(images(1), deadline).await }
+    });
+    until_drawing(&engine, 1).await;
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.generate(images(1), deadline).await })
+        })
+        .collect();
+    while engine.queue_depth() < 2 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let refused = engine.generate(images(1), deadline).await;
+    assert!(
+        matches!(refused, Err(EngineError::QueueFull)),
+        "{refused:?}"
+    );
+    running.await.unwrap().unwrap();
+    for w in waiting {
+        let out = w.await.unwrap().unwrap();
+        assert_eq!(out.timings.batch_rows, 1, "one image at a time");
+    }
 }

@@ -24,6 +24,9 @@ enum Scenario {
     Feedback,
     /// 40% answer, 20% generate, 40% feedback.
     Mix,
+    /// What a serving benchmark mixes: half short answers (8 tokens), a
+    /// quarter long answers (64 tokens), a quarter images; one sample each.
+    Serving,
 }
 
 #[derive(Parser, Debug)]
@@ -37,9 +40,14 @@ struct Args {
     url: String,
     #[arg(long, value_enum, default_value = "mix")]
     scenario: Scenario,
-    /// Requests in flight at once.
+    /// Requests in flight at once (closed loop: each sender waits for its
+    /// answer before sending again).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Open loop instead: this many requests per second arrive, answered or
+    /// not (`--concurrency` is then unused).
+    #[arg(long)]
+    arrival_rate: Option<f64>,
     /// How long to send requests, seconds.
     #[arg(long, default_value_t = 30)]
     duration: u64,
@@ -166,6 +174,8 @@ struct Load {
     sample_ids: Arc<Vec<String>>,
     scenario: Scenario,
     concurrency: usize,
+    /// Open loop: requests per second, whatever the server's pace.
+    arrival_rate: Option<f64>,
     max_requests: u64,
 }
 
@@ -178,71 +188,107 @@ struct Phase {
     job: Option<Value>,
 }
 
+type SharedStats = Arc<Mutex<BTreeMap<&'static str, Stats>>>;
+type Acked = Arc<Mutex<Vec<(String, String)>>>;
+
+/// What a sender needs to send any request of a scenario.
+#[derive(Clone)]
+struct Sender {
+    client: Arc<Client>,
+    png: Arc<String>,
+    sample_ids: Arc<Vec<String>>,
+    scenario: Scenario,
+    stats: SharedStats,
+    acked: Acked,
+}
+
+impl Sender {
+    /// Sends the `k`-th request of sender `w` and records its latency.
+    async fn send(&self, w: usize, k: u64) {
+        let op = match self.scenario {
+            Scenario::Mix => match (w as u64 * 7 + k) % 5 {
+                0 | 1 => Scenario::Answer,
+                2 => Scenario::Generate,
+                _ => Scenario::Feedback,
+            },
+            s => s,
+        };
+        let client = &self.client;
+        let png = &*self.png;
+        let t = Instant::now();
+        let (name, result) = match op {
+            Scenario::Answer => (
+                "answer",
+                client
+                    .post("/v1/answer", &json!({"image": png, "question": "What is in the picture?", "n": 2, "max_new_tokens": 16}))
+                    .await,
+            ),
+            Scenario::Generate => ("generate", client.post("/v1/generate", &json!({"prompt": format!("load {w} {k}"), "n": 2})).await),
+            Scenario::Serving => match k % 4 {
+                0 | 1 => (
+                    "answer_short",
+                    client
+                        .post("/v1/answer", &json!({"image": png, "question": "What colour is it?", "n": 1, "max_new_tokens": 8, "seed": k}))
+                        .await,
+                ),
+                2 => (
+                    "answer_long",
+                    client
+                        .post("/v1/answer", &json!({"image": png, "question": "Describe the picture in detail.", "n": 1, "max_new_tokens": 64, "seed": k}))
+                        .await,
+                ),
+                _ => (
+                    "generate",
+                    client
+                        .post("/v1/generate", &json!({"prompt": format!("open loop {k}"), "n": 1, "seed": k}))
+                        .await,
+                ),
+            },
+            _ => {
+                let sample = &self.sample_ids[(k as usize) % self.sample_ids.len().max(1)];
+                let client_id = uuid_like(w, k);
+                let r = client
+                    .post("/v1/feedback", &json!({"sample_id": sample, "key": "quality", "score": (k % 10) as f64 / 10.0, "client_id": client_id}))
+                    .await;
+                if let Ok((201, body)) = &r {
+                    if let Some(id) = body["items"][0]["feedback"]["id"].as_str() {
+                        self.acked
+                            .lock()
+                            .expect("ack lock")
+                            .push((sample.clone(), id.to_string()));
+                    }
+                }
+                ("feedback", r)
+            }
+        };
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        let mut all = self.stats.lock().expect("stats lock");
+        for name in [name, "all"] {
+            let s = all.entry(name).or_default();
+            s.latencies_ms.push(ms);
+            *s.statuses.entry(status_class(&result)).or_default() += 1;
+        }
+    }
+}
+
 impl Load {
     async fn run(&self, duration: Duration) -> Phase {
-        let stats: Arc<Mutex<BTreeMap<&'static str, Stats>>> = Arc::default();
-        let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-        let issued = Arc::new(AtomicU64::new(0));
-        let deadline = Instant::now() + duration;
+        let sender = Sender {
+            client: self.client.clone(),
+            png: self.png.clone(),
+            sample_ids: self.sample_ids.clone(),
+            scenario: self.scenario,
+            stats: Arc::default(),
+            acked: Arc::default(),
+        };
         let started = Instant::now();
-        let workers = (0..self.concurrency).map(|w| {
-            let (client, png, stats, acked, issued, sample_ids) = (
-                self.client.clone(),
-                self.png.clone(),
-                stats.clone(),
-                acked.clone(),
-                issued.clone(),
-                self.sample_ids.clone(),
-            );
-            let scenario = self.scenario;
-            let max = self.max_requests;
-            async move {
-                let mut k: u64 = 0;
-                while Instant::now() < deadline && issued.fetch_add(1, Ordering::SeqCst) < max {
-                    k += 1;
-                    let op = match scenario {
-                        Scenario::Mix => match (w as u64 * 7 + k) % 5 {
-                            0 | 1 => Scenario::Answer,
-                            2 => Scenario::Generate,
-                            _ => Scenario::Feedback,
-                        },
-                        s => s,
-                    };
-                    let t = Instant::now();
-                    let (name, result) = match op {
-                        Scenario::Answer => (
-                            "answer",
-                            client
-                                .post("/v1/answer", &json!({"image": *png, "question": "What is in the picture?", "n": 2, "max_new_tokens": 16}))
-                                .await,
-                        ),
-                        Scenario::Generate => ("generate", client.post("/v1/generate", &json!({"prompt": format!("load {w} {k}"), "n": 2})).await),
-                        _ => {
-                            let sample = &sample_ids[(k as usize) % sample_ids.len().max(1)];
-                            let client_id = uuid_like(w, k);
-                            let r = client
-                                .post("/v1/feedback", &json!({"sample_id": sample, "key": "quality", "score": (k % 10) as f64 / 10.0, "client_id": client_id}))
-                                .await;
-                            if let Ok((201, body)) = &r {
-                                if let Some(id) = body["items"][0]["feedback"]["id"].as_str() {
-                                    acked.lock().expect("ack lock").push((sample.clone(), id.to_string()));
-                                }
-                            }
-                            ("feedback", r)
-                        }
-                    };
-                    let ms = t.elapsed().as_secs_f64() * 1000.0;
-                    let mut all = stats.lock().expect("stats lock");
-                    let s = all.entry(name).or_default();
-                    s.latencies_ms.push(ms);
-                    *s.statuses.entry(status_class(&result)).or_default() += 1;
-                }
-            }
-        });
-        futures::future::join_all(workers).await;
+        match self.arrival_rate {
+            Some(rate) => self.open_loop(&sender, rate, duration).await,
+            None => self.closed_loop(&sender, duration).await,
+        }
         let elapsed_s = started.elapsed().as_secs_f64();
         let mut ops = BTreeMap::new();
-        for (name, s) in stats.lock().expect("stats lock").iter() {
+        for (name, s) in sender.stats.lock().expect("stats lock").iter() {
             let mut lat = s.latencies_ms.clone();
             lat.sort_by(f64::total_cmp);
             ops.insert(
@@ -259,13 +305,51 @@ impl Load {
                 },
             );
         }
-        let acked = acked.lock().expect("ack lock").clone();
+        let acked = sender.acked.lock().expect("ack lock").clone();
         Phase {
             ops,
             acked,
             elapsed_s,
             job: None,
         }
+    }
+
+    /// `concurrency` senders, each sending its next request when the last
+    /// one is answered.
+    async fn closed_loop(&self, sender: &Sender, duration: Duration) {
+        let issued = AtomicU64::new(0);
+        let deadline = Instant::now() + duration;
+        let workers = (0..self.concurrency).map(|w| {
+            let issued = &issued;
+            async move {
+                let mut k: u64 = 0;
+                while Instant::now() < deadline
+                    && issued.fetch_add(1, Ordering::SeqCst) < self.max_requests
+                {
+                    k += 1;
+                    sender.send(w, k).await;
+                }
+            }
+        });
+        futures::future::join_all(workers).await;
+    }
+
+    /// Requests at a fixed rate for `duration`, each sent when its time
+    /// comes whether or not earlier ones were answered (as users arrive);
+    /// then waits for the last answers.
+    async fn open_loop(&self, sender: &Sender, rate: f64, duration: Duration) {
+        let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let deadline = Instant::now() + duration;
+        let mut in_flight = tokio::task::JoinSet::new();
+        let mut k = 0;
+        while Instant::now() < deadline && k < self.max_requests {
+            ticks.tick().await;
+            k += 1;
+            let sender = sender.clone();
+            in_flight.spawn(async move { sender.send(0, k).await });
+        }
+        while in_flight.join_next().await.is_some() {}
     }
 }
 
@@ -361,12 +445,12 @@ async fn missing_feedback(
 fn print_table(title: &str, ops: &BTreeMap<String, OpReport>) {
     println!("{title}:");
     println!(
-        "{:<10} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9}  statuses",
+        "{:<12} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9}  statuses",
         "op", "requests", "ok", "req/s", "p50 ms", "p95 ms", "p99 ms"
     );
     for (name, r) in ops {
         println!(
-            "{name:<10} {:>8} {:>8} {:>10.2} {:>9.1} {:>9.1} {:>9.1}  {:?}",
+            "{name:<12} {:>8} {:>8} {:>10.2} {:>9.1} {:>9.1} {:>9.1}  {:?}",
             r.requests, r.ok, r.throughput_rps, r.p50_ms, r.p95_ms, r.p99_ms, r.status_counts
         );
     }
@@ -412,8 +496,15 @@ async fn main() -> Result<()> {
         sample_ids: sample_ids.clone(),
         scenario: args.scenario,
         concurrency: args.concurrency,
+        arrival_rate: args.arrival_rate,
         max_requests: args.max_requests,
     };
+    if args
+        .arrival_rate
+        .is_some_and(|r| !(r.is_finite() && r > 0.0))
+    {
+        bail!("--arrival-rate must be a positive number of requests per second");
+    }
     let duration = Duration::from_secs(args.duration);
     let rss_samples: Arc<Mutex<Vec<u64>>> = Arc::default();
     if let Some(pid) = args.server_pid {
@@ -435,10 +526,11 @@ async fn main() -> Result<()> {
     let mut acked = idle.acked.clone();
     acked.extend(training.iter().flat_map(|t| t.acked.iter().cloned()));
     let missing = missing_feedback(&client, &sample_ids, &acked).await;
-    let total_5xx: u64 = idle
-        .ops
-        .values()
-        .chain(training.iter().flat_map(|t| t.ops.values()))
+    // "all" repeats every other operation.
+    let total_5xx: u64 = [Some(&idle), training.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|phase| phase.ops.get("all"))
         .map(|o| o.server_errors)
         .sum();
     print_table("idle", &idle.ops);
@@ -463,6 +555,7 @@ async fn main() -> Result<()> {
     let report = json!({
         "scenario": args.scenario,
         "concurrency": args.concurrency,
+        "arrival_rate": args.arrival_rate,
         "duration_s": idle.elapsed_s,
         "operations": idle.ops,
         "while_training": training.as_ref().map(|t| json!({"duration_s": t.elapsed_s, "operations": t.ops, "job": t.job})),

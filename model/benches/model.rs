@@ -73,10 +73,10 @@ fn bench_understanding(
     };
     let mut decoder = TextDecoder::new(model, &[prompt], processor.special.pad).unwrap();
     let tokens = vec![65u32; batch];
-    decoder.advance(&tokens).unwrap();
+    decoder.advance(model, &tokens).unwrap();
     let start = Instant::now();
     for _ in 0..steps {
-        decoder.advance(&tokens).unwrap();
+        decoder.advance(model, &tokens).unwrap();
         decoder.logits().to_vec2::<f32>().unwrap();
     }
     let secs = start.elapsed().as_secs_f64();
@@ -95,7 +95,7 @@ fn bench_generation(
     let mut decoder = CfgDecoder::new(model, &[&prompt], &[batch], processor.special.pad).unwrap();
     let tokens = vec![3u32; batch];
     let weights = vec![5.0f32; batch];
-    decoder.advance(&tokens).unwrap();
+    decoder.advance(model, &tokens).unwrap();
     let start = Instant::now();
     for _ in 0..steps {
         decoder
@@ -103,7 +103,7 @@ fn bench_generation(
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
-        decoder.advance(&tokens).unwrap();
+        decoder.advance(model, &tokens).unwrap();
     }
     let secs = start.elapsed().as_secs_f64();
     ((batch * steps) as f64 / secs, secs * 1000.0 / steps as f64)

@@ -57,14 +57,44 @@ impl Rows {
         Ok(hidden.squeeze(1)?)
     }
 
+    /// Keeps `rows`, in that order, and drops the leading positions that
+    /// are padding in every one of them (so a batch that rows join and leave
+    /// does not grow without bound).
     fn select(&mut self, rows: &[u32]) -> Result<()> {
-        self.cache = self.cache.select_rows(rows)?;
+        let drop = rows
+            .iter()
+            .map(|&r| self.pads[r as usize])
+            .min()
+            .unwrap_or(0);
+        self.cache = self.cache.select_rows(rows, drop)?;
         self.key_valid = rows
             .iter()
-            .map(|&r| self.key_valid[r as usize].clone())
+            .map(|&r| self.key_valid[r as usize][drop..].to_vec())
             .collect();
-        self.pads = rows.iter().map(|&r| self.pads[r as usize]).collect();
+        self.pads = rows.iter().map(|&r| self.pads[r as usize] - drop).collect();
         Ok(())
+    }
+
+    /// The rows of `self` then those of `other`; the shorter side is
+    /// left-padded to the longer, so every row keeps its positions.
+    fn join(&self, other: &Rows) -> Result<Rows> {
+        let len = self.cache.len().max(other.cache.len());
+        let mut key_valid = Vec::with_capacity(self.key_valid.len() + other.key_valid.len());
+        let mut pads = Vec::with_capacity(key_valid.capacity());
+        for side in [self, other] {
+            let extra = len - side.cache.len();
+            for (valid, &pad) in side.key_valid.iter().zip(&side.pads) {
+                let mut row = vec![false; extra];
+                row.extend_from_slice(valid);
+                key_valid.push(row);
+                pads.push(pad + extra);
+            }
+        }
+        Ok(Rows {
+            cache: KvCache::concat(&[&self.cache, &other.cache])?,
+            key_valid,
+            pads,
+        })
     }
 }
 
@@ -117,15 +147,17 @@ impl TextPrompt {
     }
 }
 
-/// Text rows mid-decode; `logits()` are those predicting each row's next token.
-pub struct TextDecoder<'m> {
-    model: &'m Janus,
+/// Text rows mid-decode; `logits()` are those predicting each row's next
+/// token. It holds no model: every call that runs one takes it, so a batch
+/// can outlive the borrow it started with (the engine keeps it across
+/// requests).
+pub struct TextDecoder {
     rows: Rows,
     logits: Tensor,
 }
 
-impl<'m> TextDecoder<'m> {
-    pub fn new(model: &'m Janus, prompts: &[TextPrompt], pad_id: u32) -> Result<Self> {
+impl TextDecoder {
+    pub fn new(model: &Janus, prompts: &[TextPrompt], pad_id: u32) -> Result<Self> {
         let device = model.device();
         let id_rows: Vec<&[u32]> = prompts.iter().map(|p| p.prompt.ids.as_slice()).collect();
         let (ids, t, pads) = left_pad(&id_rows, pad_id);
@@ -155,11 +187,16 @@ impl<'m> TextDecoder<'m> {
             .collect();
         rows.select(&expand)?;
         let logits = select_tensor_rows(&lm.logits(&last)?.to_dtype(DType::F32)?, &expand)?;
-        Ok(Self {
-            model,
-            rows,
-            logits,
-        })
+        Ok(Self { rows, logits })
+    }
+
+    /// Rows decoding.
+    pub fn len(&self) -> usize {
+        self.rows.pads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// `[R, V]` f32.
@@ -168,9 +205,9 @@ impl<'m> TextDecoder<'m> {
     }
 
     /// Feeds one token per row.
-    pub fn advance(&mut self, tokens: &[u32]) -> Result<()> {
-        let lm = &self.model.language_model;
-        let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), self.model.device())?;
+    pub fn advance(&mut self, model: &Janus, tokens: &[u32]) -> Result<()> {
+        let lm = &model.language_model;
+        let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), model.device())?;
         let hidden = self.rows.step(lm, &lm.embed(&ids)?)?;
         self.logits = lm.logits(&hidden)?.to_dtype(DType::F32)?;
         Ok(())
@@ -182,22 +219,30 @@ impl<'m> TextDecoder<'m> {
         self.logits = select_tensor_rows(&self.logits, rows)?;
         Ok(())
     }
+
+    /// This batch's rows followed by `other`'s (prefilled separately, on the
+    /// same model), at whatever step each one is.
+    pub fn join(&self, other: &TextDecoder) -> Result<TextDecoder> {
+        Ok(TextDecoder {
+            rows: self.rows.join(&other.rows)?,
+            logits: Tensor::cat(&[&self.logits, &other.logits], 0)?,
+        })
+    }
 }
 
 /// Image rows mid-decode with classifier-free guidance: for every image one
 /// conditional and one unconditional row.
-pub struct CfgDecoder<'m> {
-    model: &'m Janus,
+pub struct CfgDecoder {
     rows: Rows,
     images: usize,
     /// `[2n, K]` f32: conditional rows first, then unconditional.
     logits: Tensor,
 }
 
-impl<'m> CfgDecoder<'m> {
+impl CfgDecoder {
     /// `prompts[p]` with `counts[p]` images each.
     pub fn new(
-        model: &'m Janus,
+        model: &Janus,
         prompts: &[&GenerationPrompt],
         counts: &[usize],
         pad_id: u32,
@@ -228,11 +273,15 @@ impl<'m> CfgDecoder<'m> {
             &expand,
         )?;
         Ok(Self {
-            model,
             rows,
             images: owner.len(),
             logits,
         })
+    }
+
+    /// Images decoding.
+    pub fn images(&self) -> usize {
+        self.images
     }
 
     /// `[n, K]` conditional logits.
@@ -254,12 +303,12 @@ impl<'m> CfgDecoder<'m> {
     }
 
     /// Feeds the chosen token of every image to both of its rows.
-    pub fn advance(&mut self, tokens: &[u32]) -> Result<()> {
+    pub fn advance(&mut self, model: &Janus, tokens: &[u32]) -> Result<()> {
         let both: Vec<u32> = tokens.iter().chain(tokens).copied().collect();
-        let ids = Tensor::from_vec(both, (2 * tokens.len(), 1), self.model.device())?;
-        let embeds = self.model.gen_token_embeds(&ids)?;
-        let hidden = self.rows.step(&self.model.language_model, &embeds)?;
-        self.logits = self.model.gen_head.forward(&hidden)?.to_dtype(DType::F32)?;
+        let ids = Tensor::from_vec(both, (2 * tokens.len(), 1), model.device())?;
+        let embeds = model.gen_token_embeds(&ids)?;
+        let hidden = self.rows.step(&model.language_model, &embeds)?;
+        self.logits = model.gen_head.forward(&hidden)?.to_dtype(DType::F32)?;
         Ok(())
     }
 
@@ -275,5 +324,69 @@ impl<'m> CfgDecoder<'m> {
         self.logits = select_tensor_rows(&self.logits, &rows)?;
         self.images = images.len();
         Ok(())
+    }
+
+    /// This batch's images followed by `other`'s (prefilled separately, on
+    /// the same model), each image's two rows kept in their halves.
+    pub fn join(&self, other: &CfgDecoder) -> Result<CfgDecoder> {
+        let (a, b) = (self.images as u32, other.images as u32);
+        // Joined rows are [a cond, a uncond, b cond, b uncond].
+        let order: Vec<u32> = (0..a)
+            .chain(2 * a..2 * a + b)
+            .chain(a..2 * a)
+            .chain(2 * a + b..2 * (a + b))
+            .collect();
+        let mut rows = self.rows.join(&other.rows)?;
+        rows.select(&order)?;
+        let logits = Tensor::cat(&[&self.logits, &other.logits], 0)?;
+        Ok(CfgDecoder {
+            rows,
+            images: (a + b) as usize,
+            logits: select_tensor_rows(&logits, &order)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::bundle::ModelBundle;
+    use crate::demo::DEFAULT_SEED;
+
+    fn prompt(bundle: &ModelBundle, question: &str) -> TextPrompt {
+        let image = RgbImage::from_pixel(20, 20, image::Rgb([200, 10, 10]));
+        TextPrompt::question(
+            &bundle.model,
+            &bundle.processor,
+            &bundle.image_processor,
+            &image,
+            question,
+            1,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn joined_rows_are_left_padded_and_the_padding_goes_with_the_rows_that_needed_it() {
+        let bundle = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
+        let (model, pad) = (&bundle.model, bundle.processor.special.pad);
+        let mut old = TextDecoder::new(model, &[prompt(&bundle, "What is this?")], pad).unwrap();
+        for _ in 0..5 {
+            old.advance(model, &[40]).unwrap();
+        }
+        let new = TextDecoder::new(model, &[prompt(&bundle, "Why?")], pad).unwrap();
+        let (old_len, new_len) = (old.rows.cache.len(), new.rows.cache.len());
+        assert!(old_len > new_len);
+        let mut joined = old.join(&new).unwrap();
+        assert_eq!(joined.rows.cache.len(), old_len);
+        assert_eq!(joined.rows.pads, vec![0, old_len - new_len]);
+        assert_eq!(joined.len(), 2);
+        // Once the old row leaves, the cache is the new row's length again.
+        joined.retain(&[1]).unwrap();
+        assert_eq!(joined.rows.cache.len(), new_len);
+        assert_eq!(joined.rows.pads, vec![0]);
+        assert_eq!(joined.rows.key_valid[0].len(), new_len);
     }
 }

@@ -1,7 +1,11 @@
-//! Sampling for both tasks: [`answer_batch`] decodes answers,
-//! [`generate_images_batch`] draws images with classifier-free guidance and
-//! decodes them to pixels. Both record the behaviour log-probs the trainer
-//! scores against.
+//! Sampling for both tasks: [`AnswerBatch`] decodes answers,
+//! [`ImageBatch`] draws images with classifier-free guidance and decodes
+//! them to pixels; requests join and leave both between steps (the engine's
+//! continuous batching). [`answer_batch`] and [`generate_images_batch`] run
+//! a fixed set of items to the end. All record the behaviour log-probs the
+//! trainer scores against.
+
+use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, D};
 use image::RgbImage;
@@ -72,96 +76,187 @@ pub fn answer_batch(
     pad: u32,
     observer: &mut dyn FnMut(TokenEvent) -> bool,
 ) -> Result<Vec<Vec<TextSample>>> {
-    for item in items {
-        if item.seeds.len() != item.prompt.samples || item.samples_empty() {
-            return Err(ModelError::InvalidInput(
-                "every item needs at least one sample, one seed per sample and max_new_tokens > 0"
-                    .into(),
-            ));
+    let mut batch = AnswerBatch::new(eos, pad);
+    batch.admit(model, items.iter().cloned().enumerate().collect())?;
+    let mut results = vec![Vec::new(); items.len()];
+    while !batch.is_empty() {
+        for (item, samples) in batch.step(model, observer)? {
+            results[item] = samples;
         }
     }
-    if items.is_empty() {
-        return Ok(Vec::new());
+    Ok(results)
+}
+
+/// One answer row of an [`AnswerBatch`].
+struct AnswerRow {
+    item: usize,
+    sample: usize,
+    sampler: Sampler,
+    max_new_tokens: usize,
+    logprob_temperature: f32,
+}
+
+/// The samples of one item so far.
+struct AnswerProgress {
+    samples: Vec<TextSample>,
+    unfinished: usize,
+    cancelled: bool,
+}
+
+/// Answers being decoded, one row per sample, that items join and leave
+/// between steps (continuous batching): [`admit`](Self::admit) prefills new
+/// items and adds their rows to the running ones, [`step`](Self::step)
+/// samples one token for every row, hands back the items whose samples have
+/// all ended, and runs the next position for the rest. Items are named by
+/// the caller's keys (unique among the items in the batch).
+pub struct AnswerBatch {
+    eos: u32,
+    pad: u32,
+    decoder: Option<TextDecoder>,
+    rows: Vec<AnswerRow>,
+    items: HashMap<usize, AnswerProgress>,
+}
+
+impl AnswerBatch {
+    pub fn new(eos: u32, pad: u32) -> Self {
+        Self {
+            eos,
+            pad,
+            decoder: None,
+            rows: Vec::new(),
+            items: HashMap::new(),
+        }
     }
-    let prompts: Vec<TextPrompt> = items.iter().map(|i| i.prompt.clone()).collect();
-    let mut results: Vec<Vec<TextSample>> = items
-        .iter()
-        .map(|i| {
-            vec![
-                TextSample {
-                    token_ids: Vec::new(),
-                    logprobs: Vec::new(),
-                    finish_reason: DecodeEnd::Length,
-                };
-                i.prompt.samples
-            ]
-        })
-        .collect();
-    // Active rows: (item, sample, sampler).
-    let mut active: Vec<(usize, usize, Sampler)> = items
-        .iter()
-        .enumerate()
-        .flat_map(|(i, item)| {
-            item.seeds
-                .iter()
-                .enumerate()
-                .map(move |(s, &seed)| (i, s, Sampler::new(item.sampling, seed)))
-        })
-        .collect();
-    let mut decoder = TextDecoder::new(model, &prompts, pad)?;
-    let mut cancelled_items = vec![false; items.len()];
-    loop {
-        let logits: Vec<Vec<f32>> = decoder.logits().to_vec2()?;
-        let mut tokens = Vec::with_capacity(active.len());
-        let mut keep = Vec::with_capacity(active.len());
-        for (row, (i, s, sampler)) in active.iter_mut().enumerate() {
-            let token = sampler.sample(&logits[row]);
-            let out = &mut results[*i][*s];
-            let logprob = token_logprob(
-                &logits[row],
-                token,
-                items[*i].sampling.logprob_temperature(),
+
+    /// Rows decoding.
+    pub fn rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Prefills `items` (key, item) and adds their samples to the batch.
+    /// On an error the running rows are untouched and no item was added.
+    pub fn admit(&mut self, model: &Janus, items: Vec<(usize, AnswerItem)>) -> Result<()> {
+        for (key, item) in &items {
+            if item.seeds.len() != item.prompt.samples || item.samples_empty() {
+                return Err(ModelError::InvalidInput(
+                    "every item needs at least one sample, one seed per sample and max_new_tokens > 0"
+                        .into(),
+                ));
+            }
+            if self.items.contains_key(key) {
+                return Err(ModelError::InvalidInput(format!(
+                    "item {key} is already in the batch"
+                )));
+            }
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+        let prompts: Vec<TextPrompt> = items.iter().map(|(_, i)| i.prompt.clone()).collect();
+        let fresh = TextDecoder::new(model, &prompts, self.pad)?;
+        let decoder = match &self.decoder {
+            Some(running) => running.join(&fresh)?,
+            None => fresh,
+        };
+        self.decoder = Some(decoder);
+        for (key, item) in items {
+            for (sample, &seed) in item.seeds.iter().enumerate() {
+                self.rows.push(AnswerRow {
+                    item: key,
+                    sample,
+                    sampler: Sampler::new(item.sampling, seed),
+                    max_new_tokens: item.max_new_tokens,
+                    logprob_temperature: item.sampling.logprob_temperature(),
+                });
+            }
+            let empty = TextSample {
+                token_ids: Vec::new(),
+                logprobs: Vec::new(),
+                finish_reason: DecodeEnd::Cancelled,
+            };
+            self.items.insert(
+                key,
+                AnswerProgress {
+                    samples: vec![empty; item.seeds.len()],
+                    unfinished: item.seeds.len(),
+                    cancelled: false,
+                },
             );
+        }
+        Ok(())
+    }
+
+    /// Samples one token for every row and returns the items that ended:
+    /// all their samples stopped or reached their length, or the observer
+    /// returned `false` for one of their tokens (its unfinished samples then
+    /// end as [`DecodeEnd::Cancelled`]). On an error the batch is lost; the
+    /// caller fails its items.
+    pub fn step(
+        &mut self,
+        model: &Janus,
+        observer: &mut dyn FnMut(TokenEvent) -> bool,
+    ) -> Result<Vec<(usize, Vec<TextSample>)>> {
+        let Some(decoder) = &mut self.decoder else {
+            return Ok(Vec::new());
+        };
+        let logits: Vec<Vec<f32>> = decoder.logits().to_vec2()?;
+        let mut tokens = Vec::with_capacity(self.rows.len());
+        let mut keep = Vec::with_capacity(self.rows.len());
+        for (row, r) in self.rows.iter_mut().enumerate() {
+            let token = r.sampler.sample(&logits[row]);
+            let logprob = token_logprob(&logits[row], token, r.logprob_temperature);
+            let progress = self.items.get_mut(&r.item).expect("every row has its item");
+            let out = &mut progress.samples[r.sample];
             out.token_ids.push(token);
             out.logprobs.push(logprob);
-            if !cancelled_items[*i]
+            if !progress.cancelled
                 && !observer(TokenEvent {
-                    item: *i,
-                    sample: *s,
+                    item: r.item,
+                    sample: r.sample,
                     token,
                     logprob,
                 })
             {
-                cancelled_items[*i] = true;
+                progress.cancelled = true;
             }
-            if token == eos {
+            if token == self.eos {
                 out.finish_reason = DecodeEnd::Stop;
-            } else if out.token_ids.len() < items[*i].max_new_tokens {
+                progress.unfinished -= 1;
+            } else if out.token_ids.len() >= r.max_new_tokens {
+                out.finish_reason = DecodeEnd::Length;
+                progress.unfinished -= 1;
+            } else {
                 keep.push(row);
             }
             tokens.push(token);
         }
-        for (i, cancelled) in cancelled_items.iter().enumerate() {
-            if *cancelled {
-                for out in &mut results[i] {
-                    if out.finish_reason == DecodeEnd::Length
-                        && out.token_ids.len() < items[i].max_new_tokens
-                    {
-                        out.finish_reason = DecodeEnd::Cancelled;
-                    }
-                }
-            }
-        }
-        keep.retain(|&row| !cancelled_items[active[row].0]);
+        keep.retain(|&row| !self.items[&self.rows[row].item].cancelled);
+        let ended: Vec<usize> = self
+            .items
+            .iter()
+            .filter(|(_, p)| p.unfinished == 0 || p.cancelled)
+            .map(|(&key, _)| key)
+            .collect();
+        let ended = ended
+            .into_iter()
+            .map(|key| (key, self.items.remove(&key).expect("listed").samples))
+            .collect();
         if keep.is_empty() {
-            return Ok(results);
+            self.decoder = None;
+            self.rows.clear();
+            return Ok(ended);
         }
-        if keep.len() != active.len() {
+        if keep.len() != self.rows.len() {
             let rows: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
             decoder.retain(&rows)?;
-            (active, tokens) = keep_rows(active, &tokens, &keep);
+            (self.rows, tokens) = keep_rows(std::mem::take(&mut self.rows), &tokens, &keep);
         }
-        decoder.advance(&tokens)?;
+        decoder.advance(model, &tokens)?;
+        Ok(ended)
     }
 }
 
@@ -197,9 +292,6 @@ pub struct ImageSample {
     pub image: RgbImage,
 }
 
-/// An image being generated: (item, sample, sampler, tokens, logprobs).
-type ActiveImage = (usize, usize, Sampler, Vec<u32>, Vec<f32>);
-
 /// Generates every image of every item in one batch. `keep_going(item)` is
 /// asked after every step; `false` drops that item's images, which then
 /// come back as `None`.
@@ -209,73 +301,187 @@ pub fn generate_images_batch(
     pad: u32,
     keep_going: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Vec<Vec<Option<ImageSample>>>> {
-    let steps = model.cfg.gen_vision.image_tokens();
-    let prompts: Vec<&GenerationPrompt> = items.iter().map(|i| &i.prompt).collect();
-    let counts: Vec<usize> = items.iter().map(|i| i.seeds.len()).collect();
-    let mut active: Vec<ActiveImage> = items
-        .iter()
-        .enumerate()
-        .flat_map(|(i, item)| {
-            item.seeds.iter().enumerate().map(move |(s, &seed)| {
-                (
-                    i,
-                    s,
-                    Sampler::new(item.sampling, seed),
-                    Vec::new(),
-                    Vec::new(),
-                )
-            })
-        })
-        .collect();
+    let mut batch = ImageBatch::new(pad);
+    batch.admit(model, items.iter().cloned().enumerate().collect())?;
     let mut results: Vec<Vec<Option<ImageSample>>> =
-        counts.iter().map(|&c| vec![None; c]).collect();
-    if active.is_empty() {
-        return Ok(results);
-    }
-    let mut decoder = CfgDecoder::new(model, &prompts, &counts, pad)?;
-    for step in 0..steps {
-        let weights: Vec<f32> = active.iter().map(|a| items[a.0].cfg_weight).collect();
-        let cfg: Vec<Vec<f32>> = decoder.cfg_logits(&weights)?.to_vec2()?;
-        let cond: Vec<Vec<f32>> = decoder.cond_logits()?.to_vec2()?;
-        let mut tokens = Vec::with_capacity(active.len());
-        for (row, (i, _, sampler, toks, lps)) in active.iter_mut().enumerate() {
-            let token = sampler.sample(&cfg[row]);
-            toks.push(token);
-            lps.push(token_logprob(
-                &cond[row],
-                token,
-                items[*i].sampling.logprob_temperature(),
-            ));
-            tokens.push(token);
+        items.iter().map(|i| vec![None; i.seeds.len()]).collect();
+    while !batch.is_empty() {
+        for (item, images) in batch.step(model, keep_going)? {
+            results[item] = images;
         }
-        let keep_items: Vec<bool> = (0..items.len()).map(&mut *keep_going).collect();
-        let keep: Vec<usize> = (0..active.len())
-            .filter(|&r| keep_items[active[r].0])
-            .collect();
-        if keep.is_empty() {
-            return Ok(results);
-        }
-        if keep.len() != active.len() {
-            let rows: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
-            decoder.retain(&rows)?;
-            (active, tokens) = keep_rows(active, &tokens, &keep);
-        }
-        if step + 1 < steps {
-            decoder.advance(&tokens)?;
-        }
-    }
-    drop(decoder);
-    for (i, s, _, tokens, logprobs) in active {
-        let codes = Tensor::new(tokens.as_slice(), model.device())?.unsqueeze(0)?;
-        let pixels = model.gen_vision.decode_codes(&codes)?;
-        let image = to_rgb8(&pixels.squeeze(0)?)?;
-        results[i][s] = Some(ImageSample {
-            tokens,
-            logprobs,
-            image,
-        });
     }
     Ok(results)
+}
+
+/// One image of an [`ImageBatch`]: its two rows (conditional and
+/// unconditional) share this state.
+struct ImageRow {
+    item: usize,
+    sample: usize,
+    sampler: Sampler,
+    cfg_weight: f32,
+    logprob_temperature: f32,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+}
+
+/// Images being drawn with classifier-free guidance, that items join and
+/// leave between steps, as [`AnswerBatch`] does for answers. An image's two
+/// rows always enter and leave together.
+pub struct ImageBatch {
+    pad: u32,
+    decoder: Option<CfgDecoder>,
+    rows: Vec<ImageRow>,
+    /// Per item: its images so far (finished ones decoded to pixels) and
+    /// how many are still drawing.
+    items: HashMap<usize, (Vec<Option<ImageSample>>, usize)>,
+}
+
+impl ImageBatch {
+    pub fn new(pad: u32) -> Self {
+        Self {
+            pad,
+            decoder: None,
+            rows: Vec::new(),
+            items: HashMap::new(),
+        }
+    }
+
+    /// Images drawing (each is two rows of the model's batch).
+    pub fn images(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Prefills `items` (key, item) and adds their images to the batch. On
+    /// an error the running images are untouched and no item was added.
+    pub fn admit(&mut self, model: &Janus, items: Vec<(usize, ImageItem)>) -> Result<()> {
+        for (key, _) in &items {
+            if self.items.contains_key(key) {
+                return Err(ModelError::InvalidInput(format!(
+                    "item {key} is already in the batch"
+                )));
+            }
+        }
+        let items: Vec<(usize, ImageItem)> = items
+            .into_iter()
+            .filter(|(_, i)| !i.seeds.is_empty())
+            .collect();
+        if items.is_empty() {
+            return Ok(());
+        }
+        let prompts: Vec<&GenerationPrompt> = items.iter().map(|(_, i)| &i.prompt).collect();
+        let counts: Vec<usize> = items.iter().map(|(_, i)| i.seeds.len()).collect();
+        let fresh = CfgDecoder::new(model, &prompts, &counts, self.pad)?;
+        let decoder = match &self.decoder {
+            Some(running) => running.join(&fresh)?,
+            None => fresh,
+        };
+        self.decoder = Some(decoder);
+        for (key, item) in items {
+            for (sample, &seed) in item.seeds.iter().enumerate() {
+                self.rows.push(ImageRow {
+                    item: key,
+                    sample,
+                    sampler: Sampler::new(item.sampling, seed),
+                    cfg_weight: item.cfg_weight,
+                    logprob_temperature: item.sampling.logprob_temperature(),
+                    tokens: Vec::new(),
+                    logprobs: Vec::new(),
+                });
+            }
+            self.items
+                .insert(key, (vec![None; item.seeds.len()], item.seeds.len()));
+        }
+        Ok(())
+    }
+
+    /// Samples one image token for every image, decodes the images that
+    /// are complete to pixels, and returns the items that ended: every image
+    /// drawn, or `keep_going(item)` false (their images then come back as
+    /// `None`). On an error the batch is lost; the caller fails its items.
+    pub fn step(
+        &mut self,
+        model: &Janus,
+        keep_going: &mut dyn FnMut(usize) -> bool,
+    ) -> Result<Vec<(usize, Vec<Option<ImageSample>>)>> {
+        let Some(decoder) = &mut self.decoder else {
+            return Ok(Vec::new());
+        };
+        let steps = model.cfg.gen_vision.image_tokens();
+        let weights: Vec<f32> = self.rows.iter().map(|r| r.cfg_weight).collect();
+        let cfg: Vec<Vec<f32>> = decoder.cfg_logits(&weights)?.to_vec2()?;
+        let cond: Vec<Vec<f32>> = decoder.cond_logits()?.to_vec2()?;
+        let mut tokens = Vec::with_capacity(self.rows.len());
+        for (row, r) in self.rows.iter_mut().enumerate() {
+            let token = r.sampler.sample(&cfg[row]);
+            r.tokens.push(token);
+            r.logprobs
+                .push(token_logprob(&cond[row], token, r.logprob_temperature));
+            tokens.push(token);
+        }
+        let mut cancelled: Vec<usize> = self
+            .items
+            .keys()
+            .copied()
+            .filter(|&key| !keep_going(key))
+            .collect();
+        cancelled.sort_unstable();
+        let mut keep = Vec::with_capacity(self.rows.len());
+        let mut complete = Vec::new();
+        for (row, r) in self.rows.iter().enumerate() {
+            if cancelled.binary_search(&r.item).is_ok() {
+                continue;
+            }
+            if r.tokens.len() >= steps {
+                complete.push(row);
+            } else {
+                keep.push(row);
+            }
+        }
+        for &row in &complete {
+            let r = &self.rows[row];
+            let codes = Tensor::new(r.tokens.as_slice(), model.device())?.unsqueeze(0)?;
+            let pixels = model.gen_vision.decode_codes(&codes)?;
+            let image = to_rgb8(&pixels.squeeze(0)?)?;
+            let (images, drawing) = self.items.get_mut(&r.item).expect("every row has its item");
+            images[r.sample] = Some(ImageSample {
+                tokens: r.tokens.clone(),
+                logprobs: r.logprobs.clone(),
+                image,
+            });
+            *drawing -= 1;
+        }
+        let mut ended = Vec::new();
+        for key in cancelled {
+            let (images, _) = self.items.remove(&key).expect("listed");
+            ended.push((key, images.into_iter().map(|_| None).collect()));
+        }
+        let done: Vec<usize> = self
+            .items
+            .iter()
+            .filter(|(_, (_, drawing))| *drawing == 0)
+            .map(|(&key, _)| key)
+            .collect();
+        for key in done {
+            ended.push((key, self.items.remove(&key).expect("listed").0));
+        }
+        if keep.is_empty() {
+            self.decoder = None;
+            self.rows.clear();
+            return Ok(ended);
+        }
+        if keep.len() != self.rows.len() {
+            let rows: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
+            decoder.retain(&rows)?;
+            (self.rows, tokens) = keep_rows(std::mem::take(&mut self.rows), &tokens, &keep);
+        }
+        decoder.advance(model, &tokens)?;
+        Ok(ended)
+    }
 }
 
 /// Raw decoder output `[3, S, S]` to RGB8 by the reference rule:

@@ -96,25 +96,83 @@ impl KvCache {
         Ok(out)
     }
 
-    /// A cache whose row `i` is row `rows[i]` of this one: used to share one
-    /// prompt prefill among several samples and to drop finished rows.
-    pub fn select_rows(&self, rows: &[u32]) -> Result<Self> {
+    /// A cache whose row `i` is row `rows[i]` of this one, without its first
+    /// `drop_front` positions: used to share one prompt prefill among several
+    /// samples, to drop finished rows, and to drop the left padding that no
+    /// remaining row needs.
+    pub fn select_rows(&self, rows: &[u32], drop_front: usize) -> Result<Self> {
         let mut layers = Vec::with_capacity(self.layers.len());
         for entry in &self.layers {
             layers.push(match entry {
                 None => None,
                 Some(e) => {
+                    if drop_front > e.len {
+                        candle_core::bail!(
+                            "cannot drop {drop_front} of {} cached positions",
+                            e.len
+                        );
+                    }
                     let idx = Tensor::new(rows, e.k.device())?;
+                    let select = |buf: &Tensor| -> Result<Tensor> {
+                        let rows = buf.index_select(&idx, 0)?;
+                        if drop_front == 0 {
+                            return Ok(rows);
+                        }
+                        let capacity = rows.dim(2)?;
+                        rows.narrow(2, drop_front, capacity - drop_front)?
+                            .contiguous()
+                    };
                     Some(LayerKv {
-                        k: e.k.index_select(&idx, 0)?,
-                        v: e.v.index_select(&idx, 0)?,
-                        len: e.len,
+                        k: select(&e.k)?,
+                        v: select(&e.v)?,
+                        len: e.len - drop_front,
                     })
                 }
             });
         }
         Ok(Self { layers })
     }
+
+    /// The rows of every cache in `parts`, in order, in one cache as long as
+    /// the longest: shorter caches are left-padded with zeros (the caller
+    /// masks those positions).
+    pub fn concat(parts: &[&KvCache]) -> Result<Self> {
+        let Some(first) = parts.first() else {
+            candle_core::bail!("concatenating no caches");
+        };
+        let len = parts.iter().map(|c| c.len()).max().unwrap_or(0);
+        let mut layers = Vec::with_capacity(first.layers.len());
+        for layer in 0..first.layers.len() {
+            let mut ks = Vec::with_capacity(parts.len());
+            let mut vs = Vec::with_capacity(parts.len());
+            for part in parts {
+                let Some(Some(e)) = part.layers.get(layer) else {
+                    candle_core::bail!("concatenating caches of different depths");
+                };
+                ks.push(left_pad_positions(&e.k, e.len, len)?);
+                vs.push(left_pad_positions(&e.v, e.len, len)?);
+            }
+            let (k, v) = (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?);
+            layers.push(Some(LayerKv {
+                k: grow(&k, len, len + KV_HEADROOM)?,
+                v: grow(&v, len, len + KV_HEADROOM)?,
+                len,
+            }));
+        }
+        Ok(Self { layers })
+    }
+}
+
+/// The first `len` positions of `buf` (`[B, H, capacity, D]`) after
+/// `target - len` zero positions.
+fn left_pad_positions(buf: &Tensor, len: usize, target: usize) -> Result<Tensor> {
+    let filled = buf.narrow(2, 0, len)?;
+    if len == target {
+        return Ok(filled);
+    }
+    let (b, h, _, d) = buf.dims4()?;
+    let zeros = Tensor::zeros((b, h, target - len, d), buf.dtype(), buf.device())?;
+    Tensor::cat(&[&zeros, &filled], 2)
 }
 
 /// Everything about the positions of one forward call: rotary tables for each

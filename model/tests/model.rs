@@ -12,7 +12,9 @@ use ulm_model::bundle::ModelBundle;
 use ulm_model::config::JanusConfig;
 use ulm_model::decode::{TextDecoder, TextPrompt};
 use ulm_model::demo::{demo_config_json, save_demo_checkpoint, DEFAULT_SEED};
-use ulm_model::generate::{answer_batch, generate_images_batch, AnswerItem, ImageItem};
+use ulm_model::generate::{
+    answer_batch, generate_images_batch, AnswerBatch, AnswerItem, ImageBatch, ImageItem,
+};
 use ulm_model::image_processor::decode_image;
 use ulm_model::ops::Pass;
 use ulm_model::sampling::SamplingParams;
@@ -170,7 +172,7 @@ fn cached_decoding_equals_full_recompute() {
             .logits(&hidden.get(ids.len() - 1).unwrap())
             .unwrap();
         assert!(max_abs_diff(&cached, &full) < 1e-4, "step {step}");
-        decoder.advance(&[token]).unwrap();
+        decoder.advance(model, &[token]).unwrap();
         ids.push(token);
         mask.push(false);
     }
@@ -255,6 +257,131 @@ fn batching_does_not_change_results() {
     let both = gen(&["a cat", "a large green house by a lake at night"]);
     assert_eq!(both[0], gen(&["a cat"])[0]);
     assert_eq!(both[1], gen(&["a large green house by a lake at night"])[0]);
+}
+
+/// Continuous batching: items that join a batch mid-decode, and rows that
+/// leave it, change no item's tokens or log-probs.
+#[test]
+fn joining_a_running_batch_does_not_change_results() {
+    let bundle = demo();
+    let s = bundle.processor.special;
+    let model = &bundle.model;
+    let mut long = answer_item(
+        &bundle,
+        "What is in the lower right corner of this picture, and why?",
+        2,
+        sampled(),
+        300,
+    );
+    long.max_new_tokens = 24;
+    let mut short = answer_item(&bundle, "Why?", 3, sampled(), 400);
+    short.max_new_tokens = 4;
+    let late = answer_item(&bundle, "What colour is it?", 1, sampled(), 500);
+    let alone = |item: &AnswerItem| {
+        answer_batch(model, std::slice::from_ref(item), s.eos, s.pad, &mut |_| {
+            true
+        })
+        .unwrap()
+    };
+    let mut batch = AnswerBatch::new(s.eos, s.pad);
+    batch.admit(model, vec![(7, long.clone())]).unwrap();
+    let mut ended = HashMap::new();
+    for step in 0..20 {
+        // `short` joins at step 2 and leaves before `late` joins at step 9.
+        if step == 2 {
+            batch.admit(model, vec![(8, short.clone())]).unwrap();
+            assert!(batch.admit(model, vec![(8, short.clone())]).is_err());
+            assert_eq!(batch.rows(), 5, "a refused admission adds no rows");
+        }
+        if step == 9 {
+            batch.admit(model, vec![(9, late.clone())]).unwrap();
+        }
+        for (key, samples) in batch.step(model, &mut |_| true).unwrap() {
+            ended.insert(key, samples);
+        }
+        if batch.is_empty() {
+            break;
+        }
+    }
+    while !batch.is_empty() {
+        for (key, samples) in batch.step(model, &mut |_| true).unwrap() {
+            ended.insert(key, samples);
+        }
+    }
+    for (key, item) in [(7, &long), (8, &short), (9, &late)] {
+        let expected = &alone(item)[0];
+        let got = &ended[&key];
+        assert_eq!(got.len(), expected.len());
+        for (g, e) in got.iter().zip(expected) {
+            assert_eq!(g.token_ids, e.token_ids, "item {key}");
+            assert_eq!(g.finish_reason, e.finish_reason, "item {key}");
+            for (a, b) in g.logprobs.iter().zip(&e.logprobs) {
+                assert!((a - b).abs() < 1e-4, "item {key}: {a} vs {b}");
+            }
+        }
+    }
+
+    let image_item = |prompt: &str, seeds: Vec<u64>| ImageItem {
+        prompt: bundle.processor.generation_prompt(prompt).unwrap(),
+        cfg_weight: 4.0,
+        sampling: sampled(),
+        seeds,
+    };
+    let first = image_item("a large green house by a lake at night", vec![3, 4]);
+    let second = image_item("a cat", vec![5]);
+    let mut batch = ImageBatch::new(s.pad);
+    batch.admit(model, vec![(1, first.clone())]).unwrap();
+    let mut images = HashMap::new();
+    for step in 0.. {
+        if step == 5 {
+            batch.admit(model, vec![(2, second.clone())]).unwrap();
+            assert_eq!(batch.images(), 3);
+        }
+        for (key, out) in batch.step(model, &mut |_| true).unwrap() {
+            images.insert(key, out);
+        }
+        if batch.is_empty() && step >= 5 {
+            break;
+        }
+    }
+    for (key, item) in [(1, &first), (2, &second)] {
+        let expected =
+            generate_images_batch(model, std::slice::from_ref(item), s.pad, &mut |_| true).unwrap();
+        for (g, e) in images[&key].iter().zip(&expected[0]) {
+            let (g, e) = (g.as_ref().unwrap(), e.as_ref().unwrap());
+            assert_eq!(g.tokens, e.tokens, "image item {key}");
+            assert_eq!(g.image.as_raw(), e.image.as_raw(), "image item {key}");
+        }
+    }
+}
+
+/// A cancelled item leaves the batch at once; the others go on.
+#[test]
+fn a_cancelled_item_leaves_a_running_batch() {
+    let bundle = demo();
+    let model = &bundle.model;
+    let pad = bundle.processor.special.pad;
+    let item = |seeds| ImageItem {
+        prompt: bundle.processor.generation_prompt("a red circle").unwrap(),
+        cfg_weight: 2.0,
+        sampling: sampled(),
+        seeds,
+    };
+    let mut batch = ImageBatch::new(pad);
+    batch
+        .admit(model, vec![(1, item(vec![1, 2])), (2, item(vec![3]))])
+        .unwrap();
+    let ended = batch.step(model, &mut |key| key != 1).unwrap();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].0, 1);
+    assert!(ended[0].1.iter().all(Option::is_none));
+    assert_eq!(batch.images(), 1);
+    let mut rest = Vec::new();
+    while !batch.is_empty() {
+        rest.extend(batch.step(model, &mut |_| true).unwrap());
+    }
+    assert_eq!(rest.len(), 1);
+    assert!(rest[0].1[0].is_some());
 }
 
 #[test]

@@ -158,7 +158,7 @@ fn check_und(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
         let id = ulm_model::sampling::argmax(&l.to_vec1::<f32>().unwrap());
         step_logits.push(l);
         ids.push(id);
-        decoder.advance(&[id]).unwrap();
+        decoder.advance(model, &[id]).unwrap();
     }
     r.equal("und greedy_new_ids", ids, expected_ids);
     r.close(
@@ -225,7 +225,7 @@ fn check_gen(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
                 .unwrap(),
         );
         if i + 1 < fixed.len() {
-            decoder.advance(&[token]).unwrap();
+            decoder.advance(model, &[token]).unwrap();
         }
     }
     let stack = |v: &[Tensor]| Tensor::stack(v, 0).unwrap();

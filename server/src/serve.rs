@@ -15,12 +15,20 @@ use crate::api::auth::Auth;
 use crate::api::limits::Limits;
 use crate::api::{operations_router, router, AppState};
 use crate::listen::serve_connections;
-use ulm_core::engine::{Engine, EngineConfig};
+use ulm_core::engine::{Batching, Engine, EngineConfig};
 use ulm_core::registry::Registry;
 use ulm_core::scheduler::config::JobConfig;
 use ulm_core::scheduler::{Scheduler, SchedulerConfig, SchedulerRole};
 use ulm_core::store::Store;
 use ulm_model::bundle::{ModelBundle, ModelChoice};
+
+/// [`Batching`] as an option.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchingMode {
+    Continuous,
+    Static,
+}
 
 /// Every option of `serve`. Each can also come from the environment
 /// (`ULM_<NAME>`) or from the TOML file given by `--config` (same names, snake_case).
@@ -72,9 +80,14 @@ pub struct ServeArgs {
     /// Samples or images computed together, at most [default: 32].
     #[arg(long, env = "ULM_MAX_BATCH_ROWS")]
     pub max_batch_rows: Option<usize>,
-    /// How long the model waits to batch requests, ms [default: 5].
+    /// How long an idle model waits to batch requests, ms [default: 5].
     #[arg(long, env = "ULM_BATCH_WINDOW_MS")]
     pub batch_window_ms: Option<u64>,
+    /// When waiting requests join the model's batch: `continuous` (between
+    /// any two decode steps) or `static` (only when nothing runs; for
+    /// comparison) [default: continuous].
+    #[arg(long, env = "ULM_BATCHING", value_enum)]
+    pub batching: Option<BatchingMode>,
     /// Time a request may take, queueing included, seconds [default: 300].
     #[arg(long, env = "ULM_REQUEST_TIMEOUT_SECS")]
     pub request_timeout_secs: Option<u64>,
@@ -173,6 +186,7 @@ impl ServeArgs {
             max_queue,
             max_batch_rows,
             batch_window_ms,
+            batching,
             request_timeout_secs,
             max_body_bytes,
             max_image_pixels,
@@ -328,6 +342,11 @@ pub async fn serve(args: ServeArgs, role: Role) -> Result<()> {
         batch_window: args
             .batch_window_ms
             .map_or(defaults.batch_window, Duration::from_millis),
+        batching: match args.batching {
+            Some(BatchingMode::Static) => Batching::Static,
+            Some(BatchingMode::Continuous) => Batching::Continuous,
+            None => defaults.batching,
+        },
     };
     // The registry keeps the base weights; versions and the trainer share them.
     let base = bundle.clone();

@@ -1,12 +1,13 @@
 //! The engine: one worker thread owns the model; requests reach it through a
-//! bounded queue and are batched (requests arriving within a short window
-//! share forward passes). Back-pressure is explicit: a full queue is an error
-//! the API turns into 429, a dead worker one it turns into 503. A request whose
-//! client went away or whose deadline passed stops taking model time.
+//! bounded queue and join the running batch between decode steps
+//! (continuous batching; see `worker`). Back-pressure is explicit: a full
+//! queue is an error the API turns into 429, a dead worker one it turns into
+//! 503. A request whose client went away or whose deadline passed stops
+//! taking model time.
 //!
 //! The served policy is a [`ServingModel`] behind an `ArcSwap`: activating a
-//! version swaps it between batches; a batch finishes on the version it
-//! started with, and every output names that version.
+//! version swaps it for requests that start after it; a request finishes on
+//! the version it started with, and every output names that version.
 //!
 //! Inputs and outputs here are plain data (images, token ids, text): tensors
 //! stay inside the worker.
@@ -76,14 +77,28 @@ impl From<ModelError> for EngineError {
     }
 }
 
+/// When waiting requests may join the model's batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Batching {
+    /// Between any two decode steps: a request starts at once when there is
+    /// room, and a finished one frees its rows at once.
+    #[default]
+    Continuous,
+    /// Only when nothing runs: a batch forms within the window and runs to
+    /// its end (the baseline the serving benchmark compares against).
+    Static,
+}
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Requests waiting for the worker, at most.
     pub max_queue: usize,
-    /// Rows (samples or images) in one batch, at most.
+    /// Rows (samples or images) being decoded together, at most.
     pub max_batch_rows: usize,
-    /// How long the worker waits for more requests to batch with the first.
+    /// How long an idle worker waits for more requests to start with the
+    /// first.
     pub batch_window: Duration,
+    pub batching: Batching,
 }
 
 impl Default for EngineConfig {
@@ -92,6 +107,7 @@ impl Default for EngineConfig {
             max_queue: 64,
             max_batch_rows: 32,
             batch_window: Duration::from_millis(5),
+            batching: Batching::Continuous,
         }
     }
 }
@@ -136,7 +152,7 @@ impl<R, O> Pending<R, O> {
     }
 }
 
-/// A failed batch fails every request in it.
+/// Fails every request of a failed batch or prefill.
 pub(crate) fn fail_all<R, O>(jobs: Vec<Pending<R, O>>, task: &str, error: &ModelError) {
     tracing::error!(%error, task, "batch failed");
     for job in jobs {
@@ -182,11 +198,31 @@ pub struct ModelInfo {
     pub understanding_image_size: usize,
 }
 
+/// What the worker is decoding, as it last reported.
+#[derive(Default)]
+pub(crate) struct Running {
+    answer_rows: AtomicUsize,
+    images: AtomicUsize,
+}
+
+impl Running {
+    pub(crate) fn report(&self, answer_rows: usize, images: usize) {
+        self.answer_rows.store(answer_rows, Ordering::SeqCst);
+        self.images.store(images, Ordering::SeqCst);
+        metrics::gauge!("ulm_running_rows", "task" => "answer").set(answer_rows as f64);
+        metrics::gauge!("ulm_running_rows", "task" => "generate").set(images as f64);
+    }
+}
+
 /// The handle the API holds. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
     tx: mpsc::Sender<Queued>,
+    /// Requests not yet in the running batch: in the channel or held by the
+    /// worker until there is room.
     queued: Arc<AtomicUsize>,
+    max_queue: usize,
+    running: Arc<Running>,
     alive: Arc<AtomicBool>,
     processor: Arc<Processor>,
     image_processor: Arc<ImageProcessorConfig>,
@@ -198,8 +234,10 @@ impl Engine {
     /// Moves the model onto its own worker thread, serving `bundle`'s model
     /// as `version`.
     pub fn start(bundle: ModelBundle, version: String, config: EngineConfig) -> Self {
-        let (tx, rx) = mpsc::channel(config.max_queue.max(1));
+        let max_queue = config.max_queue.max(1);
+        let (tx, rx) = mpsc::channel(max_queue);
         let queued = Arc::new(AtomicUsize::new(0));
+        let running = Arc::new(Running::default());
         let alive = Arc::new(AtomicBool::new(true));
         let cfg = &bundle.model.cfg;
         let info = ModelInfo {
@@ -223,6 +261,7 @@ impl Engine {
             policy: policy.clone(),
             rx,
             queued: queued.clone(),
+            running: running.clone(),
             config,
         };
         let alive_flag = alive.clone();
@@ -236,6 +275,8 @@ impl Engine {
         Self {
             tx,
             queued,
+            max_queue,
+            running,
             alive,
             processor,
             image_processor,
@@ -244,8 +285,8 @@ impl Engine {
         }
     }
 
-    /// Serves `model` from the next batch on; batches already running finish
-    /// on the version they started with.
+    /// Serves `model` to requests that start from now on; requests already
+    /// running finish on the version they started with.
     pub fn activate(&self, model: ServingModel) {
         tracing::info!(version = %model.version, "activating model version");
         let version = model.version.clone();
@@ -296,8 +337,19 @@ impl Engine {
         self.queued.load(Ordering::SeqCst)
     }
 
+    /// Answer rows and images in the running batch.
+    pub fn running(&self) -> (usize, usize) {
+        (
+            self.running.answer_rows.load(Ordering::SeqCst),
+            self.running.images.load(Ordering::SeqCst),
+        )
+    }
+
     fn enqueue(&self, job: Queued) -> Result<(), EngineError> {
-        self.queued.fetch_add(1, Ordering::SeqCst);
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::QueueFull);
+        }
         metrics::gauge!("ulm_queue_depth").set(self.queue_depth() as f64);
         self.tx.try_send(job).map_err(|e| {
             self.queued.fetch_sub(1, Ordering::SeqCst);

@@ -1,6 +1,14 @@
-//! The model worker: one thread owns the model, takes batches off the
-//! queue, and runs each on the version that was active when it started.
+//! The model worker: one thread owns the model and runs two lanes, answers
+//! and images, one decode step of each in turn. Waiting requests join a
+//! lane between steps (continuous batching: their prompts are prefilled and
+//! their rows added to the running ones) and leave it as soon as they end;
+//! with [`Batching::Static`] they join only when both lanes are empty.
+//!
+//! A lane runs on one model version. After a swap it admits nobody until its
+//! rows of the old version have ended, then starts again on the new one; the
+//! other lane may already run the new version meanwhile.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,15 +16,19 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 use ulm_model::decode::TextPrompt;
-use ulm_model::generate::{answer_batch, generate_images_batch, AnswerItem, DecodeEnd, ImageItem};
+use ulm_model::generate::{
+    AnswerBatch, AnswerItem, DecodeEnd, ImageBatch, ImageItem, ImageSample, TextSample,
+};
 use ulm_model::image_processor::ImageProcessorConfig;
 use ulm_model::processor::Processor;
-use ulm_model::Janus;
+use ulm_model::{Janus, ModelError};
 
 use super::work::{
     AnswerOutput, AnswerWork, GenerateOutput, ImageOutput, ImageWork, StreamedToken, TextOutput,
 };
-use super::{fail_all, EngineConfig, EngineError, Pending, Queued, ServingModel};
+use super::{
+    fail_all, Batching, EngineConfig, EngineError, Pending, Queued, Running, ServingModel,
+};
 use crate::record::FinishReason;
 
 pub(super) struct Worker {
@@ -25,46 +37,115 @@ pub(super) struct Worker {
     pub(super) policy: Arc<ArcSwap<ServingModel>>,
     pub(super) rx: mpsc::Receiver<Queued>,
     pub(super) queued: Arc<AtomicUsize>,
+    pub(super) running: Arc<Running>,
     pub(super) config: EngineConfig,
+}
+
+/// A request inside a lane, waiting for its item to end.
+struct Admitted<R, O> {
+    job: Pending<R, O>,
+    admitted: Instant,
+    /// Rows of the lane right after this request joined it.
+    batch_rows: usize,
+    prompt_tokens: usize,
+}
+
+impl<R, O> Admitted<R, O> {
+    fn finish(self, output: impl FnOnce(super::RequestTimings) -> O) {
+        let compute_ms = self.admitted.elapsed().as_millis() as u64;
+        let timings = self.job.timings(self.admitted, compute_ms, self.batch_rows);
+        self.job.finish(Ok(output(timings)));
+    }
+}
+
+/// The running batch of one task, on one model version.
+struct Lane<B, R, O> {
+    policy: Option<Arc<ServingModel>>,
+    batch: B,
+    jobs: HashMap<usize, Admitted<R, O>>,
+}
+
+type AnswerLane = Lane<AnswerBatch, AnswerWork, AnswerOutput>;
+type ImageLane = Lane<ImageBatch, ImageWork, GenerateOutput>;
+
+impl<B, R, O> Lane<B, R, O> {
+    fn new(batch: B) -> Self {
+        Self {
+            policy: None,
+            batch,
+            jobs: HashMap::new(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Whether requests may join now: the lane is empty or runs `current`.
+    fn accepts(&self, current: &Arc<ServingModel>) -> bool {
+        self.is_empty() || self.policy.as_ref().is_none_or(|p| Arc::ptr_eq(p, current))
+    }
+
+    /// The version requests joining now run on: the lane's while it has
+    /// rows, `current` otherwise.
+    fn version_for(&mut self, current: &Arc<ServingModel>) -> Arc<ServingModel> {
+        if self.is_empty() {
+            self.policy = Some(current.clone());
+        }
+        self.policy.clone().unwrap_or_else(|| current.clone())
+    }
+
+    /// A step failed: the batch is lost, and with it every request in it.
+    fn fail(&mut self, fresh: B, task: &str, error: &ModelError) {
+        self.batch = fresh;
+        let jobs: Vec<Pending<R, O>> = self.jobs.drain().map(|(_, a)| a.job).collect();
+        fail_all(jobs, task, error);
+    }
 }
 
 impl Worker {
     pub(super) fn run(mut self) {
-        while let Some(first) = self.rx.blocking_recv() {
-            let batch = self.collect_batch(first);
-            self.queued.fetch_sub(batch.len(), Ordering::SeqCst);
-            metrics::gauge!("ulm_queue_depth").set(self.queued.load(Ordering::SeqCst) as f64);
-            let (mut answers, mut generations) = (Vec::new(), Vec::new());
-            for job in batch {
-                match job {
-                    Queued::Answer(p) if p.wanted() => answers.push(p),
-                    Queued::Generate(p) if p.wanted() => generations.push(p),
-                    Queued::Answer(p) => p.finish(Err(EngineError::DeadlineExceeded)),
-                    Queued::Generate(p) => p.finish(Err(EngineError::DeadlineExceeded)),
+        let special = self.processor.special;
+        let mut answers: AnswerLane = Lane::new(AnswerBatch::new(special.eos, special.pad));
+        let mut images: ImageLane = Lane::new(ImageBatch::new(special.pad));
+        let mut waiting: VecDeque<Queued> = VecDeque::new();
+        let mut next_key = 0usize;
+        loop {
+            let idle = answers.is_empty() && images.is_empty();
+            if idle && waiting.is_empty() {
+                let Some(first) = self.rx.blocking_recv() else {
+                    return;
+                };
+                waiting.push_back(first);
+                self.wait_for_company(&mut waiting);
+            } else {
+                while let Ok(job) = self.rx.try_recv() {
+                    waiting.push_back(job);
                 }
             }
-            // One version for the whole batch, however long it runs.
-            let policy = self.policy.load_full();
-            if !answers.is_empty() {
-                self.run_answers(&policy, answers);
+            if idle || self.config.batching == Batching::Continuous {
+                self.admit(&mut waiting, &mut answers, &mut images, &mut next_key);
             }
-            if !generations.is_empty() {
-                self.run_generations(&policy, generations);
+            self.running
+                .report(answers.batch.rows(), images.batch.images());
+            self.step_answers(&mut answers);
+            self.step_images(&mut images);
+            if answers.is_empty() && images.is_empty() {
+                self.running.report(0, 0);
             }
         }
     }
 
-    /// The first job plus whatever arrives within the batch window, up to the
-    /// row budget.
-    fn collect_batch(&mut self, first: Queued) -> Vec<Queued> {
-        let mut rows = first.rows();
-        let mut batch = vec![first];
+    /// Requests arriving within the batch window of the first join it, up to
+    /// the row budget, so that simultaneous requests share one prefill.
+    fn wait_for_company(&mut self, waiting: &mut VecDeque<Queued>) {
         let until = Instant::now() + self.config.batch_window;
+        let mut rows: usize = waiting.iter().map(Queued::rows).sum();
         while rows < self.config.max_batch_rows {
             match self.rx.try_recv() {
                 Ok(job) => {
                     rows += job.rows();
-                    batch.push(job);
+                    waiting.push_back(job);
                 }
                 Err(mpsc::error::TryRecvError::Empty) if Instant::now() < until => {
                     std::thread::sleep(Duration::from_micros(500));
@@ -72,30 +153,152 @@ impl Worker {
                 Err(_) => break,
             }
         }
-        batch
     }
 
-    fn run_answers(&self, policy: &ServingModel, jobs: Vec<Pending<AnswerWork, AnswerOutput>>) {
-        let started = Instant::now();
-        let model = &policy.model;
-        let mut items = Vec::with_capacity(jobs.len());
-        let mut valid = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            match self.answer_item(model, &job.request) {
-                Ok(item) => {
-                    items.push(item);
-                    valid.push(job);
+    /// Moves waiting requests into their lanes, first come first served per
+    /// task, while the rows fit the budget (a request larger than the whole
+    /// budget runs alone). Requests nobody waits for any more end here.
+    fn admit(
+        &self,
+        waiting: &mut VecDeque<Queued>,
+        answers: &mut AnswerLane,
+        images: &mut ImageLane,
+        next_key: &mut usize,
+    ) {
+        let current = self.policy.load_full();
+        let running = answers.batch.rows() + images.batch.images();
+        let mut budget = self.config.max_batch_rows.saturating_sub(running);
+        let (mut answer_open, mut image_open) =
+            (answers.accepts(&current), images.accepts(&current));
+        let (mut new_answers, mut new_images) = (Vec::new(), Vec::new());
+        let mut left = VecDeque::with_capacity(waiting.len());
+        let mut taken = 0;
+        for job in waiting.drain(..) {
+            let open = match &job {
+                Queued::Answer(_) => &mut answer_open,
+                Queued::Generate(_) => &mut image_open,
+            };
+            let wanted = match &job {
+                Queued::Answer(p) => p.wanted(),
+                Queued::Generate(p) => p.wanted(),
+            };
+            if !wanted {
+                taken += 1;
+                match job {
+                    Queued::Answer(p) => p.finish(Err(EngineError::DeadlineExceeded)),
+                    Queued::Generate(p) => p.finish(Err(EngineError::DeadlineExceeded)),
                 }
-                Err(e) => job.finish(Err(e)),
+                continue;
+            }
+            let rows = job.rows();
+            let alone = running == 0 && new_answers.is_empty() && new_images.is_empty();
+            if !*open || (rows > budget && !alone) {
+                // Later requests of this task wait behind it.
+                *open = false;
+                left.push_back(job);
+                continue;
+            }
+            budget = budget.saturating_sub(rows);
+            taken += 1;
+            match job {
+                Queued::Answer(p) => new_answers.push(p),
+                Queued::Generate(p) => new_images.push(p),
             }
         }
-        let rows: usize = items.iter().map(|i: &AnswerItem| i.prompt.samples).sum();
-        metrics::histogram!("ulm_batch_rows", "task" => "answer").record(rows as f64);
-        let special = self.processor.special;
-        let mut streamed = vec![false; valid.len()];
-        let result = answer_batch(model, &items, special.eos, special.pad, &mut |event| {
-            let job = &valid[event.item];
-            streamed[event.item] = true;
+        *waiting = left;
+        if taken > 0 {
+            self.queued.fetch_sub(taken, Ordering::SeqCst);
+            metrics::gauge!("ulm_queue_depth").set(self.queued.load(Ordering::SeqCst) as f64);
+        }
+        if !new_answers.is_empty() {
+            let policy = answers.version_for(&current);
+            let jobs = new_answers
+                .into_iter()
+                .filter_map(|job| {
+                    let key = *next_key;
+                    *next_key += 1;
+                    match self.answer_item(&policy.model, &job.request) {
+                        Ok(item) => Some((key, item, job)),
+                        Err(e) => {
+                            job.finish(Err(e));
+                            None
+                        }
+                    }
+                })
+                .collect();
+            self.join(answers, &policy, jobs, "answer");
+        }
+        if !new_images.is_empty() {
+            let policy = images.version_for(&current);
+            let jobs = new_images
+                .into_iter()
+                .filter_map(|job| {
+                    let key = *next_key;
+                    *next_key += 1;
+                    match self.image_item(&policy.model, &job.request) {
+                        Ok(item) => Some((key, item, job)),
+                        Err(e) => {
+                            job.finish(Err(e));
+                            None
+                        }
+                    }
+                })
+                .collect();
+            self.join(images, &policy, jobs, "generate");
+        }
+    }
+
+    /// Prefills `jobs` into `lane`; when that fails for several, each is
+    /// tried alone so that one bad request fails alone.
+    fn join<B: JoinBatch, R, O>(
+        &self,
+        lane: &mut Lane<B, R, O>,
+        policy: &ServingModel,
+        jobs: Vec<(usize, B::Item, Pending<R, O>)>,
+        task: &'static str,
+    ) {
+        if jobs.is_empty() {
+            return;
+        }
+        let items: Vec<(usize, B::Item)> =
+            jobs.iter().map(|(k, item, _)| (*k, item.clone())).collect();
+        match lane.batch.admit(&policy.model, items) {
+            Ok(()) => {
+                let now = Instant::now();
+                let batch_rows = lane.batch.rows();
+                metrics::histogram!("ulm_batch_rows", "task" => task).record(batch_rows as f64);
+                for (key, item, job) in jobs {
+                    lane.jobs.insert(
+                        key,
+                        Admitted {
+                            job,
+                            admitted: now,
+                            batch_rows,
+                            prompt_tokens: B::prompt_tokens(&item),
+                        },
+                    );
+                }
+            }
+            Err(error) if jobs.len() > 1 => {
+                tracing::warn!(%error, requests = jobs.len(), task, "prefill failed; admitting its requests one at a time");
+                for job in jobs {
+                    self.join(lane, policy, vec![job], task);
+                }
+            }
+            Err(error) => {
+                let jobs = jobs.into_iter().map(|(_, _, job)| job).collect();
+                fail_all(jobs, task, &error);
+            }
+        }
+    }
+
+    fn step_answers(&self, lane: &mut AnswerLane) {
+        let Some(policy) = lane.policy.clone().filter(|_| !lane.is_empty()) else {
+            return;
+        };
+        let jobs = &lane.jobs;
+        let result = lane.batch.step(&policy.model, &mut |event| {
+            let job = &jobs[&event.item].job;
             if let Some(stream) = &job.stream {
                 let _ = stream.send(StreamedToken {
                     sample: event.sample,
@@ -105,54 +308,76 @@ impl Worker {
             }
             job.wanted()
         });
-        let compute_ms = started.elapsed().as_millis() as u64;
+        let special = self.processor.special;
         match result {
-            Ok(all) => {
-                for ((job, item), samples) in valid.into_iter().zip(&items).zip(all) {
-                    let tokens: usize = samples.iter().map(|s| s.token_ids.len()).sum();
-                    metrics::counter!("ulm_tokens_generated_total").increment(tokens as u64);
-                    // The engine cancels only requests nobody waits for any more.
-                    let samples: Option<Vec<TextOutput>> = samples
-                        .into_iter()
-                        .map(|s| {
-                            let finish_reason = match s.finish_reason {
-                                DecodeEnd::Stop => FinishReason::Stop,
-                                DecodeEnd::Length => FinishReason::Length,
-                                DecodeEnd::Cancelled => return None,
-                            };
-                            Some(TextOutput {
-                                text: self.processor.decode(&s.token_ids),
-                                token_ids: s.token_ids,
-                                logprobs: s.logprobs,
-                                finish_reason,
-                            })
-                        })
-                        .collect();
-                    let Some(samples) = samples else {
-                        job.finish(Err(EngineError::DeadlineExceeded));
-                        continue;
-                    };
-                    let output = AnswerOutput {
-                        samples,
-                        prompt_tokens: item.prompt.prompt.ids.len(),
-                        timings: job.timings(started, compute_ms, rows),
-                        model_version: policy.version.clone(),
-                    };
-                    job.finish(Ok(output));
+            Ok(ended) => {
+                for (key, samples) in ended {
+                    let admitted = lane.jobs.remove(&key).expect("an ended item was admitted");
+                    self.finish_answer(admitted, samples, &policy.version);
                 }
             }
-            Err(error) if valid.len() > 1 => {
-                tracing::warn!(%error, requests = valid.len(), "answer batch failed; running its requests one at a time");
-                for (job, streamed) in valid.into_iter().zip(streamed) {
-                    // A request whose tokens were streamed cannot start over.
-                    if streamed && job.stream.is_some() {
-                        fail_all(vec![job], "answer", &error);
-                    } else {
-                        self.run_answers(policy, vec![job]);
-                    }
+            Err(error) => lane.fail(AnswerBatch::new(special.eos, special.pad), "answer", &error),
+        }
+    }
+
+    fn finish_answer(
+        &self,
+        admitted: Admitted<AnswerWork, AnswerOutput>,
+        samples: Vec<TextSample>,
+        version: &str,
+    ) {
+        let tokens: usize = samples.iter().map(|s| s.token_ids.len()).sum();
+        metrics::counter!("ulm_tokens_generated_total").increment(tokens as u64);
+        // The engine cancels only requests nobody waits for any more.
+        let samples: Option<Vec<TextOutput>> = samples
+            .into_iter()
+            .map(|s| {
+                let finish_reason = match s.finish_reason {
+                    DecodeEnd::Stop => FinishReason::Stop,
+                    DecodeEnd::Length => FinishReason::Length,
+                    DecodeEnd::Cancelled => return None,
+                };
+                Some(TextOutput {
+                    text: self.processor.decode(&s.token_ids),
+                    token_ids: s.token_ids,
+                    logprobs: s.logprobs,
+                    finish_reason,
+                })
+            })
+            .collect();
+        let Some(samples) = samples else {
+            admitted.job.finish(Err(EngineError::DeadlineExceeded));
+            return;
+        };
+        let prompt_tokens = admitted.prompt_tokens;
+        admitted.finish(|timings| AnswerOutput {
+            samples,
+            prompt_tokens,
+            timings,
+            model_version: version.to_string(),
+        });
+    }
+
+    fn step_images(&self, lane: &mut ImageLane) {
+        let Some(policy) = lane.policy.clone().filter(|_| !lane.is_empty()) else {
+            return;
+        };
+        let jobs = &lane.jobs;
+        let result = lane
+            .batch
+            .step(&policy.model, &mut |key| jobs[&key].job.wanted());
+        match result {
+            Ok(ended) => {
+                for (key, images) in ended {
+                    let admitted = lane.jobs.remove(&key).expect("an ended item was admitted");
+                    finish_images(admitted, images, &policy.version);
                 }
             }
-            Err(error) => fail_all(valid, "answer", &error),
+            Err(error) => lane.fail(
+                ImageBatch::new(self.processor.special.pad),
+                "generation",
+                &error,
+            ),
         }
     }
 
@@ -181,74 +406,82 @@ impl Worker {
         })
     }
 
-    fn run_generations(
-        &self,
-        policy: &ServingModel,
-        jobs: Vec<Pending<ImageWork, GenerateOutput>>,
-    ) {
-        let started = Instant::now();
-        let model = &policy.model;
+    fn image_item(&self, model: &Janus, r: &ImageWork) -> Result<ImageItem, EngineError> {
         let steps = model.cfg.gen_vision.image_tokens();
         let context = model.cfg.language.max_position_embeddings;
-        let mut items = Vec::with_capacity(jobs.len());
-        let mut valid = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            match self.processor.generation_prompt(&job.request.prompt) {
-                Ok(prompt) if prompt.cond_ids.len() + steps <= context => {
-                    items.push(ImageItem {
-                        prompt,
-                        cfg_weight: job.request.params.cfg_weight,
-                        sampling: job.request.sampling(),
-                        seeds: job.request.seeds.clone(),
-                    });
-                    valid.push(job);
-                }
-                Ok(_) => job.finish(Err(EngineError::InvalidInput(
-                    "the prompt is too long for the model context".into(),
-                ))),
-                Err(e) => job.finish(Err(e.into())),
-            }
+        let prompt = self.processor.generation_prompt(&r.prompt)?;
+        if prompt.cond_ids.len() + steps > context {
+            return Err(EngineError::InvalidInput(
+                "the prompt is too long for the model context".into(),
+            ));
         }
-        let rows: usize = items.iter().map(|i| i.seeds.len()).sum();
-        metrics::histogram!("ulm_batch_rows", "task" => "generate").record(rows as f64);
-        let result =
-            generate_images_batch(model, &items, self.processor.special.pad, &mut |item| {
-                valid[item].wanted()
-            });
-        let compute_ms = started.elapsed().as_millis() as u64;
-        match result {
-            Ok(all) => {
-                for (job, images) in valid.into_iter().zip(all) {
-                    let images: Option<Vec<ImageOutput>> = images
-                        .into_iter()
-                        .map(|s| {
-                            s.map(|s| ImageOutput {
-                                image: s.image,
-                                tokens: s.tokens,
-                                logprobs: s.logprobs,
-                            })
-                        })
-                        .collect();
-                    let Some(images) = images else {
-                        job.finish(Err(EngineError::DeadlineExceeded));
-                        continue;
-                    };
-                    metrics::counter!("ulm_images_generated_total").increment(images.len() as u64);
-                    let output = GenerateOutput {
-                        images,
-                        timings: job.timings(started, compute_ms, rows),
-                        model_version: policy.version.clone(),
-                    };
-                    job.finish(Ok(output));
-                }
-            }
-            Err(error) if valid.len() > 1 => {
-                tracing::warn!(%error, requests = valid.len(), "generation batch failed; running its requests one at a time");
-                for job in valid {
-                    self.run_generations(policy, vec![job]);
-                }
-            }
-            Err(error) => fail_all(valid, "generation", &error),
-        }
+        Ok(ImageItem {
+            prompt,
+            cfg_weight: r.params.cfg_weight,
+            sampling: r.sampling(),
+            seeds: r.seeds.clone(),
+        })
+    }
+}
+
+fn finish_images(
+    admitted: Admitted<ImageWork, GenerateOutput>,
+    images: Vec<Option<ImageSample>>,
+    version: &str,
+) {
+    let images: Option<Vec<ImageOutput>> = images
+        .into_iter()
+        .map(|s| {
+            s.map(|s| ImageOutput {
+                image: s.image,
+                tokens: s.tokens,
+                logprobs: s.logprobs,
+            })
+        })
+        .collect();
+    let Some(images) = images else {
+        admitted.job.finish(Err(EngineError::DeadlineExceeded));
+        return;
+    };
+    metrics::counter!("ulm_images_generated_total").increment(images.len() as u64);
+    admitted.finish(|timings| GenerateOutput {
+        images,
+        timings,
+        model_version: version.to_string(),
+    });
+}
+
+/// What the worker needs of a task's batch to admit requests into it.
+trait JoinBatch {
+    type Item: Clone;
+    fn admit(&mut self, model: &Janus, items: Vec<(usize, Self::Item)>) -> Result<(), ModelError>;
+    /// Rows (answers) or images in the batch.
+    fn rows(&self) -> usize;
+    fn prompt_tokens(item: &Self::Item) -> usize;
+}
+
+impl JoinBatch for AnswerBatch {
+    type Item = AnswerItem;
+    fn admit(&mut self, model: &Janus, items: Vec<(usize, AnswerItem)>) -> Result<(), ModelError> {
+        AnswerBatch::admit(self, model, items)
+    }
+    fn rows(&self) -> usize {
+        AnswerBatch::rows(self)
+    }
+    fn prompt_tokens(item: &AnswerItem) -> usize {
+        item.prompt.prompt.ids.len()
+    }
+}
+
+impl JoinBatch for ImageBatch {
+    type Item = ImageItem;
+    fn admit(&mut self, model: &Janus, items: Vec<(usize, ImageItem)>) -> Result<(), ModelError> {
+        ImageBatch::admit(self, model, items)
+    }
+    fn rows(&self) -> usize {
+        self.images()
+    }
+    fn prompt_tokens(item: &ImageItem) -> usize {
+        item.prompt.cond_ids.len()
     }
 }
