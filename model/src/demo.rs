@@ -138,6 +138,47 @@ pub fn demo_config_json() -> Value {
     })
 }
 
+/// A config at the Janus-Pro-1B widths (hidden 2048, 16 heads,
+/// intermediate 5504, vocab 102400, SigLIP-L at 384 px, VQ-16 with 16384
+/// codes, 576 image tokens) with `lm_layers` LLaMA and `vision_layers`
+/// SigLIP-L layers: the real sizes where time or memory allow fewer layers
+/// (benchmarks on random weights). The tokenizer stays the demo's.
+pub fn janus_pro_1b_widths_json(lm_layers: usize, vision_layers: usize) -> Value {
+    let mut c = demo_config_json();
+    let lm = &mut c["language_config"];
+    lm["vocab_size"] = 102400.into();
+    lm["hidden_size"] = 2048.into();
+    lm["intermediate_size"] = 5504.into();
+    lm["num_hidden_layers"] = lm_layers.into();
+    lm["num_attention_heads"] = 16.into();
+    lm["num_key_value_heads"] = 16.into();
+    lm["head_dim"] = 128.into();
+    lm["max_position_embeddings"] = 4096.into();
+    let v = &mut c["vision_config"]["params"];
+    v["image_size"] = 384.into();
+    v["width"] = 1024.into();
+    v["layers"] = vision_layers.into();
+    v["heads"] = 16.into();
+    v["head_dim"] = 64.into();
+    v["mlp_hidden_dim"] = 4096.into();
+    c["aligner_config"]["params"]["input_dim"] = 1024.into();
+    c["aligner_config"]["params"]["n_embed"] = 2048.into();
+    let q = &mut c["gen_vision_config"]["params"];
+    q["image_token_size"] = 16384.into();
+    q["codebook_size"] = 16384.into();
+    q["ch"] = 128.into();
+    q["encoder_ch_mult"] = json!([1, 1, 2, 2, 4]);
+    q["decoder_ch_mult"] = json!([1, 1, 2, 2, 4]);
+    q["num_res_blocks"] = 2.into();
+    q["z_channels"] = 256.into();
+    q["downsample_factor"] = 16.into();
+    q["image_size"] = 384.into();
+    c["gen_aligner_config"]["params"]["n_embed"] = 2048.into();
+    c["gen_head_config"]["params"] =
+        json!({"n_embed": 2048, "image_token_embed": 2048, "image_token_size": 16384});
+    c
+}
+
 /// GPT-2's byte-to-character map used by byte-level BPE.
 fn byte_chars() -> Vec<char> {
     let printable =

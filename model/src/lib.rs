@@ -11,6 +11,7 @@ pub mod demo;
 pub mod generate;
 pub mod image_processor;
 pub mod janus;
+pub mod kernels;
 pub mod llama;
 pub mod nn;
 pub mod ops;
@@ -18,6 +19,7 @@ pub mod processor;
 pub mod projector;
 pub mod sampling;
 pub mod siglip;
+pub mod threads;
 pub mod vq;
 pub mod weights;
 

@@ -11,8 +11,9 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::LlamaConfig;
+use crate::kernels;
 use crate::nn::{embedding, linear, norm_weight, Linear};
-use crate::ops::{compute_dtype, rms_norm, rope, softmax_last, Pass};
+use crate::ops::{compute_dtype, rms_norm, rope, softmax_last, swiglu, Pass};
 
 /// A large negative score for masked keys. Finite on purpose: a padded query
 /// row that sees no key then stays finite instead of turning into NaN, which
@@ -271,9 +272,13 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, k, v)?,
             None => (k, v),
         };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if kernels::serves(&[&q, &k, &v]) {
+            let out = kernels::attention(&q, &k, &v, ctx.bias.as_ref(), scale)?;
+            return self.o_proj.forward(&out);
+        }
         let k = repeat_kv(&k, self.num_heads / self.num_kv_heads)?;
         let v = repeat_kv(&v, self.num_heads / self.num_kv_heads)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
         let scores = scores.to_dtype(compute_dtype(scores.dtype()))?;
         let scores = match &ctx.bias {
@@ -319,9 +324,9 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
+        let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        self.down_proj.forward(&swiglu(&gate, &up)?)
     }
 }
 

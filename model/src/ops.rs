@@ -76,6 +76,22 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, pass: Pass) -> Result<Tensor
     }
 }
 
+/// GELU, erf form.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if crate::kernels::serves(&[x]) {
+        return crate::kernels::gelu_erf(x);
+    }
+    x.gelu_erf()
+}
+
+/// `silu(gate) * up`, the LLaMA MLP's gate.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if crate::kernels::serves(&[gate, up]) {
+        return crate::kernels::swiglu(gate, up);
+    }
+    gate.silu()? * up
+}
+
 /// swish(x) = x * sigmoid(x).
 pub fn swish(x: &Tensor) -> Result<Tensor> {
     x.silu()

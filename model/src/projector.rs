@@ -5,6 +5,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::{GenHeadConfig, ProjectorConfig};
 use crate::nn::{linear, Linear};
+use crate::ops::gelu_erf;
 
 /// `layers.0` Linear, then for each further depth level GELU + Linear at
 /// `layers.2`, `layers.4`, ... (odd indices are the parameter-free GELUs).
@@ -37,7 +38,7 @@ impl MlpProjector {
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             if i > 0 {
-                x = x.gelu_erf()?;
+                x = gelu_erf(&x)?;
             }
             x = layer.forward(&x)?;
         }
@@ -73,6 +74,6 @@ impl GenHead {
     /// Codebook logits `[..., K]` of LM hidden states `[..., H]`.
     pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
         self.vision_head
-            .forward(&self.output_mlp_projector.forward(hidden)?.gelu_erf()?)
+            .forward(&gelu_erf(&self.output_mlp_projector.forward(hidden)?)?)
     }
 }

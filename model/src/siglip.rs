@@ -7,8 +7,9 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::config::VisionConfig;
+use crate::kernels;
 use crate::nn::{linear, LayerNorm, Linear};
-use crate::ops::{softmax_last, Pass};
+use crate::ops::{gelu_erf, softmax_last, Pass};
 
 #[derive(Debug, Clone)]
 struct Block {
@@ -103,7 +104,7 @@ impl VisionTower {
             let h = block.norm1.forward(&x, pass)?;
             x = (&x + self.attention(block, &h, pass)?)?;
             let h = block.norm2.forward(&x, pass)?;
-            let h = block.fc2.forward(&block.fc1.forward(&h)?.gelu_erf()?)?;
+            let h = block.fc2.forward(&gelu_erf(&block.fc1.forward(&h)?)?)?;
             x = (x + h)?;
         }
         match &self.norm {
@@ -121,10 +122,15 @@ impl VisionTower {
             .forward(x)?
             .reshape((b, n, 3, heads, d))?
             .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let scale = 1.0 / (d as f64).sqrt();
+        if kernels::serves(&[&q, &k, &v]) {
+            return block
+                .proj
+                .forward(&kernels::attention(&q, &k, &v, None, scale)?);
+        }
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let scores = (q.matmul(&k.t()?)? * scale)?;
         let out = softmax_last(&scores, pass)?.matmul(&v)?;
         block
             .proj

@@ -7,6 +7,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::config::VqConfig;
 use crate::conv::conv2d;
+use crate::kernels;
 use crate::nn::{embedding, norm_bias, norm_weight};
 use crate::ops::{l2_normalize, softmax_last, swish, Pass};
 
@@ -55,6 +56,33 @@ impl Conv {
         conv2d(x, &self.weight, self.padding, self.stride, pass)?
             .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
     }
+
+    /// On channels-last `x`: the decoder's 3x3 (padding 1, reading `x`
+    /// upsampled by two when `upsample`) and 1x1 convolutions.
+    fn forward_channels_last(&self, x: &Tensor, upsample: bool) -> Result<Tensor> {
+        match self.weight.dim(3)? {
+            1 if !upsample => kernels::conv1x1(x, &self.weight, &self.bias),
+            _ => self.forward_channels_last_onto(x, upsample, None),
+        }
+    }
+
+    /// A 3x3 convolution (padding 1) of channels-last `x` plus `residual`.
+    fn forward_channels_last_onto(
+        &self,
+        x: &Tensor,
+        upsample: bool,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        match self.weight.dim(3)? {
+            3 if self.padding == 1 && self.stride == 1 => {
+                kernels::conv3x3(x, &self.weight, &self.bias, upsample, residual)
+            }
+            k => candle_core::bail!(
+                "no channels-last {k}x{k} convolution with stride {}",
+                self.stride
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +119,11 @@ impl GroupNorm {
             .to_dtype(dtype)?
             .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
             .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
+    }
+
+    /// On channels-last `x`, followed by swish when `swish`.
+    fn forward_channels_last(&self, x: &Tensor, swish: bool) -> Result<Tensor> {
+        kernels::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, swish)
     }
 }
 
@@ -129,6 +162,21 @@ impl ResnetBlock {
         };
         shortcut + h
     }
+
+    fn forward_channels_last(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self
+            .conv1
+            .forward_channels_last(&self.norm1.forward_channels_last(x, true)?, false)?;
+        let shortcut = match &self.nin_shortcut {
+            Some(conv) => conv.forward_channels_last(x, false)?,
+            None => x.clone(),
+        };
+        self.conv2.forward_channels_last_onto(
+            &self.norm2.forward_channels_last(&h, true)?,
+            false,
+            Some(&shortcut),
+        )
+    }
 }
 
 /// Single-head self-attention over the h*w positions.
@@ -166,6 +214,25 @@ impl AttnBlock {
         let weights = softmax_last(&(q.matmul(&k)? * (c as f64).powf(-0.5))?, pass)?;
         let out = v.matmul(&weights.t()?)?.reshape((b, c, h, w))?;
         x + self.proj_out.forward(&out, pass)?
+    }
+
+    fn forward_channels_last(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
+        let n = self.norm.forward_channels_last(x, false)?;
+        // One head over the h*w positions: [B, 1, h*w, C].
+        let heads = |conv: &Conv| {
+            conv.forward_channels_last(&n, false)?
+                .reshape((b, 1, h * w, c))
+        };
+        let out = kernels::attention(
+            &heads(&self.q)?,
+            &heads(&self.k)?,
+            &heads(&self.v)?,
+            None,
+            (c as f64).powf(-0.5),
+        )?
+        .reshape((b, h, w, c))?;
+        x + self.proj_out.forward_channels_last(&out, false)?
     }
 }
 
@@ -236,6 +303,17 @@ impl Level {
         }
         Ok(h)
     }
+
+    fn forward_channels_last(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (i, res) in self.res.iter().enumerate() {
+            h = res.forward_channels_last(&h)?;
+            if let Some(attn) = self.attn.get(i) {
+                h = attn.forward_channels_last(&h)?;
+            }
+        }
+        Ok(h)
+    }
 }
 
 /// The levels of the encoder or the decoder, `conv_blocks.{i}` with
@@ -301,6 +379,12 @@ impl Mid {
     fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let h = self.res0.forward(x, pass)?;
         self.res1.forward(&self.attn.forward(&h, pass)?, pass)
+    }
+
+    fn forward_channels_last(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.res0.forward_channels_last(x)?;
+        self.res1
+            .forward_channels_last(&self.attn.forward_channels_last(&h)?)
     }
 }
 
@@ -409,6 +493,21 @@ impl Decoder {
         }
         self.conv_out
             .forward(&swish(&self.norm_out.forward(&h)?)?, pass)
+    }
+
+    /// The same on channels-last `z`, with the fused CPU kernels: the
+    /// upsampling is read by the convolution after it.
+    fn forward_channels_last(&self, z: &Tensor) -> Result<Tensor> {
+        let h = self.conv_in.forward_channels_last(z, false)?;
+        let mut h = self.mid.forward_channels_last(&h)?;
+        for level in &self.levels {
+            h = level.forward_channels_last(&h)?;
+            if let Some(up) = &level.resample {
+                h = up.forward_channels_last(&h, true)?;
+            }
+        }
+        self.conv_out
+            .forward_channels_last(&self.norm_out.forward_channels_last(&h, true)?, false)
     }
 }
 
@@ -524,8 +623,16 @@ impl VqModel {
         self.decode(entries, Pass::Inference)
     }
 
-    /// [`Self::decode_entries`] with the ops of `pass`.
+    /// [`Self::decode_entries`] with the ops of `pass`. Inference on the
+    /// CPU in f32 runs channels last on the fused kernels.
     pub fn decode(&self, entries: &Tensor, pass: Pass) -> Result<Tensor> {
+        let weights = &self.post_quant_conv.weight;
+        if pass == Pass::Inference && kernels::serves(&[entries, weights]) {
+            let z = self
+                .post_quant_conv
+                .forward_channels_last(&kernels::channels_last(entries)?, false)?;
+            return kernels::channels_first(&self.decoder.forward_channels_last(&z)?);
+        }
         self.decoder
             .forward(&self.post_quant_conv.forward(entries, pass)?, pass)
     }

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use ulm_model::bundle::{ModelBundle, ModelSource};
-use ulm_model::demo::{build_random, demo_config_json, demo_tokenizer, SeededBackend};
+use ulm_model::demo::{build_random, demo_tokenizer, janus_pro_1b_widths_json, SeededBackend};
 use ulm_model::image_processor::ImageProcessorConfig;
 use ulm_model::processor::Processor;
 use ulm_rl::lora::{attach, LoraConfig};
@@ -51,40 +51,15 @@ static ALLOCATOR: Counting = Counting;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// Janus-Pro-1B widths with `layers` LLaMA layers and one SigLIP-L layer.
+/// Janus-Pro-1B widths with `layers` LLaMA layers, one SigLIP-L layer and
+/// a narrow VQ (the step never decodes an image), at vocabulary `vocab`.
 fn janus_pro_1b_widths(layers: usize, vocab: usize) -> serde_json::Value {
-    let mut c = demo_config_json();
-    let lm = &mut c["language_config"];
-    lm["vocab_size"] = vocab.into();
-    lm["hidden_size"] = 2048.into();
-    lm["intermediate_size"] = 5504.into();
-    lm["num_hidden_layers"] = layers.into();
-    lm["num_attention_heads"] = 16.into();
-    lm["num_key_value_heads"] = 16.into();
-    lm["head_dim"] = 128.into();
-    lm["max_position_embeddings"] = 4096.into();
-    let v = &mut c["vision_config"]["params"];
-    v["image_size"] = 384.into();
-    v["width"] = 1024.into();
-    v["layers"] = 1.into();
-    v["heads"] = 16.into();
-    v["head_dim"] = 64.into();
-    v["mlp_hidden_dim"] = 4096.into();
-    c["aligner_config"]["params"]["input_dim"] = 1024.into();
-    c["aligner_config"]["params"]["n_embed"] = 2048.into();
+    let mut c = janus_pro_1b_widths_json(layers, 1);
+    c["language_config"]["vocab_size"] = vocab.into();
     let q = &mut c["gen_vision_config"]["params"];
-    q["image_token_size"] = 16384.into();
-    q["codebook_size"] = 16384.into();
     q["ch"] = 32.into();
-    q["encoder_ch_mult"] = serde_json::json!([1, 1, 2, 2, 4]);
-    q["decoder_ch_mult"] = serde_json::json!([1, 1, 2, 2, 4]);
-    q["downsample_factor"] = 16.into();
-    q["image_size"] = 384.into();
-    c["gen_aligner_config"]["params"]["n_embed"] = 2048.into();
-    let h = &mut c["gen_head_config"]["params"];
-    h["n_embed"] = 2048.into();
-    h["image_token_embed"] = 2048.into();
-    h["image_token_size"] = 16384.into();
+    q["num_res_blocks"] = 1.into();
+    q["z_channels"] = 32.into();
     c
 }
 
