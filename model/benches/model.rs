@@ -137,7 +137,7 @@ fn arg(name: &str, default: &str) -> String {
 }
 
 fn main() {
-    ulm_model::threads::configure();
+    ulm_model::runtime::configure();
     let quick = std::env::args().any(|a| a == "--quick");
     let device: Device = parse_device(&arg("--device", "cpu")).unwrap();
     let dtype = parse_dtype(&arg("--dtype", "f32")).unwrap();

@@ -325,7 +325,7 @@ def report(ours, ref, settings, args):
     rows += [(f"VQ decode, {b} image(s), s", f"vq_decode_s_b{b}", False) for b in settings["image_batches"]]
     n = settings["per_image_batch"]
     rows.append((f"seconds per image, {n} images, VQ decode included", f"seconds_per_image_b{n}", False))
-    defaults = " (ours with candle's thread defaults)" if settings.get("candle_thread_defaults") else ""
+    defaults = " (ours with candle's and glibc's default settings)" if settings.get("runtime_defaults") else ""
     print(f"\n{settings['description']}; {args.device} {args.dtype}, {settings['threads']} threads, "
           f"median of {settings['repeats']}; torch {torch.__version__}{defaults}\n")
     print("| task | ours | transformers | ours / transformers |")

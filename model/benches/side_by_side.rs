@@ -200,11 +200,11 @@ fn write_json(path: &Path, value: &Value) {
 }
 
 fn main() {
-    // `--candle-defaults` measures with candle's own thread settings, for
-    // comparison with the ones the server uses.
+    // `--candle-defaults` measures with candle's and the allocator's own
+    // settings, for comparison with the ones the server uses.
     let candle_defaults = std::env::args().any(|a| a == "--candle-defaults");
     if !candle_defaults {
-        ulm_model::threads::configure();
+        ulm_model::runtime::configure();
     }
     let dir = PathBuf::from(arg("--dir").expect("--dir DIR: where the checkpoint and results go"));
     let preset = arg("--preset").unwrap_or_else(|| "small".into());
@@ -269,7 +269,7 @@ fn main() {
         .collect();
     let settings = json!({
         "description": description,
-        "candle_thread_defaults": candle_defaults,
+        "runtime_defaults": candle_defaults,
         "threads": candle_core::utils::get_num_threads(),
         "repeats": repeats,
         "decode_steps": 32,

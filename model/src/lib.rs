@@ -17,9 +17,9 @@ pub mod nn;
 pub mod ops;
 pub mod processor;
 pub mod projector;
+pub mod runtime;
 pub mod sampling;
 pub mod siglip;
-pub mod threads;
 pub mod vq;
 pub mod weights;
 

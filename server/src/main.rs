@@ -51,7 +51,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    ulm_model::threads::configure();
+    ulm_model::runtime::configure();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
