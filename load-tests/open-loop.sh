@@ -1,22 +1,36 @@
 #!/usr/bin/env bash
 # Serving benchmark with open-loop arrivals: the same fixed-rate mix of short
 # answers, long answers and images (`ulm-load --scenario serving`) against two
-# servers on the demo model, one batching statically and one continuously,
-# alternating at every rate. Prints throughput and p50/p99 per rate and the
-# static / continuous ratios; the JSON reports stay in the output directory.
+# servers, one batching statically and one continuously, alternating at every
+# rate. Prints throughput and p50/p99 per rate and the static / continuous
+# ratios; the JSON reports stay in the output directory.
 #
-#   load-tests/open-loop.sh                 # rates 2 4 8 16, 30 s each
+# The model is random weights of load-tests/serving-model.json: the demo with
+# a 512-wide, 4-layer language model, large enough that a decode step costs
+# about the same for one row as for several (as on a GPU), which is what
+# batching exploits. MODEL=demo serves the demo model, whose steps cost in
+# proportion to their rows on a CPU; MODEL=FILE another config.
+#
+#   load-tests/open-loop.sh                 # rates 4 8 16 24, 30 s each
 #   RATES="4 8" DURATION=10 load-tests/open-loop.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-rates=${RATES:-"2 4 8 16"}
+rates=${RATES:-"4 8 16 24"}
 duration=${DURATION:-30}
 out=${OUT:-$(mktemp -d /tmp/ulm-open-loop.XXXXXX)}
 mkdir -p "$out"
 
 cargo build --release --locked -q -p ulm-server -p ulm-load
 bin=target/release
+
+model=${MODEL:-load-tests/serving-model.json}
+if [ "$model" = demo ]; then
+  model_args=(--demo)
+else
+  "$bin/ulm-server" save-demo --out "$out/model" --config "$model" >/dev/null
+  model_args=(--model "$out/model")
+fi
 
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
@@ -26,7 +40,7 @@ declare -A port=([static]=18391 [continuous]=18392)
 for mode in static continuous; do
   # A queue long enough that no arrival is refused: what is measured is
   # the time a request waits and computes, not how fast 429s come back.
-  "$bin/ulm-server" serve --demo --no-auth --port "${port[$mode]}" \
+  "$bin/ulm-server" serve "${model_args[@]}" --no-auth --port "${port[$mode]}" \
     --data-dir "$out/data-$mode" --batching "$mode" --max-queue 100000 \
     --request-timeout-secs 900 >"$out/server-$mode.log" 2>&1 &
   pids+=($!)
@@ -49,11 +63,11 @@ for rate in $rates; do
   done
 done
 
-python3 - "$out" $rates <<'EOF'
+python3 - "$out" "$model" $rates <<'EOF'
 import json, sys
-out, rates = sys.argv[1], sys.argv[2:]
+out, model, rates = sys.argv[1], sys.argv[2], sys.argv[3:]
 ops = ["all", "answer_short", "answer_long", "generate"]
-print(f"\nopen loop, demo model, {len(rates)} rates; latency in ms (static / continuous = ratio)\n")
+print(f"\nopen loop, model {model}, {len(rates)} rates; latency in ms (static / continuous = ratio)\n")
 print("| rate req/s | op | static req/s | continuous req/s | static p50 | continuous p50 | p50 ratio | static p99 | continuous p99 | p99 ratio |")
 print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for rate in rates:

@@ -24,11 +24,11 @@ use serde_json::{json, Value};
 use ulm_model::bundle::{parse_device, parse_dtype};
 use ulm_model::decode::{CfgDecoder, TextDecoder, TextPrompt};
 use ulm_model::demo::{
-    build_random, demo_config_json, demo_tokenizer, janus_pro_1b_widths_json, write_demo_side_files,
+    demo_config_json, demo_tokenizer, janus_pro_1b_widths_json, save_random_checkpoint,
 };
 use ulm_model::image_processor::ImageProcessorConfig;
 use ulm_model::processor::{GenerationPrompt, Processor};
-use ulm_model::weights::{load_model, WEIGHTS_FILE};
+use ulm_model::weights::load_model;
 use ulm_model::Janus;
 
 /// LLaMA 512 x `layers` (8 heads, vocab 16384), SigLIP 384 x 6 layers at
@@ -235,13 +235,7 @@ fn main() {
 
     // The checkpoint, written in f32 and read back through the loader in
     // the dtype measured.
-    std::fs::create_dir_all(&dir).unwrap();
-    {
-        let (model, backend) = build_random(config, 7, DType::F32, &Device::Cpu).unwrap();
-        let tensors: HashMap<String, Tensor> = backend.tensors().into_iter().collect();
-        candle_core::safetensors::save(&tensors, dir.join(WEIGHTS_FILE)).unwrap();
-        write_demo_side_files(&dir, &model.cfg).unwrap();
-    }
+    save_random_checkpoint(&dir, config, 7).unwrap();
     let model = load_model(&dir, dtype, &device).unwrap();
     let processor = Processor::new(
         demo_tokenizer().unwrap(),

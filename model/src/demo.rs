@@ -412,11 +412,18 @@ fn write(path: &Path, text: &str) -> Result<(), ModelError> {
 /// Writes the demo model as a checkpoint directory in the original layout:
 /// config, safetensors, tokenizer and processor settings.
 pub fn save_demo_checkpoint(dir: &Path, seed: u64) -> Result<(), ModelError> {
+    save_random_checkpoint(dir, demo_config_json(), seed)
+}
+
+/// Writes a model of `config` with seeded random weights, f32, as a
+/// checkpoint directory with the demo's tokenizer and processor settings
+/// (benchmarks at other sizes).
+pub fn save_random_checkpoint(dir: &Path, config: Value, seed: u64) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::Io {
         path: dir.to_path_buf(),
         message: e.to_string(),
     })?;
-    let (model, backend) = build_demo(seed, DType::F32, &Device::Cpu)?;
+    let (model, backend) = build_random(config, seed, DType::F32, &Device::Cpu)?;
     let tensors: std::collections::HashMap<String, Tensor> =
         backend.tensors().into_iter().collect();
     candle_core::safetensors::save(&tensors, dir.join(WEIGHTS_FILE))?;

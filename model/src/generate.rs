@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, D};
 use image::RgbImage;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::decode::{CfgDecoder, TextDecoder, TextPrompt};
@@ -203,12 +204,22 @@ impl AnswerBatch {
         let Some(decoder) = &mut self.decoder else {
             return Ok(Vec::new());
         };
-        let logits: Vec<Vec<f32>> = decoder.logits().to_vec2()?;
+        let logits = decoder.logits();
+        let vocab = logits.dim(1)?;
+        let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        // Rows sample independently (each from its own seed), in parallel.
+        let picks: Vec<(u32, f32)> = self
+            .rows
+            .par_iter_mut()
+            .zip(logits.par_chunks(vocab))
+            .map(|(r, logits)| {
+                let token = r.sampler.sample(logits);
+                (token, token_logprob(logits, token, r.logprob_temperature))
+            })
+            .collect();
         let mut tokens = Vec::with_capacity(self.rows.len());
         let mut keep = Vec::with_capacity(self.rows.len());
-        for (row, r) in self.rows.iter_mut().enumerate() {
-            let token = r.sampler.sample(&logits[row]);
-            let logprob = token_logprob(&logits[row], token, r.logprob_temperature);
+        for (row, (r, &(token, logprob))) in self.rows.iter_mut().zip(&picks).enumerate() {
             let progress = self.items.get_mut(&r.item).expect("every row has its item");
             let out = &mut progress.samples[r.sample];
             out.token_ids.push(token);
@@ -413,16 +424,22 @@ impl ImageBatch {
         };
         let steps = model.cfg.gen_vision.image_tokens();
         let weights: Vec<f32> = self.rows.iter().map(|r| r.cfg_weight).collect();
-        let cfg: Vec<Vec<f32>> = decoder.cfg_logits(&weights)?.to_vec2()?;
-        let cond: Vec<Vec<f32>> = decoder.cond_logits()?.to_vec2()?;
-        let mut tokens = Vec::with_capacity(self.rows.len());
-        for (row, r) in self.rows.iter_mut().enumerate() {
-            let token = r.sampler.sample(&cfg[row]);
-            r.tokens.push(token);
-            r.logprobs
-                .push(token_logprob(&cond[row], token, r.logprob_temperature));
-            tokens.push(token);
-        }
+        let cfg = decoder.cfg_logits(&weights)?;
+        let codes = cfg.dim(1)?;
+        let cfg: Vec<f32> = cfg.flatten_all()?.to_vec1()?;
+        let cond: Vec<f32> = decoder.cond_logits()?.flatten_all()?.to_vec1()?;
+        let mut tokens: Vec<u32> = self
+            .rows
+            .par_iter_mut()
+            .zip(cfg.par_chunks(codes).zip(cond.par_chunks(codes)))
+            .map(|(r, (cfg, cond))| {
+                let token = r.sampler.sample(cfg);
+                r.tokens.push(token);
+                r.logprobs
+                    .push(token_logprob(cond, token, r.logprob_temperature));
+                token
+            })
+            .collect();
         let mut cancelled: Vec<usize> = self
             .items
             .keys()

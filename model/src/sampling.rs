@@ -6,6 +6,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::math;
+
 /// How to pick tokens. `temperature == 0` is greedy.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SamplingParams {
@@ -41,6 +43,9 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// `exp((logit - max) / temperature)` of the current row, reused
+    /// across steps.
+    weights: Vec<f32>,
 }
 
 impl Sampler {
@@ -48,6 +53,7 @@ impl Sampler {
         Self {
             params,
             rng: StdRng::seed_from_u64(seed),
+            weights: Vec::new(),
         }
     }
 
@@ -57,46 +63,70 @@ impl Sampler {
             return argmax(logits);
         }
         let t = self.params.temperature;
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut candidates: Vec<(u32, f32)> = logits
+        let max = max_of(logits);
+        self.weights.clear();
+        self.weights.resize(logits.len(), 0.0);
+        math::vectorized(|| {
+            for (w, &l) in self.weights.iter_mut().zip(logits) {
+                let p = math::exp((l - max) / t);
+                // NaN logits take no part.
+                *w = if p.is_finite() { p } else { 0.0 };
+            }
+        });
+        let truncate = self.params.top_k.is_some_and(|k| k < logits.len())
+            || self.params.top_p.is_some_and(|p| p < 1.0);
+        if !truncate {
+            let total = math::vectorized(|| sum_f64(&self.weights)) as f32;
+            if total.is_nan() || total <= 0.0 {
+                return argmax(logits);
+            }
+            return draw(
+                self.weights.iter().enumerate().map(|(i, &p)| (i as u32, p)),
+                self.rng.random::<f32>() * total,
+            )
+            .unwrap_or(logits.len() as u32 - 1);
+        }
+        let mut candidates: Vec<(u32, f32)> = self
+            .weights
             .iter()
             .enumerate()
-            .map(|(i, &l)| (i as u32, ((l - max) / t).exp()))
-            .filter(|(_, p)| p.is_finite())
+            .filter(|(_, &p)| p > 0.0)
+            .map(|(i, &p)| (i as u32, p))
             .collect();
-        let truncate = self.params.top_k.is_some_and(|k| k < candidates.len())
-            || self.params.top_p.is_some_and(|p| p < 1.0);
-        if truncate {
-            candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            if let Some(k) = self.params.top_k {
-                candidates.truncate(k.max(1));
-            }
-            if let Some(p) = self.params.top_p {
-                let total: f32 = candidates.iter().map(|c| c.1).sum();
-                let mut cumulative = 0.0;
-                let keep = candidates
-                    .iter()
-                    .position(|c| {
-                        cumulative += c.1 / total;
-                        cumulative >= p
-                    })
-                    .map_or(candidates.len(), |i| i + 1);
-                candidates.truncate(keep);
-            }
+        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if let Some(k) = self.params.top_k {
+            candidates.truncate(k.max(1));
+        }
+        if let Some(p) = self.params.top_p {
+            let total: f32 = candidates.iter().map(|c| c.1).sum();
+            let mut cumulative = 0.0;
+            let keep = candidates
+                .iter()
+                .position(|c| {
+                    cumulative += c.1 / total;
+                    cumulative >= p
+                })
+                .map_or(candidates.len(), |i| i + 1);
+            candidates.truncate(keep);
         }
         let total: f32 = candidates.iter().map(|c| c.1).sum();
         if candidates.is_empty() || total.is_nan() || total <= 0.0 {
             return argmax(logits);
         }
-        let mut r = self.rng.random::<f32>() * total;
-        for &(id, p) in &candidates {
-            if r < p {
-                return id;
-            }
-            r -= p;
-        }
-        candidates[candidates.len() - 1].0
+        let last = candidates[candidates.len() - 1].0;
+        draw(candidates.into_iter(), self.rng.random::<f32>() * total).unwrap_or(last)
     }
+}
+
+/// The first candidate whose weight covers `r`, walking the cumulative sum.
+fn draw(candidates: impl Iterator<Item = (u32, f32)>, mut r: f32) -> Option<u32> {
+    for (id, p) in candidates {
+        if r < p {
+            return Some(id);
+        }
+        r -= p;
+    }
+    None
 }
 
 pub fn argmax(logits: &[f32]) -> u32 {
@@ -109,15 +139,43 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// `log softmax(logits / temperature)[token]`, as `logit - logsumexp`.
+fn max_of(x: &[f32]) -> f32 {
+    x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Sum in f64, over independent lanes so that it vectorises.
+fn sum_f64(x: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let rest: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+    for chunk in chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l += v as f64;
+        }
+    }
+    lanes.iter().sum::<f64>() + rest
+}
+
+/// `log softmax(logits / temperature)[token]`, as `logit - logsumexp`
+/// (the exponentials in f32, their sum in f64).
 pub fn token_logprob(logits: &[f32], token: u32, temperature: f32) -> f32 {
-    let scaled = |l: f32| (l / temperature) as f64;
-    let max = logits
-        .iter()
-        .map(|&l| scaled(l))
-        .fold(f64::NEG_INFINITY, f64::max);
-    let sum: f64 = logits.iter().map(|&l| (scaled(l) - max).exp()).sum();
-    (scaled(logits[token as usize]) - max - sum.ln()) as f32
+    let max = max_of(logits) / temperature;
+    let sum = math::vectorized(|| {
+        let mut lanes = [0f64; 8];
+        let chunks = logits.chunks_exact(8);
+        let rest: f64 = chunks
+            .remainder()
+            .iter()
+            .map(|&l| math::exp(l / temperature - max) as f64)
+            .sum();
+        for chunk in chunks {
+            for (acc, &l) in lanes.iter_mut().zip(chunk) {
+                *acc += math::exp(l / temperature - max) as f64;
+            }
+        }
+        lanes.iter().sum::<f64>() + rest
+    });
+    ((logits[token as usize] / temperature - max) as f64 - sum.ln()) as f32
 }
 
 #[cfg(test)]
@@ -162,6 +220,43 @@ mod tests {
         let logits = [4.0, 2.0, 1.0, 0.0];
         let mut s = Sampler::new(params, 3);
         assert!((0..100).all(|_| s.sample(&logits) == 0));
+    }
+
+    #[test]
+    fn untruncated_sampling_follows_the_softmax() {
+        let params = SamplingParams {
+            temperature: 0.7,
+            top_k: None,
+            top_p: None,
+        };
+        let logits = [0.5f32, 1.5, -0.3, 1.0, f32::NAN];
+        let z: f64 = logits[..4].iter().map(|&l| (l as f64 / 0.7).exp()).sum();
+        let mut s = Sampler::new(params, 11);
+        let mut counts = [0usize; 5];
+        let n = 40_000;
+        for _ in 0..n {
+            counts[s.sample(&logits) as usize] += 1;
+        }
+        assert_eq!(counts[4], 0, "a NaN logit is never drawn");
+        for (i, &l) in logits[..4].iter().enumerate() {
+            let want = (l as f64 / 0.7).exp() / z;
+            let got = counts[i] as f64 / n as f64;
+            assert!((got - want).abs() < 0.01, "token {i}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn logprob_is_exact_to_float_precision_over_a_large_vocabulary() {
+        let logits: Vec<f32> = (0..102_400u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) % 20_000) as f32 / 1000.0) - 10.0)
+            .collect();
+        for (token, t) in [(0u32, 1.0f32), (77_777, 0.7), (102_399, 1.3)] {
+            let scaled: Vec<f64> = logits.iter().map(|&l| l as f64 / t as f64).collect();
+            let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + scaled.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+            let want = scaled[token as usize] - lse;
+            assert!((token_logprob(&logits, token, t) as f64 - want).abs() < 1e-5);
+        }
     }
 
     #[test]

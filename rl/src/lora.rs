@@ -64,9 +64,10 @@ impl Lora {
 
     /// Whether forwards through the adapters record a gradient graph: off
     /// while sampling rollouts, whose KV caches would otherwise keep every
-    /// decode step's graph alive until the rollout ends.
-    pub fn set_recording(&self, on: bool) {
-        self.recording.store(on, Ordering::Relaxed);
+    /// decode step's graph alive until the rollout ends. Returns the
+    /// previous setting.
+    pub fn set_recording(&self, on: bool) -> bool {
+        self.recording.swap(on, Ordering::Relaxed)
     }
 
     /// Writes the adapters, with `values` (one per parameter, as trained:

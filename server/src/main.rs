@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use ulm_model::demo::{save_demo_checkpoint, DEFAULT_SEED};
+use ulm_model::demo::{save_demo_checkpoint, save_random_checkpoint, DEFAULT_SEED};
 use ulm_server::oneshot::{self, AnswerArgs, GenerateArgs};
 use ulm_server::pretrain::{eval, pretrain, EvalArgs, PretrainArgs};
 use ulm_server::serve::{serve, Role, ServeArgs};
@@ -33,12 +33,17 @@ enum Command {
     Answer(Box<AnswerArgs>),
     /// Generate images from a text prompt into PNG files.
     Generate(Box<GenerateArgs>),
-    /// Write the built-in demo model as a checkpoint directory.
+    /// Write the built-in demo model (or random weights of `--config`) as a checkpoint directory.
     SaveDemo {
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value_t = DEFAULT_SEED)]
         seed: u64,
+        /// A `config.json` in the original layout: random weights of that
+        /// architecture instead of the demo's (the demo tokenizer, so
+        /// vocabulary and special token ids as in the demo's config).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Pretrain the architecture from scratch on the synthetic world.
     Pretrain(Box<PretrainArgs>),
@@ -79,8 +84,14 @@ fn main() -> Result<()> {
                 println!("{}", path.display());
             }
         }
-        Command::SaveDemo { out, seed } => {
-            save_demo_checkpoint(&out, seed)?;
+        Command::SaveDemo { out, seed, config } => {
+            match config {
+                Some(path) => {
+                    let config = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+                    save_random_checkpoint(&out, config, seed)?;
+                }
+                None => save_demo_checkpoint(&out, seed)?,
+            }
             println!("{}", out.display());
         }
         Command::Pretrain(args) => {

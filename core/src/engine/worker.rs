@@ -4,6 +4,9 @@
 //! their rows added to the running ones) and leave it as soon as they end;
 //! with [`Batching::Static`] they join only when both lanes are empty.
 //!
+//! Joining costs the running rows a prefill and a cache copy, so requests
+//! join a running lane in groups (see [`WAITING_SERVED_RATIO`]).
+//!
 //! A lane runs on one model version. After a swap it admits nobody until its
 //! rows of the old version have ended, then starts again on the new one; the
 //! other lane may already run the new version meanwhile.
@@ -30,6 +33,15 @@ use super::{
     fail_all, Batching, EngineConfig, EngineError, Pending, Queued, Running, ServingModel,
 };
 use crate::record::FinishReason;
+
+/// Waiting requests join a running lane once the rows of theirs that fit
+/// in the batch reach this share of the running rows, or once they have
+/// waited this many decode steps (as text-generation-inference does):
+/// every join costs a prefill and a copy of the running batch's cache, so
+/// joining one request per step, as rows end one at a time under load,
+/// would slow every running row. A lane with no rows takes requests at once.
+const WAITING_SERVED_RATIO: f64 = 0.3;
+const MAX_WAITING_STEPS: usize = 20;
 
 pub(super) struct Worker {
     pub(super) processor: Processor,
@@ -110,6 +122,7 @@ impl Worker {
         let mut images: ImageLane = Lane::new(ImageBatch::new(special.pad));
         let mut waiting: VecDeque<Queued> = VecDeque::new();
         let mut next_key = 0usize;
+        let mut steps_since_admission = 0usize;
         loop {
             let idle = answers.is_empty() && images.is_empty();
             if idle && waiting.is_empty() {
@@ -123,9 +136,32 @@ impl Worker {
                     waiting.push_back(job);
                 }
             }
-            if idle || self.config.batching == Batching::Continuous {
-                self.admit(&mut waiting, &mut answers, &mut images, &mut next_key);
+            let running = answers.batch.rows() + images.batch.images();
+            // Waiting rows that would fit in the batch now.
+            let joinable = waiting
+                .iter()
+                .map(Queued::rows)
+                .sum::<usize>()
+                .min(self.config.max_batch_rows.saturating_sub(running));
+            let continuous = self.config.batching == Batching::Continuous;
+            // Static batching admits into an idle worker only; continuous
+            // into empty lanes at once and into running ones in groups.
+            let all_lanes = idle
+                || (continuous
+                    && (joinable as f64 >= WAITING_SERVED_RATIO * running as f64
+                        || steps_since_admission >= MAX_WAITING_STEPS));
+            if (continuous || idle)
+                && self.admit(
+                    &mut waiting,
+                    &mut answers,
+                    &mut images,
+                    &mut next_key,
+                    all_lanes,
+                )
+            {
+                steps_since_admission = 0;
             }
+            steps_since_admission += 1;
             self.running
                 .report(answers.batch.rows(), images.batch.images());
             self.step_answers(&mut answers);
@@ -157,19 +193,24 @@ impl Worker {
 
     /// Moves waiting requests into their lanes, first come first served per
     /// task, while the rows fit the budget (a request larger than the whole
-    /// budget runs alone). Requests nobody waits for any more end here.
+    /// budget runs alone): into every lane when `all_lanes`, else only into
+    /// empty ones. Requests nobody waits for any more end here. Returns
+    /// whether any request joined a lane.
     fn admit(
         &self,
         waiting: &mut VecDeque<Queued>,
         answers: &mut AnswerLane,
         images: &mut ImageLane,
         next_key: &mut usize,
-    ) {
+        all_lanes: bool,
+    ) -> bool {
         let current = self.policy.load_full();
         let running = answers.batch.rows() + images.batch.images();
         let mut budget = self.config.max_batch_rows.saturating_sub(running);
-        let (mut answer_open, mut image_open) =
-            (answers.accepts(&current), images.accepts(&current));
+        let (mut answer_open, mut image_open) = (
+            answers.accepts(&current) && (all_lanes || answers.is_empty()),
+            images.accepts(&current) && (all_lanes || images.is_empty()),
+        );
         let (mut new_answers, mut new_images) = (Vec::new(), Vec::new());
         let mut left = VecDeque::with_capacity(waiting.len());
         let mut taken = 0;
@@ -206,6 +247,7 @@ impl Worker {
             }
         }
         *waiting = left;
+        let joined = !new_answers.is_empty() || !new_images.is_empty();
         if taken > 0 {
             self.queued.fetch_sub(taken, Ordering::SeqCst);
             metrics::gauge!("ulm_queue_depth").set(self.queued.load(Ordering::SeqCst) as f64);
@@ -246,6 +288,7 @@ impl Worker {
                 .collect();
             self.join(images, &policy, jobs, "generate");
         }
+        joined
     }
 
     /// Prefills `jobs` into `lane`; when that fails for several, each is

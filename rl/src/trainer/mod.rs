@@ -332,9 +332,10 @@ impl Trainer {
     fn without_graph<T>(&self, f: impl FnOnce() -> T) -> T {
         match &self.adaptation {
             Adaptation::Lora(lora) => {
-                lora.set_recording(false);
+                // Restores what it found, so that calls nest.
+                let was = lora.set_recording(false);
                 let out = f();
-                lora.set_recording(true);
+                lora.set_recording(was);
                 out
             }
             Adaptation::Full { .. } => f(),

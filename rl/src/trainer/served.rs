@@ -76,12 +76,18 @@ impl Trainer {
         self.with_reference(|m| self.served_logps(m, served))
     }
 
-    /// Valid-token log-probs of every prepared row: (understanding, generation).
+    /// Valid-token log-probs of every prepared row: (understanding,
+    /// generation). The adapters are read detached meanwhile: nothing here
+    /// is differentiated, and the forward then runs as serving's does.
     pub(super) fn inference_logps(
         &self,
         model: &Janus,
         p: &Prepared,
     ) -> Result<[RowLogps; 2], ModelError> {
+        self.without_graph(|| self.row_logps(model, p))
+    }
+
+    fn row_logps(&self, model: &Janus, p: &Prepared) -> Result<[RowLogps; 2], ModelError> {
         let dev = model.device();
         let temperature = self.logprob_temperature();
         let micro = self.config.micro_batch_rows.max(1);
