@@ -2,14 +2,15 @@
 //! `JANUS_FIXTURES` (default `tests/fixtures/janus`): prompts and ids, image
 //! preprocessing, understanding (all-position logits, hidden state, greedy
 //! decode), text-to-image with CFG (teacher forced), VQ encode and decode.
-//! Tolerances are those of the fixtures README, section 7.
+//! Tolerances are those of the fixtures README, section 7. `ULM_TEST_DEVICE`
+//! runs them on another device (`cuda`).
 
 mod common;
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{full_hidden, janus_fixture_dirs, row_embeds, Report, Tol};
+use common::{full_hidden, janus_fixture_dirs, row_embeds, test_device, Report, Tol};
 use ulm_model::bundle::ModelBundle;
 use ulm_model::decode::{CfgDecoder, TextDecoder, TextPrompt};
 use ulm_model::generate::to_rgb8;
@@ -303,7 +304,7 @@ fn check_vq_encode(dir: &Path, bundle: &ModelBundle, r: &mut Report) {
 #[test]
 fn every_fixture_matches_the_reference() {
     for dir in janus_fixture_dirs() {
-        let bundle = ModelBundle::load(&dir, DType::F32, &Device::Cpu)
+        let bundle = ModelBundle::load(&dir, DType::F32, &test_device())
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let mut report = Report::default();
         check_und(&dir, &bundle, &mut report);

@@ -32,6 +32,13 @@ pub fn janus_fixture_dirs() -> Vec<PathBuf> {
     dirs
 }
 
+/// The device the parity tests run on: `ULM_TEST_DEVICE`, `cpu` unless set
+/// (`cuda` on a GPU machine, with a build of the `cuda` feature).
+pub fn test_device() -> Device {
+    let spec = std::env::var("ULM_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    ulm_model::bundle::parse_device(&spec).expect("ULM_TEST_DEVICE names a device")
+}
+
 pub struct Case {
     pub json: serde_json::Value,
     pub tensors: HashMap<String, Tensor>,
@@ -45,7 +52,7 @@ impl Case {
         let json = serde_json::from_str(&text).expect("case json");
         let tensors = candle_core::safetensors::load(
             dir.join("cases").join(format!("{name}.safetensors")),
-            &Device::Cpu,
+            &test_device(),
         )
         .expect("case safetensors");
         Some(Case { json, tensors })
@@ -110,7 +117,12 @@ impl Tol {
 /// The largest `|actual - expected| - rtol * |expected|` (compared with
 /// `atol`) and the largest absolute difference.
 pub fn allclose_excess(actual: &Tensor, expected: &Tensor, rtol: f32) -> (f32, f32) {
-    let flat = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let flat = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.flatten_all())
+            .unwrap()
+    };
     let (a, e) = (flat(actual), flat(expected));
     assert_eq!(
         a.dims(),
