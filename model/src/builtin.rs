@@ -9,16 +9,19 @@ use candle_nn::VarBuilder;
 use tokenizers::Tokenizer;
 
 use crate::processor::{TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
+use crate::sampling_defaults::{SamplingDefaults, GENERATION_CONFIG_FILE};
 use crate::weights::CONFIG_FILE;
 use crate::{JanusConfig, ModelError};
 
 const CONFIG: &str = include_str!("../../models/world/config.json");
 const TOKENIZER: &str = include_str!("../../models/world/tokenizer.json");
 const WEIGHTS: &[u8] = include_bytes!("../../models/world/model.safetensors");
+const GENERATION_CONFIG: &str = include_str!("../../models/world/generation_config.json");
 
 /// Every file of the checkpoint but its weights, by name.
-const SIDE_FILES: [(&str, &str); 5] = [
+const SIDE_FILES: [(&str, &str); 6] = [
     (CONFIG_FILE, CONFIG),
+    (GENERATION_CONFIG_FILE, GENERATION_CONFIG),
     (TOKENIZER_FILE, TOKENIZER),
     (
         TOKENIZER_CONFIG_FILE,
@@ -36,6 +39,14 @@ const SIDE_FILES: [(&str, &str); 5] = [
 
 pub fn config() -> Result<JanusConfig, ModelError> {
     JanusConfig::from_json_str(CONFIG)
+}
+
+/// The sampling settings the world model draws best with (TRAINING.md).
+pub fn sampling() -> Result<SamplingDefaults, ModelError> {
+    SamplingDefaults::from_json_str(
+        GENERATION_CONFIG,
+        "the built-in world model's generation_config.json",
+    )
 }
 
 pub fn tokenizer() -> Result<Tokenizer, ModelError> {

@@ -10,14 +10,16 @@ use candle_nn::VarBuilder;
 use crate::image_processor::ImageProcessorConfig;
 use crate::janus::Janus;
 use crate::processor::Processor;
+use crate::sampling_defaults::{SamplingDefaults, GENERATION_CONFIG_FILE};
 use crate::weights::{checkpoint_weights, load_model, CONFIG_FILE};
 use crate::ModelError;
 use crate::{builtin, demo};
 
 /// Files of a checkpoint directory that describe the model besides its
 /// weights: written next to new weights so the directory loads on its own.
-const SIDE_FILES: [&str; 6] = [
+const SIDE_FILES: [&str; 7] = [
     CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -66,6 +68,8 @@ pub struct ModelBundle {
     pub model: Janus,
     pub processor: Processor,
     pub image_processor: ImageProcessorConfig,
+    /// What requests that do not say are sampled with.
+    pub sampling: SamplingDefaults,
     pub source: ModelSource,
 }
 
@@ -78,6 +82,7 @@ impl ModelBundle {
             model,
             processor,
             image_processor,
+            sampling: SamplingDefaults::from_dir(dir)?,
             source: ModelSource::Checkpoint(dir.to_path_buf()),
         })
     }
@@ -94,6 +99,7 @@ impl ModelBundle {
             model,
             processor,
             image_processor,
+            sampling: SamplingDefaults::default(),
             source: ModelSource::Demo { seed },
         })
     }
@@ -112,6 +118,7 @@ impl ModelBundle {
             model,
             processor,
             image_processor,
+            sampling: builtin::sampling()?,
             source: ModelSource::World,
         })
     }

@@ -19,6 +19,7 @@ pub mod processor;
 pub mod projector;
 pub mod runtime;
 pub mod sampling;
+pub mod sampling_defaults;
 pub mod siglip;
 pub mod vq;
 pub mod weights;

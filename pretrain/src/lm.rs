@@ -14,6 +14,7 @@ use ulm_rl::grpo::{
     generation_states, understanding_states, AdamW, GenerationBatch, T2iAlignment,
     UnderstandingBatch,
 };
+use ulm_world::caption::full_claim;
 use ulm_world::Example;
 
 use crate::data::{pixels, train_examples};
@@ -36,8 +37,17 @@ pub struct LmTraining {
     pub max_grad_norm: f64,
     /// Share of generation rows trained on the unconditional prompt.
     pub unconditional: f64,
+    /// Weight of the describing turn's loss: every example also answers
+    /// [`DESCRIBE_QUESTION`] with every object's size, colour, shape and
+    /// cell, a grounded answer where a question names one attribute of one
+    /// object; 0 leaves it out. Its own mean, so that its long answers do
+    /// not drown the one-token answers of the questions.
+    pub describe_weight: f64,
     pub world_seed: u64,
 }
+
+/// The describing turn's question.
+pub const DESCRIBE_QUESTION: &str = "Describe the image.";
 
 impl Default for LmTraining {
     fn default() -> Self {
@@ -50,6 +60,7 @@ impl Default for LmTraining {
             weight_decay: 0.01,
             max_grad_norm: 1.0,
             unconditional: 0.1,
+            describe_weight: 0.0,
             world_seed: 0,
         }
     }
@@ -65,6 +76,8 @@ pub struct LmStep {
     pub understanding: f64,
     /// Mean negative log-likelihood per image token.
     pub generation: f64,
+    /// Mean negative log-likelihood per token of the describing turn's answers.
+    pub describe: Option<f64>,
     pub grad_norm: f64,
 }
 
@@ -86,14 +99,13 @@ fn mean_nll(logps: &Tensor, mask: &Tensor) -> Result<Tensor> {
             .max(1.0)
 }
 
-/// The answer-token loss of `questions` questions per example (from the
-/// `pick`-th of each, cycling), each in its own row; the rows of an example
-/// share one pass of the vision tower.
+/// The answer-token loss of `turns` (question, answer) per example, each
+/// in its own row; the rows of an example share one pass of the vision
+/// tower.
 fn understanding_loss(
     parts: &LmParts,
     examples: &[Example],
-    pick: usize,
-    questions: usize,
+    turns: &[Vec<(&str, &str)>],
 ) -> Result<Tensor> {
     let (model, processor) = (parts.model, parts.processor);
     let device = model.device();
@@ -102,17 +114,14 @@ fn understanding_loss(
     let mut answers = Vec::new();
     let mut images = Vec::new();
     let mut row_image = Vec::new();
-    for (i, example) in examples.iter().enumerate() {
-        for k in 0..questions.min(example.questions.len()) {
-            let question = &example.questions[(pick + i + k) % example.questions.len()];
+    for (i, (example, turns)) in examples.iter().zip(turns).enumerate() {
+        for (question, answer) in turns {
             prompts.push(
                 processor
-                    .understanding_prompt(&question.text)
+                    .understanding_prompt(question)
                     .map_err(model_error)?,
             );
-            let mut answer = processor
-                .encode_plain(&question.answer)
-                .map_err(model_error)?;
+            let mut answer = processor.encode_plain(answer).map_err(model_error)?;
             answer.push(special.eos);
             answers.push(answer);
             row_image.push(i as u32);
@@ -211,21 +220,59 @@ fn generation_loss(
     logps.mean_all()?.neg()
 }
 
-/// The understanding and generation losses of `examples`: `questions`
-/// questions of each from the `pick`-th and its `pick`-th caption
-/// (cycling), row `i`'s caption replaced by the unconditional prompt where
-/// `unconditional[i]`.
+/// The losses of one step on `examples`.
+pub struct Losses {
+    /// Answer tokens of the questions.
+    pub understanding: Tensor,
+    /// Image tokens of the captions.
+    pub generation: Tensor,
+    /// Answer tokens of the describing turn; `None` when it is left out.
+    pub describe: Option<Tensor>,
+}
+
+/// The losses of `examples`: `questions` questions of each from the
+/// `pick`-th and its `pick`-th caption (cycling), row `i`'s caption
+/// replaced by the unconditional prompt where `unconditional[i]`, and the
+/// describing turn when `describe`.
 pub fn losses(
     parts: &LmParts,
     examples: &[Example],
     pick: usize,
     questions: usize,
     unconditional: &[bool],
-) -> Result<(Tensor, Tensor)> {
-    Ok((
-        understanding_loss(parts, examples, pick, questions)?,
-        generation_loss(parts, examples, pick, unconditional)?,
-    ))
+    describe: bool,
+) -> Result<Losses> {
+    let asked: Vec<Vec<(&str, &str)>> = examples
+        .iter()
+        .enumerate()
+        .map(|(i, example)| {
+            let all = &example.questions;
+            (0..questions.min(all.len()))
+                .map(|k| {
+                    let question = &all[(pick + i + k) % all.len()];
+                    (question.text.as_str(), question.answer.as_str())
+                })
+                .collect()
+        })
+        .collect();
+    let describe = if describe {
+        let descriptions: Vec<String> = examples
+            .iter()
+            .map(|e| full_claim(&e.scene).phrase())
+            .collect();
+        let turns: Vec<Vec<(&str, &str)>> = descriptions
+            .iter()
+            .map(|d| vec![(DESCRIBE_QUESTION, d.as_str())])
+            .collect();
+        Some(understanding_loss(parts, examples, &turns)?)
+    } else {
+        None
+    };
+    Ok(Losses {
+        understanding: understanding_loss(parts, examples, &asked)?,
+        generation: generation_loss(parts, examples, pick, unconditional)?,
+        describe,
+    })
 }
 
 fn model_error(e: ulm_model::ModelError) -> candle_core::Error {
@@ -254,8 +301,19 @@ pub fn train_lm(
                 (((step * cfg.batch + i) as f64) * 0.618_033_988_7).fract() < cfg.unconditional
             })
             .collect();
-        let (und, gen) = losses(parts, &examples, step, cfg.questions, &unconditional)?;
-        let total = (&und + &gen)?;
+        let step_losses = losses(
+            parts,
+            &examples,
+            step,
+            cfg.questions,
+            &unconditional,
+            cfg.describe_weight > 0.0,
+        )?;
+        let (und, gen) = (&step_losses.understanding, &step_losses.generation);
+        let mut total = (und + gen)?;
+        if let Some(describe) = &step_losses.describe {
+            total = (total + (describe * cfg.describe_weight)?)?;
+        }
         optimizer.lr = learning_rate(cfg.lr, step, cfg.steps, cfg.warmup);
         let (loss, grad_norm) = descend(&total, params, &mut optimizer, cfg.max_grad_norm, step)?;
         let scalar = |t: &Tensor| t.to_dtype(DType::F64)?.to_scalar::<f64>();
@@ -263,8 +321,9 @@ pub fn train_lm(
             step,
             lr: optimizer.lr,
             loss,
-            understanding: scalar(&und)?,
-            generation: scalar(&gen)?,
+            understanding: scalar(und)?,
+            generation: scalar(gen)?,
+            describe: step_losses.describe.as_ref().map(scalar).transpose()?,
             grad_norm,
         });
     }

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 use ulm_model::demo::{build_random, demo_config_json, write_demo_side_files};
 use ulm_model::processor::TOKENIZER_FILE;
+use ulm_model::sampling_defaults::{SamplingDefaults, GENERATION_CONFIG_FILE};
 use ulm_model::weights::WEIGHTS_FILE;
 use ulm_model::{Janus, JanusConfig};
 use ulm_rl::policy::build_trainable;
@@ -46,6 +47,14 @@ pub fn world_config_json(tokenizer: &Tokenizer) -> Result<Value, PretrainError> 
     vq["norm_num_groups"] = json!(8);
     Ok(config)
 }
+
+/// The sampling settings a world model is saved with (its
+/// `generation_config.json`): the best of the sweep in TRAINING.md, where
+/// Janus-Pro's guidance 5 and temperature 1 draw half as many images right.
+pub const WORLD_SAMPLING: SamplingDefaults = SamplingDefaults {
+    guidance_scale: 2.0,
+    temperature: 0.7,
+};
 
 /// Checkpoint names of the VQ tokenizer's tensors start with this.
 pub const VQ_PREFIX: &str = "gen_vision_model.";
@@ -114,6 +123,8 @@ impl PretrainModel {
         }
         candle_core::safetensors::save(&tensors, staging.join(WEIGHTS_FILE))?;
         write_demo_side_files(&staging, &self.model.cfg)?;
+        let sampling = staging.join(GENERATION_CONFIG_FILE);
+        std::fs::write(&sampling, WORLD_SAMPLING.to_json_string()).map_err(io)?;
         let tokenizer = staging.join(TOKENIZER_FILE);
         self.tokenizer
             .save(&tokenizer, true)

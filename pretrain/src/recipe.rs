@@ -8,10 +8,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{Device, Var};
 use serde::Serialize;
 use ulm_model::image_processor::ImageProcessorConfig;
 use ulm_model::processor::Processor;
+use ulm_model::weights::WEIGHTS_FILE;
 use ulm_world::{examples, Split};
 
 use crate::lm::{train_lm, LmParts, LmTraining};
@@ -32,6 +33,11 @@ pub struct Recipe {
     /// `checkpoint-early/`: the same recipe stopped early, a model with
     /// room to improve for reinforcement-learning experiments.
     pub early_checkpoint: Option<usize>,
+    /// A checkpoint of the same recipe whose VQ tokenizer stage two starts
+    /// from, in place of stage one: the tokenizer is trained once and kept
+    /// while the multimodal stage is tuned (stage one is deterministic, so
+    /// it gives the same model as rerunning it).
+    pub vq_from: Option<PathBuf>,
 }
 
 /// What a stage reports as it goes: its name, the step, the steps in all.
@@ -43,6 +49,9 @@ pub trait Progress {
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub seed: u64,
+    /// The checkpoint the VQ tokenizer was copied from, when stage one did
+    /// not run.
+    pub vq_from: Option<PathBuf>,
     pub vq_steps: usize,
     pub vq_seconds: f64,
     /// Share of validation scenes the verifier reads exactly after encoding
@@ -109,6 +118,7 @@ fn plot_losses(
     }
     let series: Vec<Series> = losses
         .iter()
+        .filter(|(_, values)| !values.is_empty())
         .map(|(name, values)| Series::smoothed(name, values, PLOT_WINDOW))
         .collect();
     let path = out.join(format!("loss-{stage}.png"));
@@ -126,6 +136,62 @@ fn plot_losses(
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> PretrainError + '_ {
     move |e| PretrainError::Invalid(format!("{}: {e}", path.display()))
+}
+
+/// Stage one: trains the VQ tokenizer's `params`, writing its metrics and
+/// loss curves into `out`.
+fn train_vq_stage(
+    model: &PretrainModel,
+    params: &[(String, Var)],
+    vq: &VqTraining,
+    out: &Path,
+    progress: &mut dyn Progress,
+) -> Result<(), PretrainError> {
+    let mut metrics = Metrics::create(&out.join("metrics-vq.jsonl"))?;
+    let (mut reconstruction, mut codebook) = (Vec::new(), Vec::new());
+    progress.stage("vq", vq.steps);
+    train_vq(&model.model.gen_vision, params, vq, |s| {
+        metrics.write(s);
+        reconstruction.push(s.reconstruction);
+        codebook.push(s.codebook);
+        progress.step(&format!(
+            "reconstruction {:.4}, {} codes",
+            s.reconstruction, s.codes_used
+        ));
+    })?;
+    metrics.finish()?;
+    plot_losses(
+        out,
+        "vq",
+        "VQ tokenizer",
+        &[
+            ("reconstruction (weighted L2)", reconstruction),
+            ("codebook", codebook),
+        ],
+    )
+}
+
+/// Sets the VQ tokenizer's `params` to those of the checkpoint in `dir`,
+/// which must have the same shapes.
+fn copy_vq(dir: &Path, params: &[(String, Var)]) -> Result<(), PretrainError> {
+    let path = dir.join(WEIGHTS_FILE);
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+        .map_err(|e| PretrainError::Invalid(format!("{}: {e}", path.display())))?;
+    for (name, var) in params {
+        let tensor = tensors.get(name).ok_or_else(|| {
+            PretrainError::Invalid(format!("{}: no tensor {name}", path.display()))
+        })?;
+        if tensor.dims() != var.dims() {
+            return Err(PretrainError::Invalid(format!(
+                "{}: {name} is {:?}, the recipe's VQ has {:?}",
+                path.display(),
+                tensor.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&tensor.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
 }
 
 /// Runs the recipe into `out`; the checkpoint is `out/checkpoint`.
@@ -146,32 +212,20 @@ pub fn run(
         ..recipe.vq.clone()
     };
 
-    let (vq_seconds, accuracy) = {
+    let (vq_steps, vq_seconds, accuracy) = {
         let params = model.params_of_vq(true);
         let started = Instant::now();
-        let mut metrics = Metrics::create(&out.join("metrics-vq.jsonl"))?;
-        let (mut reconstruction, mut codebook) = (Vec::new(), Vec::new());
-        progress.stage("vq", vq.steps);
-        train_vq(&model.model.gen_vision, &params, &vq, |s| {
-            metrics.write(s);
-            reconstruction.push(s.reconstruction);
-            codebook.push(s.codebook);
-            progress.step(&format!(
-                "reconstruction {:.4}, {} codes",
-                s.reconstruction, s.codes_used
-            ));
-        })?;
-        metrics.finish()?;
+        let vq_steps = match &recipe.vq_from {
+            Some(dir) => {
+                copy_vq(dir, &params)?;
+                0
+            }
+            None => {
+                train_vq_stage(&model, &params, &vq, out, progress)?;
+                vq.steps
+            }
+        };
         let seconds = started.elapsed().as_secs_f64();
-        plot_losses(
-            out,
-            "vq",
-            "VQ tokenizer",
-            &[
-                ("reconstruction (weighted L2)", reconstruction),
-                ("codebook", codebook),
-            ],
-        )?;
         let validation: Vec<_> = examples(recipe.seed, Split::Validation)
             .take(recipe.eval_scenes)
             .collect();
@@ -184,7 +238,7 @@ pub fn run(
                 .save(&path)
                 .map_err(|e| PretrainError::Invalid(format!("{}: {e}", path.display())))?;
         }
-        (seconds, accuracy)
+        (vq_steps, seconds, accuracy)
     };
 
     let lm = LmTraining {
@@ -203,13 +257,14 @@ pub fn run(
         };
         let started = Instant::now();
         let mut metrics = Metrics::create(&out.join("metrics-lm.jsonl"))?;
-        let (mut answers, mut images) = (Vec::new(), Vec::new());
+        let (mut answers, mut images, mut descriptions) = (Vec::new(), Vec::new(), Vec::new());
         let mut saved_early = Ok(());
         progress.stage("lm", lm.steps);
         train_lm(&parts, &params, &lm, |s| {
             metrics.write(s);
             answers.push(s.understanding);
             images.push(s.generation);
+            descriptions.extend(s.describe);
             if recipe.early_checkpoint == Some(s.step + 1) {
                 saved_early = model.save(&out.join("checkpoint-early"));
             }
@@ -232,6 +287,7 @@ pub fn run(
             &[
                 ("answer tokens (nats)", answers),
                 ("image tokens (nats)", images),
+                ("description tokens (nats)", descriptions),
             ],
         )?;
         (seconds, last)
@@ -241,7 +297,8 @@ pub fn run(
     model.save(&checkpoint)?;
     let summary = Summary {
         seed: recipe.seed,
-        vq_steps: vq.steps,
+        vq_from: recipe.vq_from.clone(),
+        vq_steps,
         vq_seconds,
         vq_reconstruction_accuracy: accuracy,
         eval_scenes: recipe.eval_scenes,

@@ -27,14 +27,14 @@ fn every_part_but_the_vq_gets_a_gradient() {
         image_processor: &image_processor,
     };
     let examples = train_examples(0, 0, 3);
-    let (und, gen) = losses(&parts, &examples, 0, 2, &[false, true, false]).unwrap();
+    let step = losses(&parts, &examples, 0, 2, &[false, true, false], true).unwrap();
+    let describe = step.describe.expect("the describing turn was asked for");
     // Near uniform at the start: log of the vocabulary and of the codebook.
-    let (u, g) = (
-        und.to_scalar::<f32>().unwrap(),
-        gen.to_scalar::<f32>().unwrap(),
-    );
-    assert!(u > 3.0 && g > 4.0, "{u} {g}");
-    let grads = (und + gen).unwrap().backward().unwrap();
+    let [u, g, d] =
+        [&step.understanding, &step.generation, &describe].map(|t| t.to_scalar::<f32>().unwrap());
+    assert!(u > 3.0 && g > 4.0 && d > 3.0, "{u} {g} {d}");
+    let total = ((&step.understanding + &step.generation).unwrap() + describe).unwrap();
+    let grads = total.backward().unwrap();
     let params = m.params_of_vq(false);
     assert!(params.iter().any(|(n, _)| n.starts_with("vision_model.")));
     assert_every_gradient(&grads, &params);
@@ -58,6 +58,7 @@ fn training_lowers_both_losses() {
         steps: 6,
         batch: 4,
         warmup: 1,
+        describe_weight: 0.5,
         ..LmTraining::default()
     };
     let mut log = Vec::new();
@@ -71,4 +72,18 @@ fn training_lowers_both_losses() {
         "{first:?} -> {last:?}"
     );
     assert!(last.generation < first.generation, "{first:?} -> {last:?}");
+    assert!(last.describe < first.describe, "{first:?} -> {last:?}");
+}
+
+#[test]
+fn the_describing_turn_can_be_left_out() {
+    let (m, processor, image_processor) = setup();
+    let parts = LmParts {
+        model: &m.model,
+        processor: &processor,
+        image_processor: &image_processor,
+    };
+    let examples = train_examples(0, 0, 2);
+    let step = losses(&parts, &examples, 0, 1, &[false, false], false).unwrap();
+    assert!(step.describe.is_none());
 }

@@ -74,6 +74,7 @@ fn main() {
                 model,
                 processor,
                 image_processor,
+                sampling: Default::default(),
                 source: ulm_model::bundle::ModelSource::Demo { seed: 3 },
             };
             let adaptation = if lora {

@@ -75,10 +75,12 @@ pub struct GenerateArgs {
     pub prompt: String,
     #[arg(long, default_value_t = 1)]
     pub n: usize,
-    #[arg(long, default_value_t = 5.0)]
-    pub cfg_weight: f32,
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f32,
+    /// Classifier-free guidance weight (default: the model's).
+    #[arg(long)]
+    pub cfg_weight: Option<f32>,
+    /// Sampling temperature (default: the model's).
+    #[arg(long)]
+    pub temperature: Option<f32>,
     #[arg(long)]
     pub top_k: Option<usize>,
     #[arg(long, default_value_t = 0)]
@@ -139,9 +141,13 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
     let bundle = args.model.open()?;
     let item = ImageItem {
         prompt: bundle.processor.generation_prompt(&args.prompt)?,
-        cfg_weight: args.cfg_weight,
+        cfg_weight: args
+            .cfg_weight
+            .unwrap_or(bundle.sampling.guidance_scale as f32),
         sampling: SamplingParams {
-            temperature: args.temperature,
+            temperature: args
+                .temperature
+                .unwrap_or(bundle.sampling.temperature as f32),
             top_k: args.top_k,
             top_p: None,
         },

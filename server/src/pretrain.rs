@@ -51,6 +51,16 @@ pub struct PretrainArgs {
     /// `checkpoint-early/` (a weaker model of the same recipe); 0: never.
     #[arg(long, default_value_t = 300)]
     pub early_checkpoint: usize,
+    /// Weight of the describing turn's loss (every object of an image, in
+    /// words, as one answer); 0 leaves the turn out. The shipped model
+    /// was trained without it (TRAINING.md).
+    #[arg(long, default_value_t = 0.0)]
+    pub describe_weight: f64,
+    /// Skip the VQ stage and start the multimodal stage from the VQ
+    /// tokenizer of this checkpoint (one of this recipe, same seed and VQ
+    /// settings): for tuning the second stage without retraining the first.
+    #[arg(long)]
+    pub vq_from: Option<PathBuf>,
 }
 
 /// A progress bar per stage on standard error.
@@ -97,10 +107,12 @@ pub fn pretrain(args: &PretrainArgs) -> Result<Summary> {
             batch: args.lm_batch,
             lr: args.lm_lr,
             warmup: (args.lm_steps / 20).max(1),
+            describe_weight: args.describe_weight,
             ..LmTraining::default()
         },
         eval_scenes: args.eval_scenes,
         early_checkpoint: (args.early_checkpoint > 0).then_some(args.early_checkpoint),
+        vq_from: args.vq_from.clone(),
     };
     let mut bar = Bar(None);
     let summary = run(&recipe, &args.out, &mut bar)?;
@@ -126,12 +138,12 @@ pub struct EvalArgs {
     /// The world whose test split is used (the seed the model was pretrained with).
     #[arg(long, default_value_t = 0)]
     pub world_seed: u64,
-    /// Classifier-free guidance weight of generation.
-    #[arg(long, default_value_t = 5.0)]
-    pub cfg_weight: f32,
-    /// Sampling temperature of image tokens.
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f32,
+    /// Classifier-free guidance weight of generation (default: the model's).
+    #[arg(long)]
+    pub cfg_weight: Option<f32>,
+    /// Sampling temperature of image tokens (default: the model's).
+    #[arg(long)]
+    pub temperature: Option<f32>,
     /// Where to write the report as JSON.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -149,8 +161,12 @@ pub fn eval(args: &EvalArgs) -> Result<EvalReport> {
         seeds: args.seeds,
         question_scenes: args.question_scenes,
         world_seed: args.world_seed,
-        cfg_weight: args.cfg_weight,
-        temperature: args.temperature,
+        cfg_weight: args
+            .cfg_weight
+            .unwrap_or(bundle.sampling.guidance_scale as f32),
+        temperature: args
+            .temperature
+            .unwrap_or(bundle.sampling.temperature as f32),
         ..EvalConfig::default()
     };
     let report = evaluate(&bundle, &cfg)?;

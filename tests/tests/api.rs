@@ -112,6 +112,11 @@ async fn generate_answer_feedback_and_lookup() {
     let (status, models) = server.get("/v1/models").await;
     assert_eq!(status, 200);
     assert_eq!(models["data"][0]["demo"], true);
+    // A model with no generation_config.json samples as Janus-Pro does.
+    assert_eq!(
+        models["data"][0]["sampling"],
+        serde_json::json!({"cfg_weight": 5.0, "temperature": 1.0})
+    );
 
     let (status, metrics) = server.get("/metrics").await;
     assert_eq!(status, 200);

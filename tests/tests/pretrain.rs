@@ -54,6 +54,8 @@ fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
             "4",
             "--early-checkpoint",
             "2",
+            "--describe-weight",
+            "0.5",
         ],
         d,
     );
@@ -75,6 +77,58 @@ fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
         let image = image::open(d.join("run").join(plot)).unwrap();
         assert!(image.width() > 100, "{plot}");
     }
+    assert!(lm.iter().all(|s| s["describe"].as_f64().unwrap() > 0.0));
+    let sampling: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("run/checkpoint/generation_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sampling["guidance_scale"], 2.0);
+
+    // Stage two again from the first run's VQ, without the describing turn
+    // (the default).
+    let again = run(
+        &[
+            "pretrain",
+            "--out",
+            "again",
+            "--vq-from",
+            "run/checkpoint",
+            "--lm-steps",
+            "2",
+            "--lm-batch",
+            "2",
+            "--eval-scenes",
+            "4",
+            "--early-checkpoint",
+            "0",
+        ],
+        d,
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(summary["vq_steps"], 0);
+    assert!(!d.join("again/metrics-vq.jsonl").exists());
+    assert!(lines(&d.join("again/metrics-lm.jsonl"))
+        .iter()
+        .all(|s| s["describe"].is_null()));
+    let vq_tensors = |dir: &str| {
+        let bytes = std::fs::read(d.join(dir).join("model.safetensors")).unwrap();
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut named: Vec<(String, Vec<u8>)> = tensors
+            .tensors()
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("gen_vision_model."))
+            .map(|(name, view)| (name, view.data().to_vec()))
+            .collect();
+        named.sort();
+        named
+    };
+    let copied = vq_tensors("again/checkpoint");
+    assert!(!copied.is_empty());
+    assert_eq!(
+        copied,
+        vq_tensors("run/checkpoint"),
+        "the VQ was not copied as it was"
+    );
 
     run(
         &[

@@ -27,16 +27,31 @@ async fn serve_without_a_model_draws_and_answers_the_world() {
     let (status, models) = server.get("/v1/models").await;
     assert_eq!(status, 200, "{models}");
     assert_eq!(models["data"][0]["demo"], false, "{models}");
+    // The checkpoint's generation_config.json: what it draws best with.
+    assert_eq!(
+        models["data"][0]["sampling"],
+        json!({"cfg_weight": 2.0, "temperature": 0.7}),
+        "{models}"
+    );
 
     let prompt = "a photo of a green triangle";
     let claim = caption::parse(prompt).unwrap();
     let (status, out) = server
         .post(
             "/v1/generate",
-            &json!({"prompt": prompt, "n": 8, "seed": 0, "cfg_weight": 2.0, "temperature": 0.7}),
+            &json!({"prompt": prompt, "n": 8, "seed": 0}),
         )
         .await;
     assert_eq!(status, 200, "{out}");
+    let id = out["images"][0]["sample_id"].as_str().unwrap();
+    let (status, sample) = server.get(&format!("/v1/samples/{id}")).await;
+    assert_eq!(status, 200, "{sample}");
+    let params = &sample["params"];
+    assert_eq!(params["cfg_weight"], 2.0, "{sample}");
+    assert!(
+        (params["temperature"].as_f64().unwrap() - 0.7).abs() < 1e-6,
+        "{sample}"
+    );
     let mut right = 0;
     for image in out["images"].as_array().unwrap() {
         let bytes = base64::engine::general_purpose::STANDARD

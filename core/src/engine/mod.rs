@@ -22,6 +22,12 @@ use tokio::sync::{mpsc, oneshot};
 use ulm_model::bundle::ModelBundle;
 use ulm_model::image_processor::ImageProcessorConfig;
 use ulm_model::processor::{Processor, TextStream};
+/// The sampling ranges and defaults the API validates against: one home,
+/// the model's, so a checkpoint's defaults and a request obey one rule.
+pub use ulm_model::sampling_defaults::{
+    guidance_in_range, temperature_in_range, SamplingDefaults, MAX_GUIDANCE_SCALE, MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+};
 use ulm_model::{Janus, ModelError};
 
 mod work;
@@ -196,6 +202,8 @@ pub struct ModelInfo {
     pub image_tokens_per_image: usize,
     pub generated_image_size: usize,
     pub understanding_image_size: usize,
+    /// What requests that do not say are sampled with.
+    pub sampling: SamplingDefaults,
 }
 
 /// What the worker is decoding, as it last reported.
@@ -247,6 +255,7 @@ impl Engine {
             image_tokens_per_image: cfg.gen_vision.image_tokens(),
             generated_image_size: cfg.gen_vision.image_size,
             understanding_image_size: cfg.vision.image_size,
+            sampling: bundle.sampling,
         };
         let processor = Arc::new(bundle.processor.clone());
         let image_processor = Arc::new(bundle.image_processor.clone());

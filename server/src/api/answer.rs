@@ -76,8 +76,9 @@ pub(super) struct AnswerQuestion<'a> {
     pub max_new_tokens: u32,
     /// The name the route gives `max_new_tokens`, for its error message.
     pub max_new_tokens_field: &'static str,
-    /// The sampling floats as sent: checked before they narrow to f32.
-    pub temperature: f64,
+    /// The sampling floats as sent: checked before they narrow to f32. No
+    /// temperature: the model's default.
+    pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub top_k: Option<u32>,
     pub seed: Option<u64>,
@@ -109,11 +110,14 @@ impl AnswerJob {
             q.max_new_tokens,
             limits.max_new_tokens,
         )?;
-        limits.sampling(q.temperature, q.top_k, q.top_p)?;
+        let temperature = q
+            .temperature
+            .unwrap_or(state.engine.info.sampling.temperature);
+        limits.sampling(temperature, q.top_k, q.top_p)?;
         let params = AnswerParams {
             n: q.n,
             max_new_tokens: q.max_new_tokens,
-            temperature: q.temperature as f32,
+            temperature: temperature as f32,
             top_p: q.top_p.map(|p| p as f32),
             top_k: q.top_k,
         };

@@ -49,17 +49,15 @@ pub(super) async fn draw(
     let limits = &state.limits;
     limits.text("prompt", &body.prompt)?;
     limits.count("n", body.n, limits.max_images_per_request)?;
-    if !(0.0..=20.0).contains(&body.cfg_weight) || body.cfg_weight.is_sign_negative() {
-        return Err(ApiError::InvalidParameter(format!(
-            "cfg_weight must be between 0 and 20, got {}",
-            body.cfg_weight
-        )));
-    }
-    limits.sampling(body.temperature, body.top_k, None)?;
+    let defaults = state.engine.info.sampling;
+    let cfg_weight = body.cfg_weight.unwrap_or(defaults.guidance_scale);
+    limits.cfg_weight(cfg_weight)?;
+    let temperature = body.temperature.unwrap_or(defaults.temperature);
+    limits.sampling(temperature, body.top_k, None)?;
     let params = GenerateParams {
         n: body.n,
-        cfg_weight: body.cfg_weight as f32,
-        temperature: body.temperature as f32,
+        cfg_weight: cfg_weight as f32,
+        temperature: temperature as f32,
         top_k: body.top_k,
     };
     let seeds = limits.seeds(body.seed, body.n)?;

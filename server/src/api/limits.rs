@@ -6,10 +6,9 @@ use std::time::Duration;
 use super::error::ApiError;
 use super::types::MAX_SEED;
 
-/// The smallest sampling temperature above 0: logits divided by less can
-/// overflow f32.
-pub const MIN_TEMPERATURE: f64 = 0.01;
-pub const MAX_TEMPERATURE: f64 = 5.0;
+use ulm_core::engine::{
+    guidance_in_range, temperature_in_range, MAX_GUIDANCE_SCALE, MAX_TEMPERATURE, MIN_TEMPERATURE,
+};
 /// Beyond any vocabulary: a larger k truncates nothing.
 pub const MAX_TOP_K: u32 = 1_000_000;
 pub use ulm_core::store::MAX_FEEDBACK_SCORE as MAX_SCORE;
@@ -88,6 +87,16 @@ impl Limits {
         Ok(())
     }
 
+    /// A classifier-free guidance weight in range.
+    pub fn cfg_weight(&self, cfg_weight: f64) -> Result<(), ApiError> {
+        if !guidance_in_range(cfg_weight) {
+            return Err(bad(format!(
+                "cfg_weight must be between 0 and {MAX_GUIDANCE_SCALE}, got {cfg_weight}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Sampling parameters in the ranges the sampler accepts.
     pub fn sampling(
         &self,
@@ -95,8 +104,7 @@ impl Limits {
         top_k: Option<u32>,
         top_p: Option<f64>,
     ) -> Result<(), ApiError> {
-        let greedy = temperature == 0.0 && temperature.is_sign_positive();
-        if !greedy && !(MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&temperature) {
+        if !temperature_in_range(temperature) {
             return Err(bad(format!(
                 "temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, got {temperature}"
             )));

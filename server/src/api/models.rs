@@ -6,7 +6,7 @@ use axum::Json;
 
 use super::auth::Role;
 use super::error::{ApiError, ApiPath, ErrorBody};
-use super::types::{ModelList, ModelView};
+use super::types::{ModelList, ModelView, SamplingDefaultsView};
 use super::AppState;
 use ulm_core::registry::RegistryError;
 use ulm_core::store::jobs::VersionRecord;
@@ -52,6 +52,10 @@ fn view(state: &AppState, v: VersionRecord, active: &str) -> ModelView {
         image_tokens_per_image: info.image_tokens_per_image,
         generated_image_size: info.generated_image_size,
         understanding_image_size: info.understanding_image_size,
+        sampling: SamplingDefaultsView {
+            cfg_weight: info.sampling.guidance_scale,
+            temperature: info.sampling.temperature,
+        },
     }
 }
 
@@ -116,7 +120,7 @@ mod tests {
             "id": "v1", "object": "model", "created": 0, "owned_by": "ulm-server", "description": "", "demo": true, "active": true, "parent": "demo-base",
             "job_id": "job", "checkpoint_path": "adapters/0f3a", "metrics": {}, "created_at": 0,
             "max_context_tokens": 1, "image_tokens_per_image": 1, "generated_image_size": 1,
-            "understanding_image_size": 1,
+            "understanding_image_size": 1, "sampling": {"cfg_weight": 5.0, "temperature": 1.0},
         }))
         .unwrap();
         assert!(for_role(version.clone(), Role::User)

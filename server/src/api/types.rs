@@ -19,12 +19,6 @@ fn default_images() -> u32 {
 pub(crate) fn default_one() -> u32 {
     1
 }
-pub(crate) fn default_cfg_weight() -> f64 {
-    5.0
-}
-pub(crate) fn default_temperature() -> f64 {
-    1.0
-}
 fn default_max_new_tokens() -> u32 {
     256
 }
@@ -41,14 +35,15 @@ pub struct GenerateRequest {
     #[schema(minimum = 1, maximum = 16, default = 4)]
     pub n: u32,
     /// Classifier-free guidance weight: `uncond + w * (cond - uncond)`.
-    #[serde(default = "default_cfg_weight")]
-    #[schema(minimum = 0.0, maximum = 20.0, default = 5.0)]
-    pub cfg_weight: f64,
+    /// Default: the model's (`sampling` in `GET /v1/models`; 5 for
+    /// Janus-Pro, 2 for the built-in world model).
+    #[schema(minimum = 0.0, maximum = 20.0)]
+    pub cfg_weight: Option<f64>,
     /// Sampling temperature: 0 picks the most likely token; otherwise at
-    /// least 0.01.
-    #[serde(default = "default_temperature")]
-    #[schema(minimum = 0.0, maximum = 5.0, default = 1.0)]
-    pub temperature: f64,
+    /// least 0.01. Default: the model's (1 for Janus-Pro, 0.7 for the
+    /// world model).
+    #[schema(minimum = 0.0, maximum = 5.0)]
+    pub temperature: Option<f64>,
     /// Sample only among the k most likely image tokens.
     #[schema(minimum = 1, maximum = 1000000)]
     pub top_k: Option<u32>,
@@ -112,9 +107,9 @@ pub struct AnswerRequest {
     #[schema(minimum = 1, maximum = 2048, default = 256)]
     pub max_new_tokens: u32,
     /// Sampling temperature: 0 decodes greedily; otherwise at least 0.01.
-    #[serde(default = "default_temperature")]
-    #[schema(minimum = 0.0, maximum = 5.0, default = 1.0)]
-    pub temperature: f64,
+    /// Default: the model's (`sampling` in `GET /v1/models`).
+    #[schema(minimum = 0.0, maximum = 5.0)]
+    pub temperature: Option<f64>,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.
     #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f64>,
@@ -316,6 +311,17 @@ pub struct ModelView {
     pub image_tokens_per_image: usize,
     pub generated_image_size: usize,
     pub understanding_image_size: usize,
+    /// What a request that does not say is sampled with.
+    pub sampling: SamplingDefaultsView,
+}
+
+/// The model's sampling defaults (its checkpoint's `generation_config.json`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct SamplingDefaultsView {
+    /// `cfg_weight` of image generation.
+    pub cfg_weight: f64,
+    /// `temperature` of image tokens and answers.
+    pub temperature: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

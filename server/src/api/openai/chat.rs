@@ -78,7 +78,7 @@ pub async fn chat_completions(
             n: body.n,
             max_new_tokens,
             max_new_tokens_field,
-            temperature: body.temperature.unwrap_or(1.0),
+            temperature: body.temperature,
             top_p: body.top_p,
             top_k: None,
             seed: body.seed,

@@ -5,9 +5,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::api::types::{
-    default_cfg_weight, default_one, default_temperature, FinishReason, Usage,
-};
+use crate::api::types::{default_one, FinishReason, Usage};
 
 /// `POST /v1/chat/completions`. The model answers one question about one
 /// image: send one `user` message whose content holds one `image_url` part
@@ -33,7 +31,8 @@ pub struct ChatCompletionRequest {
     pub max_tokens: Option<u32>,
     #[schema(minimum = 1, maximum = 2048)]
     pub max_completion_tokens: Option<u32>,
-    /// 0 decodes greedily; otherwise at least 0.01 (default 1).
+    /// 0 decodes greedily; otherwise at least 0.01 (default: the model's,
+    /// `sampling` in `GET /v1/models`).
     #[schema(minimum = 0.0, maximum = 5.0)]
     pub temperature: Option<f64>,
     #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
@@ -235,12 +234,12 @@ pub struct ImageGenerationRequest {
     pub response_format: ImageResponseFormat,
     /// Accepted and ignored.
     pub user: Option<String>,
-    #[serde(default = "default_cfg_weight")]
-    #[schema(minimum = 0.0, maximum = 20.0, default = 5.0)]
-    pub cfg_weight: f64,
-    #[serde(default = "default_temperature")]
-    #[schema(minimum = 0.0, maximum = 5.0, default = 1.0)]
-    pub temperature: f64,
+    /// Default: the model's (`sampling` in `GET /v1/models`).
+    #[schema(minimum = 0.0, maximum = 20.0)]
+    pub cfg_weight: Option<f64>,
+    /// Default: the model's.
+    #[schema(minimum = 0.0, maximum = 5.0)]
+    pub temperature: Option<f64>,
     #[schema(minimum = 1, maximum = 1000000)]
     pub top_k: Option<u32>,
     #[schema(minimum = 0, maximum = 9007199254740991_u64)]

@@ -1,0 +1,150 @@
+//! The sampling settings a checkpoint recommends, read from its
+//! `generation_config.json` as transformers' Janus checkpoints carry them
+//! (`guidance_scale`, `temperature`): what a request that does not say is
+//! sampled with. A model trained here can want other settings than
+//! Janus-Pro's (the world model draws best at guidance 2, temperature 0.7;
+//! at Janus's 5 and 1 it gets half as many images right).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// File of a checkpoint directory that holds its sampling defaults.
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+
+/// Largest classifier-free guidance weight a request may ask for.
+pub const MAX_GUIDANCE_SCALE: f64 = 20.0;
+/// The smallest sampling temperature above 0: logits divided by less can
+/// overflow f32.
+pub const MIN_TEMPERATURE: f64 = 0.01;
+/// Largest sampling temperature a request may ask for.
+pub const MAX_TEMPERATURE: f64 = 5.0;
+
+/// Whether `temperature` is one the sampler takes: 0 (greedy) or between
+/// [`MIN_TEMPERATURE`] and [`MAX_TEMPERATURE`].
+pub fn temperature_in_range(temperature: f64) -> bool {
+    let greedy = temperature == 0.0 && temperature.is_sign_positive();
+    greedy || (MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&temperature)
+}
+
+/// Whether `cfg_weight` is a guidance weight between 0 and
+/// [`MAX_GUIDANCE_SCALE`].
+pub fn guidance_in_range(cfg_weight: f64) -> bool {
+    (0.0..=MAX_GUIDANCE_SCALE).contains(&cfg_weight) && cfg_weight.is_sign_positive()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SamplingDefaults {
+    /// Classifier-free guidance weight of image generation.
+    pub guidance_scale: f64,
+    /// Temperature of image tokens and of answers.
+    pub temperature: f64,
+}
+
+impl Default for SamplingDefaults {
+    /// Janus-Pro's: guidance 5, temperature 1.
+    fn default() -> Self {
+        Self {
+            guidance_scale: 5.0,
+            temperature: 1.0,
+        }
+    }
+}
+
+/// The fields of `generation_config.json` read here; the others (token
+/// ids, lengths) are the checkpoint's own business.
+#[derive(Deserialize)]
+struct GenerationConfig {
+    guidance_scale: Option<f64>,
+    temperature: Option<f64>,
+}
+
+impl SamplingDefaults {
+    /// Reads `text`, a `generation_config.json`; a field it lacks keeps
+    /// Janus-Pro's default.
+    pub fn from_json_str(text: &str, origin: &str) -> Result<Self, ModelError> {
+        let invalid = |message: String| ModelError::Config {
+            field: format!("{origin}:"),
+            message,
+        };
+        let read: GenerationConfig =
+            serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let defaults = Self::default();
+        let out = Self {
+            guidance_scale: read.guidance_scale.unwrap_or(defaults.guidance_scale),
+            temperature: read.temperature.unwrap_or(defaults.temperature),
+        };
+        if !guidance_in_range(out.guidance_scale) {
+            return Err(invalid(format!(
+                "guidance_scale must be between 0 and {MAX_GUIDANCE_SCALE}, got {}",
+                out.guidance_scale
+            )));
+        }
+        if !temperature_in_range(out.temperature) {
+            return Err(invalid(format!(
+                "temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, got {}",
+                out.temperature
+            )));
+        }
+        Ok(out)
+    }
+
+    /// The defaults of the checkpoint in `dir`: Janus-Pro's when it has no
+    /// `generation_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join(GENERATION_CONFIG_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::from_json_str(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(ModelError::Io {
+                path,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// As `generation_config.json` holds them.
+    pub fn to_json_string(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_fields_keep_janus_defaults_and_out_of_range_ones_are_refused() {
+        let read = |text: &str| SamplingDefaults::from_json_str(text, "g.json");
+        assert_eq!(read("{}").unwrap(), SamplingDefaults::default());
+        let world = read(r#"{"guidance_scale": 2, "temperature": 0.7, "max_length": 9}"#).unwrap();
+        assert_eq!((world.guidance_scale, world.temperature), (2.0, 0.7));
+        assert_eq!(read(&world.to_json_string()).unwrap(), world);
+        for bad in [
+            r#"{"guidance_scale": -1}"#,
+            r#"{"guidance_scale": 21}"#,
+            r#"{"temperature": 6}"#,
+            r#"{"temperature": 0.001}"#,
+            r#"{"temperature": "hot"}"#,
+            "not json",
+        ] {
+            let e = read(bad).unwrap_err().to_string();
+            assert!(e.contains("g.json"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_without_the_file_has_janus_defaults() {
+        let dir = std::env::temp_dir().join(format!("ulm-sampling-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(
+            SamplingDefaults::from_dir(&dir).unwrap(),
+            SamplingDefaults::default()
+        );
+        std::fs::write(dir.join(GENERATION_CONFIG_FILE), r#"{"temperature": 0.5}"#).unwrap();
+        assert_eq!(SamplingDefaults::from_dir(&dir).unwrap().temperature, 0.5);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
