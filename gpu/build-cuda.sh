@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the CUDA binaries on a machine with no GPU and no CUDA toolkit, from
-# NVIDIA's wheels on PyPI: the server, the side-by-side and model benchmarks
-# and the parity tests, stripped, into one folder that gpu/runbook.sh runs
-# on a GPU machine.
+# NVIDIA's wheels on PyPI: the server, the side-by-side, model and GRPO-step
+# benchmarks and the parity tests, stripped, into one folder that
+# gpu/runbook.sh runs on a GPU machine.
 #
 #   gpu/build-cuda.sh                  # CUDA 13.0, compute capability 9.0 (H100, H200)
 #   CUDA_COMPUTE_CAP=80 gpu/build-cuda.sh
@@ -75,19 +75,20 @@ mkdir -p "$out"
   echo "compute capability: $compute_cap"
   cargo build --release --locked -p ulm-server --features cuda --bin ulm-server
   cargo bench --locked -p ulm-model --features cuda --no-run --bench side_by_side --bench model
+  cargo bench --locked -p ulm-rl --features cuda --no-run --bench memory
   cargo test --release --locked -p ulm-model --features cuda --no-run --test parity
 } 2>&1 | tee "$log"
 
 # The newest build of each binary, stripped.
 cp "$CARGO_TARGET_DIR/release/ulm-server" "$out/"
-for name in side_by_side model parity; do
+for name in side_by_side model memory parity; do
   bin=$(ls -t "$CARGO_TARGET_DIR"/release/deps/"$name"-* | grep -v '\.d$' | head -1)
   cp "$bin" "$out/$name"
 done
 strip "$out"/*
 cp model/benches/side_by_side.py gpu/runbook.sh "$out/"
 cp -r tests/fixtures "$out/fixtures"
-# Each binary holds candle's PTX (text, the same in all four): xz with a
+# Each binary holds candle's PTX (text, the same in all five): xz with a
 # dictionary larger than one binary stores it about once.
 archive=$out.tar.xz
 tar -C "$(dirname "$out")" -cf - "$(basename "$out")" | xz -T0 -9 >"$archive"

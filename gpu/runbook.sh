@@ -13,7 +13,9 @@
 #    batch 1 and 16 (prefill, decode tokens/s, image tokens/s, VQ decode,
 #    seconds per image).
 # 3. The model benchmark in bf16 (tokens/s by batch size).
-# 4. The weight-read limit of a decode step: bytes of weights over the
+# 4. One GRPO step at the Janus-Pro-1B widths (24 layers) in bf16, LoRA and
+#    full, at 2 and 8 rows per group: seconds per step.
+# 5. The weight-read limit of a decode step: bytes of weights over the
 #    memory bandwidth the GPU measures here.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -51,6 +53,7 @@ run side-by-side-1b-bf16 bash -c "./side_by_side --dir '$results/1b-bf16' --pres
   && python3 side_by_side.py '$results/1b-bf16' --device cuda --dtype bf16"
 
 run model-bench-bf16 ./model --device cuda --dtype bf16
+run grpo-step-1b-bf16 ./memory --device cuda --dtype bf16 --layers 24 --rows 2,8 --quick
 
 # Weight-read limit: a decode step reads every weight once, so at batch 1
 # it cannot beat (bytes of weights) / (bandwidth).
