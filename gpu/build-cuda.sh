@@ -6,6 +6,8 @@
 #
 #   gpu/build-cuda.sh                  # CUDA 13.0, compute capability 9.0 (H100, H200)
 #   CUDA_COMPUTE_CAP=80 gpu/build-cuda.sh
+#   gpu/build-cuda.sh --check          # only type-check every target with the cuda feature
+#                                      # (candle's kernels still go through nvcc): what CI runs
 #
 # The toolkit is pinned to CUDA 13.0: the GPU machines this project is lent
 # run driver 580 (CUDA 13.0), and a driver loads only PTX from an nvcc no
@@ -20,32 +22,47 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+check_only=false
+[ "${1:-}" = --check ] && check_only=true
 compute_cap=${CUDA_COMPUTE_CAP:-90}
 toolkit=${TOOLKIT:-$PWD/target/cuda-toolkit}
 out=${OUT:-$PWD/target/gpu-bundle}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
 
 # CUDA 13.0 pieces: compiler (nvcc, its front end nvvm and crt headers),
-# runtime headers, the C++ library headers they include, and the three
-# libraries candle links.
-wheels=(
+# runtime headers and the C++ library headers they include; for linking,
+# the three libraries candle links (not needed to type-check).
+compiler_wheels=(
   nvidia-cuda-nvcc==13.0.88
   nvidia-nvvm==13.0.88
   nvidia-cuda-crt==13.0.88
   nvidia-cuda-runtime==13.0.96
   nvidia-cuda-cccl==13.0.85
+)
+library_wheels=(
   nvidia-cuda-nvrtc==13.0.88
   nvidia-cublas==13.0.2.14
   nvidia-curand==10.4.0.35
 )
+wheels=("${compiler_wheels[@]}")
+$check_only || wheels+=("${library_wheels[@]}")
 root=$toolkit/nvidia/cu13
-if [ ! -x "$root/bin/nvcc" ]; then
-  mkdir -p "$toolkit/wheels"
-  python3 -m pip download -q --no-deps --disable-pip-version-check -d "$toolkit/wheels" "${wheels[@]}"
-  for wheel in "$toolkit"/wheels/*.whl; do
+mkdir -p "$toolkit/wheels"
+python3 -m pip download -q --no-deps --disable-pip-version-check -d "$toolkit/wheels" "${wheels[@]}"
+for wheel in "$toolkit"/wheels/*.whl; do
+  if [ ! -e "$wheel.unpacked" ]; then
     python3 -m zipfile -e "$wheel" "$toolkit"
-  done
-  chmod +x "$root"/bin/* "$root"/nvvm/bin/* 2>/dev/null || true
+    touch "$wheel.unpacked"
+  fi
+done
+chmod +x "$root"/bin/* "$root"/nvvm/bin/* 2>/dev/null || true
+export CUDA_ROOT=$root CUDA_PATH=$root CUDA_COMPUTE_CAP=$compute_cap
+export PATH=$root/bin:$PATH
+
+if $check_only; then
+  cargo check --locked --all-targets -p ulm-server -p ulm-rl -p ulm-model \
+    --features ulm-server/cuda,ulm-rl/cuda,ulm-model/cuda
+  exit
 fi
 
 # The linker wants unversioned names, and a libcuda.so to resolve the
@@ -65,8 +82,6 @@ grep -ohE 'pub (unsafe )?fn cu[A-Za-z0-9_]*' "$cudarc/src/driver/sys/mod.rs" | a
   sed 's/.*/int &(void) { return 999; }/' >"$links/libcuda_stub.c"
 cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$links/libcuda.so" "$links/libcuda_stub.c"
 
-export CUDA_ROOT=$root CUDA_PATH=$root CUDA_COMPUTE_CAP=$compute_cap
-export PATH=$root/bin:$PATH
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$links"
 log=$out.log
 mkdir -p "$out"
@@ -76,11 +91,12 @@ mkdir -p "$out"
   cargo build --release --locked -p ulm-server --features cuda --bin ulm-server
   cargo bench --locked -p ulm-model --features cuda --no-run --bench side_by_side --bench model
   cargo bench --locked -p ulm-rl --features cuda --no-run --bench memory
+  cargo build --release --locked -p ulm-load
   cargo test --release --locked -p ulm-model --features cuda --no-run --test parity
 } 2>&1 | tee "$log"
 
 # The newest build of each binary, stripped.
-cp "$CARGO_TARGET_DIR/release/ulm-server" "$out/"
+cp "$CARGO_TARGET_DIR/release/ulm-server" "$CARGO_TARGET_DIR/release/ulm-load" "$out/"
 for name in side_by_side model memory parity; do
   bin=$(ls -t "$CARGO_TARGET_DIR"/release/deps/"$name"-* | grep -v '\.d$' | head -1)
   cp "$bin" "$out/$name"
@@ -88,6 +104,8 @@ done
 strip "$out"/*
 cp model/benches/side_by_side.py gpu/runbook.sh "$out/"
 cp -r tests/fixtures "$out/fixtures"
+mkdir -p "$out/load-tests"
+cp load-tests/open-loop.sh load-tests/serving-model.json "$out/load-tests/"
 # Each binary holds candle's PTX (text, the same in all five): xz with a
 # dictionary larger than one binary stores it about once.
 archive=$out.tar.xz

@@ -5,6 +5,12 @@
 # transformers and safetensors):
 #
 #   bash runbook.sh [RESULTS]          # RESULTS: where reports go (default ./results)
+#   STEPS="parity open-loop" bash runbook.sh   # only the steps named (a prefix each)
+#
+# Every step together takes longer than one call of a lent machine may
+# (10 minutes): run it as two, STEPS="parity side-by-side weight" (the
+# weight-read limit reads the 1B side-by-side's timings) then
+# STEPS="model grpo open-loop".
 #
 # 1. The parity suite on CUDA in f32, at the fixtures' tolerances.
 # 2. Side by side with transformers' Janus on the same GPU and the same
@@ -15,16 +21,28 @@
 # 3. The model benchmark in bf16 (tokens/s by batch size).
 # 4. One GRPO step at the Janus-Pro-1B widths (24 layers) in bf16, LoRA and
 #    full, at 2 and 8 rows per group: seconds per step.
-# 5. The weight-read limit of a decode step: bytes of weights over the
+# 5. The open-loop serving benchmark, static against continuous batching,
+#    on the GPU in bf16 (load-tests/open-loop.sh): p50/p99 and throughput
+#    at rates up to and past the point where static batching saturates.
+# 6. The weight-read limit of a decode step: bytes of weights over the
 #    memory bandwidth the GPU measures here.
 set -uo pipefail
 cd "$(dirname "$0")"
 results=${1:-results}
 mkdir -p "$results"
 status=0
+selected() {
+  [ -z "${STEPS:-}" ] && return 0
+  local step
+  for step in $STEPS; do
+    [[ $1 == "$step"* ]] && return 0
+  done
+  return 1
+}
 run() {
   local name=$1
   shift
+  selected "$name" || return 0
   echo "== $name"
   if "$@" >"$results/$name.log" 2>&1; then
     tail -25 "$results/$name.log"
@@ -54,6 +72,9 @@ run side-by-side-1b-bf16 bash -c "./side_by_side --dir '$results/1b-bf16' --pres
 
 run model-bench-bf16 ./model --device cuda --dtype bf16
 run grpo-step-1b-bf16 ./memory --device cuda --dtype bf16 --layers 24 --rows 2,8 --quick
+run open-loop-bf16 env BIN=. OUT="$results/open-loop" SERVE_ARGS="--device cuda --dtype bf16" \
+  RATES="${OPEN_LOOP_RATES:-8 16 32 64 128}" DURATION="${OPEN_LOOP_DURATION:-15}" \
+  bash load-tests/open-loop.sh
 
 # Weight-read limit: a decode step reads every weight once, so at batch 1
 # it cannot beat (bytes of weights) / (bandwidth).

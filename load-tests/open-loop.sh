@@ -13,6 +13,10 @@
 #
 #   load-tests/open-loop.sh                 # rates 4 8 16 24, 30 s each
 #   RATES="4 8" DURATION=10 load-tests/open-loop.sh
+#
+# BIN=DIR runs the ulm-server and ulm-load binaries in DIR instead of
+# building them, and SERVE_ARGS adds flags to both servers: the GPU
+# runbook runs it as BIN=. SERVE_ARGS="--device cuda --dtype bf16".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,8 +25,12 @@ duration=${DURATION:-30}
 out=${OUT:-$(mktemp -d /tmp/ulm-open-loop.XXXXXX)}
 mkdir -p "$out"
 
-cargo build --release --locked -q -p ulm-server -p ulm-load
-bin=target/release
+bin=${BIN:-}
+if [ -z "$bin" ]; then
+  cargo build --release --locked -q -p ulm-server -p ulm-load
+  bin=target/release
+fi
+read -r -a serve_args <<<"${SERVE_ARGS:-}"
 
 model=${MODEL:-load-tests/serving-model.json}
 if [ "$model" = demo ]; then
@@ -40,13 +48,13 @@ declare -A port=([static]=18391 [continuous]=18392)
 for mode in static continuous; do
   # A queue long enough that no arrival is refused: what is measured is
   # the time a request waits and computes, not how fast 429s come back.
-  "$bin/ulm-server" serve "${model_args[@]}" --no-auth --port "${port[$mode]}" \
+  "$bin/ulm-server" serve "${model_args[@]}" "${serve_args[@]}" --no-auth --port "${port[$mode]}" \
     --data-dir "$out/data-$mode" --batching "$mode" --max-queue 100000 \
     --request-timeout-secs 900 >"$out/server-$mode.log" 2>&1 &
   pids+=($!)
 done
 for mode in static continuous; do
-  for _ in $(seq 1 300); do
+  for _ in $(seq 1 1200); do
     curl -fs "http://127.0.0.1:${port[$mode]}/readyz" >/dev/null && break
     sleep 0.1
   done
