@@ -193,6 +193,7 @@ fn shape() -> Shape {
     Shape {
         image_tokens: IMAGE_TOKENS,
         input_images: demo.image_processor,
+        sampling_temperature: demo.sampling.temperature,
     }
 }
 

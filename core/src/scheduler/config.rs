@@ -36,7 +36,9 @@ pub struct JobConfig {
     pub group_size: u32,
     /// Sampling temperature of fresh rollouts; served groups are used only
     /// when they were sampled at this temperature (their log-probs are).
-    pub temperature: f64,
+    /// None: the served model's default, which requests that name no
+    /// temperature are sampled with.
+    pub temperature: Option<f64>,
     /// New tokens per fresh answer rollout.
     pub max_new_tokens: u32,
     pub lr: f64,
@@ -76,7 +78,7 @@ impl Default for JobConfig {
             steps: 20,
             groups_per_step: 4,
             group_size: 8,
-            temperature: 1.0,
+            temperature: None,
             max_new_tokens: 256,
             lr: 5e-5,
             beta: 0.04,
@@ -108,6 +110,12 @@ pub struct ConfigError {
 }
 
 impl JobConfig {
+    /// The rollout temperature: the configured one, else `model_default`
+    /// (the served model's sampling default).
+    pub fn temperature_or(&self, model_default: f64) -> f64 {
+        self.temperature.unwrap_or(model_default)
+    }
+
     /// Every field in its range; the error names the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let range = |field: &'static str, v: f64, lo: f64, hi: f64| {
@@ -123,7 +131,9 @@ impl JobConfig {
         range("steps", self.steps as f64, 1.0, 1000.0)?;
         range("groups_per_step", self.groups_per_step as f64, 1.0, 64.0)?;
         range("group_size", self.group_size as f64, 2.0, 32.0)?;
-        range("temperature", self.temperature, 0.05, 5.0)?;
+        if let Some(temperature) = self.temperature {
+            range("temperature", temperature, 0.05, 5.0)?;
+        }
         range("max_new_tokens", self.max_new_tokens as f64, 1.0, 4096.0)?;
         range("lr", self.lr, 0.0, 1.0)?;
         range("beta", self.beta, 0.0, 10.0)?;

@@ -31,6 +31,8 @@ pub struct Shape {
     pub image_tokens: usize,
     /// How input images reach the vision tower: a job keeps them at that size.
     pub input_images: ImageProcessorConfig,
+    /// The model's default sampling temperature, for a job that names none.
+    pub sampling_temperature: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -208,7 +210,8 @@ pub async fn gather(
             data.counts.skipped_single_sample += 1;
             continue;
         }
-        if (first.params.logprob_temperature() as f64 - config.temperature).abs() > 1e-6 {
+        let temperature = config.temperature_or(shape.sampling_temperature);
+        if (first.params.logprob_temperature() as f64 - temperature).abs() > 1e-6 {
             data.counts.skipped_other_temperature += 1;
             continue;
         }

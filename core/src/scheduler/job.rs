@@ -184,7 +184,7 @@ pub fn run(
     };
     let trainer_config = TrainerConfig {
         group_size: config.group_size as usize,
-        temperature: config.temperature as f32,
+        temperature: config.temperature_or(base.sampling.temperature) as f32,
         max_new_tokens: config.max_new_tokens as usize,
         beta: config.beta,
         epsilon_low: config.epsilon_low,

@@ -439,6 +439,7 @@ impl Scheduler {
         let shape = data::Shape {
             image_tokens: base.model.cfg.gen_vision.image_tokens(),
             input_images: base.image_processor.clone(),
+            sampling_temperature: base.sampling.temperature,
         };
         let holdout = self.inner.config.holdout_fraction;
         let data = data::gather(store, &config, holdout, job.created_at, shape).await?;

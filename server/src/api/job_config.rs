@@ -70,7 +70,10 @@ pub struct JobConfig {
     pub t2i_match_weight: f64,
     /// Sampling temperature of fresh rollouts; served groups are used only
     /// when they were sampled at this temperature (their log-probs are).
-    pub temperature: f64,
+    /// Default: the model's (`sampling` in `GET /v1/models`), which requests
+    /// that name no temperature are sampled with.
+    #[schema(minimum = 0.05, maximum = 5.0)]
+    pub temperature: Option<f64>,
 }
 
 impl Default for DataMix {
