@@ -246,6 +246,48 @@ async fn a_job_gathers_every_source_and_holds_out_a_stable_share() {
     assert_eq!(data.counts.skipped_unscored, 6, "{:?}", data.counts);
 }
 
+/// A job that names no temperature takes the served model's default, the
+/// one requests that name none are drawn at; a named one wins.
+#[tokio::test]
+async fn a_job_without_a_temperature_trains_on_what_the_model_serves_by_default() {
+    let f = fixture().await;
+    let serving_at_0_7 = Shape {
+        sampling_temperature: 0.7,
+        ..shape()
+    };
+    let data = gather(
+        &f.store,
+        &JobConfig::default(),
+        0.3,
+        now_ms(),
+        serving_at_0_7,
+    )
+    .await
+    .unwrap();
+    // The six rated groups and the reference group were drawn at 1.0.
+    assert_eq!(
+        data.counts.skipped_other_temperature, 7,
+        "{:?}",
+        data.counts
+    );
+    let at_1 = JobConfig {
+        temperature: Some(1.0),
+        ..JobConfig::default()
+    };
+    let serving_at_0_7 = Shape {
+        sampling_temperature: 0.7,
+        ..shape()
+    };
+    let data = gather(&f.store, &at_1, 0.3, now_ms(), serving_at_0_7)
+        .await
+        .unwrap();
+    assert_eq!(
+        data.counts.skipped_other_temperature, 1,
+        "{:?}",
+        data.counts
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_run_draws_on_every_source_and_evaluates() {
     let f = fixture().await;
