@@ -105,6 +105,16 @@ impl SamplingDefaults {
         }
     }
 
+    /// `cfg_weight` when a caller names one, else this guidance.
+    pub fn guidance_or(&self, cfg_weight: Option<f32>) -> f32 {
+        cfg_weight.unwrap_or(self.guidance_scale as f32)
+    }
+
+    /// `temperature` when a caller names one, else this temperature.
+    pub fn temperature_or(&self, temperature: Option<f32>) -> f32 {
+        temperature.unwrap_or(self.temperature as f32)
+    }
+
     /// As `generation_config.json` holds them.
     pub fn to_json_string(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
@@ -122,6 +132,14 @@ mod tests {
         let world = read(r#"{"guidance_scale": 2, "temperature": 0.7, "max_length": 9}"#).unwrap();
         assert_eq!((world.guidance_scale, world.temperature), (2.0, 0.7));
         assert_eq!(read(&world.to_json_string()).unwrap(), world);
+        assert_eq!(
+            (world.guidance_or(None), world.guidance_or(Some(4.0))),
+            (2.0, 4.0)
+        );
+        assert_eq!(
+            (world.temperature_or(None), world.temperature_or(Some(1.0))),
+            (0.7, 1.0)
+        );
         for bad in [
             r#"{"guidance_scale": -1}"#,
             r#"{"guidance_scale": 21}"#,

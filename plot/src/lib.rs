@@ -18,11 +18,13 @@ pub struct PlotError {
     pub title: String,
     pub message: String,
 }
-const PALETTE: [RGBColor; 4] = [
+const PALETTE: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(127, 127, 127),
 ];
 
 /// One named curve of (step, value) points.

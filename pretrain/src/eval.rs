@@ -4,8 +4,9 @@
 //! accuracy per question type for understanding.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use ulm_model::bundle::ModelBundle;
 use ulm_model::decode::TextPrompt;
 use ulm_model::generate::{
@@ -24,6 +25,9 @@ pub struct EvalConfig {
     pub prompts_per_category: usize,
     /// Images per prompt, each from its own seed.
     pub seeds: usize,
+    /// Seed of each prompt's first image (then `first_seed + 1`, ...):
+    /// repeated evaluations draw new images from another.
+    pub first_seed: u64,
     /// Test scenes whose questions are asked (every question of each).
     pub question_scenes: usize,
     /// Classifier-free guidance weight (Janus: 5).
@@ -40,6 +44,7 @@ impl Default for EvalConfig {
         Self {
             prompts_per_category: 20,
             seeds: 4,
+            first_seed: 0,
             question_scenes: 100,
             cfg_weight: 5.0,
             temperature: 1.0,
@@ -49,7 +54,7 @@ impl Default for EvalConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Accuracy {
     pub correct: usize,
     pub total: usize,
@@ -67,7 +72,7 @@ impl Accuracy {
 /// Accuracies by category or type, and overall: the mean of the
 /// categories' accuracies for generation (as GenEval), of all questions for
 /// understanding.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalReport {
     pub generation: BTreeMap<String, Accuracy>,
     pub generation_overall: f64,
@@ -75,6 +80,7 @@ pub struct EvalReport {
     pub understanding_overall: f64,
     pub prompts_per_category: usize,
     pub seeds: usize,
+    pub first_seed: u64,
     pub question_scenes: usize,
 }
 
@@ -118,12 +124,12 @@ fn test_prompts(world_seed: u64, category: Category, n: usize) -> Vec<Example> {
         .collect()
 }
 
-/// `seeds` images per prompt (seeds 0, 1, ...), sampled at `temperature`
-/// with classifier-free guidance `cfg_weight`.
+/// An image per prompt and seed, sampled at `temperature` with
+/// classifier-free guidance `cfg_weight`.
 pub(crate) fn draw(
     bundle: &ModelBundle,
     prompts: &[&str],
-    seeds: usize,
+    seeds: Range<u64>,
     cfg_weight: f32,
     temperature: f32,
 ) -> Result<Vec<Vec<Option<ImageSample>>>, PretrainError> {
@@ -139,7 +145,7 @@ pub(crate) fn draw(
                     top_k: None,
                     top_p: None,
                 },
-                seeds: (0..seeds as u64).collect(),
+                seeds: seeds.clone().collect(),
             })
         })
         .collect::<Result<Vec<_>, ulm_model::ModelError>>()?;
@@ -164,7 +170,7 @@ pub fn evaluate(bundle: &ModelBundle, cfg: &EvalConfig) -> Result<EvalReport, Pr
         let images = draw(
             bundle,
             &captions,
-            cfg.seeds,
+            cfg.first_seed..cfg.first_seed + cfg.seeds as u64,
             cfg.cfg_weight,
             cfg.temperature,
         )?;
@@ -233,6 +239,7 @@ pub fn evaluate(bundle: &ModelBundle, cfg: &EvalConfig) -> Result<EvalReport, Pr
         understanding_overall: all.accuracy,
         prompts_per_category: cfg.prompts_per_category,
         seeds: cfg.seeds,
+        first_seed: cfg.first_seed,
         question_scenes: cfg.question_scenes,
     })
 }

@@ -77,7 +77,7 @@ pub fn generation_grid(
         .iter()
         .map(|p| caption::parse(p).map_err(|e| PretrainError::Invalid(format!("{p:?}: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    let images = draw(bundle, prompts, seeds, cfg_weight, temperature)?;
+    let images = draw(bundle, prompts, 0..seeds as u64, cfg_weight, temperature)?;
     let side = bundle.model.gen_vision.image_size() as u32 * SCALE;
     let cell_w = side + 2 * FRAME + 40;
     let row_h = side + 2 * FRAME + READING_HEIGHT;

@@ -4,9 +4,10 @@
 //! `api` (axum, utoipa: routes, validation, auth, the OpenAPI document; talks
 //! to the core, never to tensors), `serve` (configuration and wiring),
 //! `listen` (connections and their timeouts), `train`, `pretrain`,
-//! `oneshot` and `world` (the offline commands).
+//! `corl`, `oneshot` and `world` (the offline commands).
 
 pub mod api;
+pub mod corl;
 pub mod listen;
 pub mod oneshot;
 pub mod pretrain;

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use ulm_model::demo::{save_demo_checkpoint, save_random_checkpoint, DEFAULT_SEED};
+use ulm_server::corl::{corl, markdown, CorlArgs};
 use ulm_server::oneshot::{self, AnswerArgs, GenerateArgs};
 use ulm_server::pretrain::{eval, pretrain, EvalArgs, PretrainArgs};
 use ulm_server::serve::{serve, Role, ServeArgs};
@@ -49,6 +50,9 @@ enum Command {
     Pretrain(Box<PretrainArgs>),
     /// Accuracy of a model on the synthetic world's test split, per category and question type.
     Eval(Box<EvalArgs>),
+    /// GRPO arms (unified, one task each, verifier-rewarded) from one model,
+    /// several seeds each, evaluated on the world's test split: the CoRL comparison.
+    Corl(Box<CorlArgs>),
     /// Write examples of the synthetic world of coloured shapes as a dataset.
     World(WorldArgs),
     /// Read an image with the world's verifier and check a caption against it.
@@ -73,7 +77,7 @@ fn main() -> Result<()> {
             runtime.block_on(serve(*args, Role::Worker))?;
         }
         Command::Openapi => println!("{}", ulm_server::api::openapi_json()),
-        Command::Train(args) => train(*args)?,
+        Command::Train(args) => println!("{}", train(*args)?.display()),
         Command::Answer(args) => {
             for (i, text) in oneshot::answer(&args)?.iter().enumerate() {
                 println!("[{i}] {text}");
@@ -99,6 +103,7 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&summary)?);
         }
         Command::Eval(args) => print!("{}", eval(&args)?.table()),
+        Command::Corl(args) => print!("{}", markdown(&corl(&args)?)),
         Command::World(args) => {
             let lines = write_world(&args)?;
             println!("{} ({lines} items)", args.out.join("data.jsonl").display());

@@ -141,13 +141,9 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
     let bundle = args.model.open()?;
     let item = ImageItem {
         prompt: bundle.processor.generation_prompt(&args.prompt)?,
-        cfg_weight: args
-            .cfg_weight
-            .unwrap_or(bundle.sampling.guidance_scale as f32),
+        cfg_weight: bundle.sampling.guidance_or(args.cfg_weight),
         sampling: SamplingParams {
-            temperature: args
-                .temperature
-                .unwrap_or(bundle.sampling.temperature as f32),
+            temperature: bundle.sampling.temperature_or(args.temperature),
             top_k: args.top_k,
             top_p: None,
         },

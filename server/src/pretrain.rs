@@ -15,6 +15,7 @@ use ulm_pretrain::lm::LmTraining;
 use ulm_pretrain::recipe::{run, Progress, Recipe, Summary};
 use ulm_pretrain::showcase::{generation_grid, SHOWCASE_PROMPTS};
 use ulm_pretrain::vq::VqTraining;
+use ulm_rl::lora;
 
 #[derive(Args, Debug, Clone)]
 pub struct PretrainArgs {
@@ -132,6 +133,12 @@ pub struct EvalArgs {
     /// Images per prompt.
     #[arg(long, default_value_t = 4)]
     pub seeds: usize,
+    /// Seed of each prompt's first image; the next images take the seeds after it.
+    #[arg(long, default_value_t = 0)]
+    pub first_seed: u64,
+    /// LoRA adapters saved by `train` (a checkpoint-<step> directory), evaluated on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Test scenes whose questions are asked.
     #[arg(long, default_value_t = 100)]
     pub question_scenes: usize,
@@ -155,18 +162,20 @@ pub struct EvalArgs {
 
 /// Evaluates a model on the world's test split; prints a table, writes JSON.
 pub fn eval(args: &EvalArgs) -> Result<EvalReport> {
-    let bundle = args.model.open()?;
+    let mut bundle = args.model.open()?;
+    if let Some(dir) = &args.adapter {
+        let device = bundle.model.device().clone();
+        lora::load_for_inference(&mut bundle.model, dir, &device)
+            .with_context(|| format!("adapters of {}", dir.display()))?;
+    }
     let cfg = EvalConfig {
         prompts_per_category: args.prompts,
         seeds: args.seeds,
         question_scenes: args.question_scenes,
         world_seed: args.world_seed,
-        cfg_weight: args
-            .cfg_weight
-            .unwrap_or(bundle.sampling.guidance_scale as f32),
-        temperature: args
-            .temperature
-            .unwrap_or(bundle.sampling.temperature as f32),
+        first_seed: args.first_seed,
+        cfg_weight: bundle.sampling.guidance_or(args.cfg_weight),
+        temperature: bundle.sampling.temperature_or(args.temperature),
         ..EvalConfig::default()
     };
     let report = evaluate(&bundle, &cfg)?;

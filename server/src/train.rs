@@ -62,6 +62,9 @@ pub struct TrainArgs {
     pub max_new_tokens: usize,
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
+    /// Classifier-free guidance weight of generation rollouts (default: the model's).
+    #[arg(long)]
+    pub cfg_weight: Option<f32>,
     /// Log-prob temperature; the sampling temperature when absent.
     #[arg(long)]
     pub logprob_temperature: Option<f64>,
@@ -132,7 +135,8 @@ fn parse_rewards(spec: &str) -> Result<Vec<Weighted>> {
         .collect()
 }
 
-pub fn train(args: TrainArgs) -> Result<()> {
+/// Runs the training; returns the directory of the last checkpoint.
+pub fn train(args: TrainArgs) -> Result<PathBuf> {
     let items = read_dataset(&args.data)?;
     let mut rewards = parse_rewards(&args.rewards)?;
     for spec in &args.http_reward {
@@ -162,7 +166,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         .as_ref()
         .and_then(|s| s.base_model.clone())
         .or(args.model.clone());
-    let config = TrainerConfig {
+    let mut config = TrainerConfig {
         group_size: args.group_size,
         temperature: args.temperature,
         logprob_temperature: args.logprob_temperature,
@@ -191,6 +195,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     };
     let choice = ModelChoice::from_args(base_dir.as_deref(), args.demo)?;
     let mut bundle = ModelBundle::open_named(&choice, &args.device, &args.dtype)?;
+    config.cfg_weight = bundle.sampling.guidance_or(args.cfg_weight);
     let (device, dtype) = (bundle.model.device().clone(), bundle.model.dtype());
     let mut frozen = Vec::new();
     let adaptation = if full {
@@ -271,8 +276,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if !last.exists() {
         save(&trainer, &last, base_dir.as_deref(), &frozen)?;
     }
-    println!("{}", last.display());
-    Ok(())
+    Ok(last)
 }
 
 /// `out/curves.png` from every step in `out/metrics.jsonl` (a resumed run's

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use ulm_e2e::server_binary;
+use ulm_e2e::{jsonl, server_binary};
 
 fn run(args: &[&str], dir: &Path) -> Output {
     let out = Command::new(server_binary())
@@ -23,14 +23,6 @@ fn run(args: &[&str], dir: &Path) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-fn lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]
@@ -63,8 +55,8 @@ fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
     assert_eq!(summary["vq_steps"], 3);
     assert_eq!(summary["lm_steps"], 3);
     assert!(summary["lm_generation"].as_f64().unwrap().is_finite());
-    let vq = lines(&d.join("run/metrics-vq.jsonl"));
-    let lm = lines(&d.join("run/metrics-lm.jsonl"));
+    let vq = jsonl(&d.join("run/metrics-vq.jsonl"));
+    let lm = jsonl(&d.join("run/metrics-lm.jsonl"));
     assert_eq!((vq.len(), lm.len()), (3, 3));
     assert!(lm
         .iter()
@@ -107,7 +99,7 @@ fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
     let summary: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(summary["vq_steps"], 0);
     assert!(!d.join("again/metrics-vq.jsonl").exists());
-    assert!(lines(&d.join("again/metrics-lm.jsonl"))
+    assert!(jsonl(&d.join("again/metrics-lm.jsonl"))
         .iter()
         .all(|s| s["describe"].is_null()));
     let vq_tensors = |dir: &str| {
