@@ -64,7 +64,7 @@ impl Arm {
     /// The dataset file the arm trains on (see [`write_arm_data`]).
     fn data_file(self) -> &'static str {
         match self {
-            Arm::Unified | Arm::Verifier => "unified.jsonl",
+            Arm::Unified | Arm::Verifier => "data.jsonl",
             Arm::Generation => "captions.jsonl",
             Arm::Understanding => "questions.jsonl",
         }
@@ -219,6 +219,7 @@ pub fn corl(args: &CorlArgs) -> Result<CorlReport> {
             arm: NO_RL.into(),
             seed,
             command: None,
+            // The same evaluation at the last step: its flat line spans the curves.
             evals: vec![(0, base.clone()), (args.steps, base.clone())],
             steps: Vec::new(),
         });
@@ -284,10 +285,11 @@ fn eval_steps(steps: u64, every: u64) -> Vec<u64> {
 
 /// The world of seed `seed + 1`'s train split (the model was pretrained on
 /// seed 0's; no split shares a scene with another), written three ways:
-/// `unified.jsonl` (caption and question of a scene per item),
-/// `captions.jsonl` and `questions.jsonl` (the same items, one part each).
+/// `data.jsonl` as `world` writes it (caption and question of a scene per
+/// item), and `captions.jsonl` and `questions.jsonl` (the same items, one
+/// part each).
 fn write_arm_data(args: &CorlArgs, seed: u64, world: &Path) -> Result<()> {
-    let parts = ["unified.jsonl", "captions.jsonl", "questions.jsonl"];
+    let parts = ["data.jsonl", "captions.jsonl", "questions.jsonl"];
     if parts.iter().all(|p| world.join(p).exists()) {
         return Ok(());
     }
@@ -319,7 +321,6 @@ fn write_arm_data(args: &CorlArgs, seed: u64, world: &Path) -> Result<()> {
     let question = ["image", "qa_problem", "qa_solution", "qa_type"];
     std::fs::write(world.join("captions.jsonl"), only(&["caption"])?)?;
     std::fs::write(world.join("questions.jsonl"), only(&question)?)?;
-    std::fs::write(world.join("unified.jsonl"), &text)?;
     Ok(())
 }
 

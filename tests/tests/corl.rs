@@ -68,7 +68,7 @@ fn every_arm_trains_on_its_data_is_evaluated_and_a_rerun_reuses_the_runs() {
     assert!(lines(&world.join("questions.jsonl"))
         .iter()
         .all(|l| !l.contains_key("caption") && l.contains_key("qa_problem")));
-    assert!(lines(&world.join("unified.jsonl"))
+    assert!(lines(&world.join("data.jsonl"))
         .iter()
         .all(|l| l.contains_key("caption") && l.contains_key("qa_problem")));
 
