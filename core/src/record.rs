@@ -99,8 +99,11 @@ pub struct SampleRecord {
     pub output_image_sha256: Option<String>,
     pub token_ids: Vec<u32>,
     /// Behaviour log-probs of `token_ids`, as the sampler computed them;
-    /// empty when they were not all finite.
+    /// empty when they were not all finite. Conditional for images.
     pub logprobs: Vec<f32>,
+    /// Images only: log-probs under the guided distribution the tokens were
+    /// drawn from (empty as `logprobs` is, and for rows stored before them).
+    pub guided_logprobs: Vec<f32>,
     pub finish_reason: Option<FinishReason>,
     pub queue_ms: i64,
     pub compute_ms: i64,
@@ -177,19 +180,20 @@ pub async fn record_images(
     let pngs = tokio::task::spawn_blocking(move || {
         images
             .into_iter()
-            .map(|img| encode_png(&img.image).map(|png| (png, img.tokens, img.logprobs)))
+            .map(|img| encode_png(&img.image).map(|png| (png, img)))
             .collect::<Result<Vec<_>, StoreError>>()
     })
     .await
     .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
     let mut pending = Pending::new(Task::Generate, prompt, RequestParams::Generate(params));
     let mut samples = Vec::with_capacity(pngs.len());
-    for ((png, tokens, logprobs), &seed) in pngs.into_iter().zip(seeds) {
+    for ((png, image), &seed) in pngs.into_iter().zip(seeds) {
         let sha = store.put_image(png.clone()).await?;
         let id = pending.push(seed, &output.model_version, output.timings, |r| {
             r.output_image_sha256 = Some(sha);
-            r.token_ids = tokens;
-            r.logprobs = logprobs;
+            r.token_ids = image.tokens;
+            r.logprobs = image.logprobs;
+            r.guided_logprobs = image.guided_logprobs;
         });
         samples.push(RecordedSample {
             sample_id: id,
@@ -248,6 +252,7 @@ impl Pending {
                 output_image_sha256: None,
                 token_ids: Vec::new(),
                 logprobs: Vec::new(),
+                guided_logprobs: Vec::new(),
                 finish_reason: None,
                 queue_ms: 0,
                 compute_ms: 0,

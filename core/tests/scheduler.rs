@@ -34,28 +34,13 @@ fn png() -> Vec<u8> {
     out.into_inner()
 }
 
-/// Stores one served request of `n` samples; returns their ids.
-async fn serve(
-    store: &Store,
-    request: &str,
-    task: Task,
-    prompt: &str,
-    n: usize,
-    temperature: f64,
-) -> Vec<String> {
-    let image = match task {
-        Task::Answer => Some(store.put_image(png()).await.unwrap()),
-        Task::Generate => None,
-    };
-    let tokens = match task {
-        Task::Answer => 4,
-        Task::Generate => IMAGE_TOKENS,
-    };
+/// How the fixture's requests were drawn: no truncation, CFG 5 for images.
+fn params(task: Task, n: usize, temperature: f64) -> RequestParams {
     let temperature = temperature as f32;
-    let params = match task {
+    match task {
         Task::Answer => RequestParams::Answer(AnswerParams {
             n: n as u32,
-            max_new_tokens: tokens as u32,
+            max_new_tokens: 4,
             temperature,
             top_p: None,
             top_k: None,
@@ -66,6 +51,40 @@ async fn serve(
             temperature,
             top_k: None,
         }),
+    }
+}
+
+/// Stores one served request of `n` samples; returns their ids.
+async fn serve(
+    store: &Store,
+    request: &str,
+    task: Task,
+    prompt: &str,
+    n: usize,
+    temperature: f64,
+) -> Vec<String> {
+    let params = params(task, n, temperature);
+    serve_with(store, request, task, prompt, n, params, true).await
+}
+
+/// [`serve`] with the request's parameters, and images with or without
+/// their guided log-probs.
+async fn serve_with(
+    store: &Store,
+    request: &str,
+    task: Task,
+    prompt: &str,
+    n: usize,
+    params: RequestParams,
+    guided_logprobs: bool,
+) -> Vec<String> {
+    let image = match task {
+        Task::Answer => Some(store.put_image(png()).await.unwrap()),
+        Task::Generate => None,
+    };
+    let tokens = match task {
+        Task::Answer => 4,
+        Task::Generate => IMAGE_TOKENS,
     };
     let records: Vec<SampleRecord> = (0..n)
         .map(|i| SampleRecord {
@@ -84,6 +103,10 @@ async fn serve(
                 .map(|t| (t * 7 + i as u32) % 200)
                 .collect(),
             logprobs: vec![-3.0; tokens],
+            guided_logprobs: match task {
+                Task::Generate if guided_logprobs => vec![-2.5; tokens],
+                _ => Vec::new(),
+            },
             finish_reason: Some(FinishReason::Length),
             queue_ms: 0,
             compute_ms: 0,
@@ -244,6 +267,85 @@ async fn a_job_gathers_every_source_and_holds_out_a_stable_share() {
         .await
         .unwrap();
     assert_eq!(data.counts.skipped_unscored, 6, "{:?}", data.counts);
+}
+
+/// Held-out groups whose importance weights cannot be formed are left out
+/// of the evaluation, counted by reason; images drawn with CFG are weighed
+/// by their guided log-probs.
+#[tokio::test]
+async fn held_out_groups_the_gate_cannot_weigh_are_left_out_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), None, None).await.unwrap();
+    let answer = |top_k: Option<u32>, top_p: Option<f32>, temperature: f32| {
+        RequestParams::Answer(AnswerParams {
+            n: 2,
+            max_new_tokens: 4,
+            temperature,
+            top_p,
+            top_k,
+        })
+    };
+    let image = |cfg_weight: f32| {
+        RequestParams::Generate(GenerateParams {
+            n: 2,
+            cfg_weight,
+            temperature: 1.0,
+            top_k: None,
+        })
+    };
+    let requests = [
+        ("plain", Task::Answer, answer(None, None, 1.0), true),
+        ("top-p", Task::Answer, answer(None, Some(0.9), 1.0), true),
+        ("top-p-1", Task::Answer, answer(None, Some(1.0), 1.0), true),
+        ("top-k", Task::Answer, answer(Some(40), None, 1.0), true),
+        ("greedy", Task::Answer, answer(None, None, 0.0), true),
+        ("guided", Task::Generate, image(5.0), true),
+        ("guided-old-row", Task::Generate, image(5.0), false),
+        ("unguided-old-row", Task::Generate, image(1.0), false),
+    ];
+    for (request, task, params, guided) in requests {
+        let ids = serve_with(&store, request, task, "a red square", 2, params, guided).await;
+        for (i, id) in ids.iter().enumerate() {
+            rate(&store, id, Some(i as f64), None).await;
+        }
+    }
+    let at_1 = JobConfig {
+        temperature: Some(1.0),
+        ..JobConfig::default()
+    };
+    // Everything held out.
+    let data = gather(&store, &at_1, 1.0, now_ms(), shape()).await.unwrap();
+    let c = &data.counts;
+    assert_eq!(
+        (
+            c.unweighable_truncated,
+            c.unweighable_greedy,
+            c.unweighable_no_guided_logprobs
+        ),
+        (2, 1, 1),
+        "{c:?}"
+    );
+    assert_eq!((c.eval_groups, c.train_groups), (4, 0), "{c:?}");
+    let mut guidance: Vec<Option<f32>> = data.eval.iter().map(|g| g.guidance).collect();
+    guidance.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(guidance, [None, None, Some(1.0), Some(5.0)]);
+    let guided = data.eval.iter().find(|g| g.guided()).unwrap();
+    assert!(guided
+        .samples
+        .iter()
+        .all(|s| s.guided_logprobs.len() == IMAGE_TOKENS));
+
+    // Nothing held out by the hash: the one forced out is weighable, and
+    // the groups the gate cannot weigh still train.
+    let data = gather(&store, &at_1, 1e-9, now_ms(), shape())
+        .await
+        .unwrap();
+    let c = &data.counts;
+    assert_eq!((c.eval_groups, c.train_groups), (1, 7), "{c:?}");
+    assert_eq!(
+        c.unweighable_truncated + c.unweighable_greedy + c.unweighable_no_guided_logprobs,
+        0
+    );
 }
 
 /// A job that names no temperature takes the served model's default, the

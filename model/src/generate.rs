@@ -299,7 +299,11 @@ pub struct ImageItem {
 #[derive(Debug, Clone)]
 pub struct ImageSample {
     pub tokens: Vec<u32>,
+    /// Per token, under the conditional distribution: what GRPO trains.
     pub logprobs: Vec<f32>,
+    /// Per token, under the guided distribution the token was drawn from:
+    /// what an importance weight of the sample divides by.
+    pub guided_logprobs: Vec<f32>,
     pub image: RgbImage,
 }
 
@@ -334,6 +338,7 @@ struct ImageRow {
     logprob_temperature: f32,
     tokens: Vec<u32>,
     logprobs: Vec<f32>,
+    guided_logprobs: Vec<f32>,
 }
 
 /// Images being drawn with classifier-free guidance, that items join and
@@ -402,6 +407,7 @@ impl ImageBatch {
                     logprob_temperature: item.sampling.logprob_temperature(),
                     tokens: Vec::new(),
                     logprobs: Vec::new(),
+                    guided_logprobs: Vec::new(),
                 });
             }
             self.items
@@ -437,6 +443,8 @@ impl ImageBatch {
                 r.tokens.push(token);
                 r.logprobs
                     .push(token_logprob(cond, token, r.logprob_temperature));
+                r.guided_logprobs
+                    .push(token_logprob(cfg, token, r.logprob_temperature));
                 token
             })
             .collect();
@@ -468,6 +476,7 @@ impl ImageBatch {
             images[r.sample] = Some(ImageSample {
                 tokens: r.tokens.clone(),
                 logprobs: r.logprobs.clone(),
+                guided_logprobs: r.guided_logprobs.clone(),
                 image,
             });
             *drawing -= 1;

@@ -72,6 +72,7 @@ fn served(rows: usize, length: usize, image_tokens: usize) -> Vec<ServedGroup> {
     let sample = |k: usize, n: usize, vocab: u32| ServedSample {
         tokens: (0..n).map(|i| ((i * 31 + k * 7) as u32) % vocab).collect(),
         logprobs: vec![-3.0; n],
+        guided_logprobs: Vec::new(),
         score: k as f32,
     };
     vec![
@@ -88,6 +89,7 @@ fn served(rows: usize, length: usize, image_tokens: usize) -> Vec<ServedGroup> {
                 caption: None,
             },
             task: RewardTask::Understanding,
+            guidance: None,
             // Text ids below 256 are plain bytes of the demo tokenizer.
             samples: (0..rows).map(|k| sample(k, length, 250)).collect(),
         },
@@ -97,6 +99,7 @@ fn served(rows: usize, length: usize, image_tokens: usize) -> Vec<ServedGroup> {
                 caption: Some("a red square next to a blue circle".into()),
             },
             task: RewardTask::Generation,
+            guidance: None,
             samples: (0..rows).map(|k| sample(k, image_tokens, 16384)).collect(),
         },
     ]

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::trainer::{ServedGroup, Trainer};
+use crate::trainer::{ServedGroup, ServedSample, Trainer};
 use crate::RlError;
 use ulm_model::Janus;
 
@@ -19,6 +19,11 @@ pub struct PolicyScore {
     pub reward: f64,
     /// Estimated KL divergence to the base model per token.
     pub kl_to_base: f64,
+    /// How many equally weighted samples the estimate is worth: the sum
+    /// over groups of `(sum w)^2 / sum w^2`. Equal to the samples when the
+    /// policy is the one that drew them; near one per group when each
+    /// group's weight sits on one sample.
+    pub effective_samples: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,21 +36,39 @@ pub struct Evaluation {
     pub candidate: PolicyScore,
 }
 
+/// One group's self-normalised importance-sampling estimate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupEstimate {
+    pub mean: f64,
+    /// `(sum w)^2 / sum w^2`: from 1 (one sample holds the weight) to the
+    /// group's size (equal weights); 0 when no weight is defined.
+    pub effective_samples: f64,
+}
+
 /// Self-normalised importance-sampling estimate of one group's mean score.
-/// `log_ratios[i] = log pi(y_i) - log mu(y_i)` summed over the sample's tokens.
-pub fn snis_mean(scores: &[f32], log_ratios: &[f64]) -> f64 {
+/// `log_ratios[i] = log pi(y_i) - log mu(y_i)` summed over the sample's
+/// tokens. Without one finite ratio the weights say nothing: the plain
+/// mean, worth no samples.
+pub fn snis(scores: &[f32], log_ratios: &[f64]) -> GroupEstimate {
     let max = log_ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if !max.is_finite() {
-        return scores.iter().map(|&s| s as f64).sum::<f64>() / scores.len().max(1) as f64;
+        return GroupEstimate {
+            mean: scores.iter().map(|&s| s as f64).sum::<f64>() / scores.len().max(1) as f64,
+            effective_samples: 0.0,
+        };
     }
     let weights: Vec<f64> = log_ratios.iter().map(|l| (l - max).exp()).collect();
     let total: f64 = weights.iter().sum();
-    weights
-        .iter()
-        .zip(scores)
-        .map(|(w, &s)| w * s as f64)
-        .sum::<f64>()
-        / total
+    let squares: f64 = weights.iter().map(|w| w * w).sum();
+    GroupEstimate {
+        mean: weights
+            .iter()
+            .zip(scores)
+            .map(|(w, &s)| w * s as f64)
+            .sum::<f64>()
+            / total,
+        effective_samples: total * total / squares,
+    }
 }
 
 /// Token mean of the k3 estimator `exp(r - p) - (r - p) - 1` for one sample.
@@ -65,44 +88,83 @@ pub fn k3_token_mean(policy: &[f32], reference: &[f32]) -> f64 {
         / n as f64
 }
 
-fn score_policy(groups: &[ServedGroup], logps: &[Vec<f32>], reference: &[Vec<f32>]) -> PolicyScore {
+/// The behaviour log-probs an importance weight divides by: those of the
+/// distribution the sample was drawn from.
+fn behaviour_logprobs<'a>(
+    group: &ServedGroup,
+    sample: &'a ServedSample,
+) -> Result<&'a [f32], RlError> {
+    if !group.guided() {
+        return Ok(&sample.logprobs);
+    }
+    if sample.guided_logprobs.len() != sample.tokens.len() {
+        return Err(RlError::InvalidData(
+            "an image drawn with guidance needs its guided log-probs to be evaluated".into(),
+        ));
+    }
+    Ok(&sample.guided_logprobs)
+}
+
+/// `sampling[k]`: the policy's log-probs of sample k under the distribution
+/// it was drawn from; `conditional[k]` and `reference[k]` score the KL.
+fn score_policy(
+    groups: &[ServedGroup],
+    sampling: &[Vec<f32>],
+    conditional: &[Vec<f32>],
+    reference: &[Vec<f32>],
+) -> Result<PolicyScore, RlError> {
     let mut row = 0;
-    let mut reward = 0.0;
-    let mut kl = 0.0;
+    let (mut reward, mut kl, mut effective_samples) = (0.0, 0.0, 0.0);
     for g in groups {
-        let ratios: Vec<f64> = g
+        let rows = row..row + g.samples.len();
+        let ratios = g
             .samples
             .iter()
-            .zip(&logps[row..row + g.samples.len()])
+            .zip(&sampling[rows.clone()])
             .map(|(s, lp)| {
-                lp.iter()
-                    .zip(&s.logprobs)
+                let behaviour = behaviour_logprobs(g, s)?;
+                Ok(lp
+                    .iter()
+                    .zip(behaviour)
                     .map(|(&p, &b)| (p - b) as f64)
-                    .sum()
+                    .sum())
             })
-            .collect();
+            .collect::<Result<Vec<f64>, RlError>>()?;
         let scores: Vec<f32> = g.samples.iter().map(|s| s.score).collect();
-        reward += snis_mean(&scores, &ratios);
-        for k in row..row + g.samples.len() {
-            kl += k3_token_mean(&logps[k], &reference[k]);
+        let estimate = snis(&scores, &ratios);
+        reward += estimate.mean;
+        effective_samples += estimate.effective_samples;
+        for k in rows {
+            kl += k3_token_mean(&conditional[k], &reference[k]);
         }
         row += g.samples.len();
     }
-    PolicyScore {
+    Ok(PolicyScore {
         reward: reward / groups.len().max(1) as f64,
         kl_to_base: kl / row.max(1) as f64,
-    }
+        effective_samples,
+    })
 }
 
-/// Scores the trainer's current policy (the candidate) and `active` on `groups`.
+/// Scores the trainer's current policy (the candidate) and `active` on
+/// `groups`: importance weights against the distribution each sample was
+/// drawn from (guided for images drawn with CFG), the KL on the
+/// conditional policy GRPO trains.
 pub fn evaluate(
     trainer: &Trainer,
     active: &Janus,
     groups: &[ServedGroup],
 ) -> Result<Evaluation, RlError> {
     let served = trainer.prepare_served(groups)?;
-    let candidate = trainer.served_logps(&trainer.bundle.model, &served)?;
-    let current = trainer.served_logps(active, &served)?;
+    let score = |model: &Janus, reference: &[Vec<f32>]| {
+        let sampling = trainer.served_sampling_logps(model, &served)?;
+        let conditional = if groups.iter().any(ServedGroup::guided) {
+            trainer.served_logps(model, &served)?
+        } else {
+            sampling.clone()
+        };
+        score_policy(groups, &sampling, &conditional, reference)
+    };
     let reference = trainer.served_reference_logps(&served)?;
     let samples: usize = groups.iter().map(|g| g.samples.len()).sum();
     let behaviour_reward = groups
@@ -114,8 +176,8 @@ pub fn evaluate(
         groups: groups.len(),
         samples,
         behaviour_reward,
-        active: score_policy(groups, &current, &reference),
-        candidate: score_policy(groups, &candidate, &reference),
+        active: score(active, &reference)?,
+        candidate: score(&trainer.bundle.model, &reference)?,
     })
 }
 
@@ -125,13 +187,22 @@ mod tests {
 
     #[test]
     fn snis_weights_by_likelihood_ratio() {
-        // Equal ratios: the plain mean.
-        assert!((snis_mean(&[1.0, 0.0], &[0.3, 0.3]) - 0.5).abs() < 1e-12);
-        // The first sample twice as likely under the policy: weights 2:1.
-        let est = snis_mean(&[1.0, 0.0], &[2f64.ln(), 0.0]);
-        assert!((est - 2.0 / 3.0).abs() < 1e-12);
-        // Huge log-ratios stay finite.
-        assert!((snis_mean(&[1.0, 0.0], &[1e4, 0.0]) - 1.0).abs() < 1e-12);
+        // Equal ratios: the plain mean, worth every sample.
+        let equal = snis(&[1.0, 0.0], &[0.3, 0.3]);
+        assert!((equal.mean - 0.5).abs() < 1e-12);
+        assert!((equal.effective_samples - 2.0).abs() < 1e-12);
+        // The first sample twice as likely under the policy: weights 2:1,
+        // worth (2 + 1)^2 / (4 + 1) samples.
+        let est = snis(&[1.0, 0.0], &[2f64.ln(), 0.0]);
+        assert!((est.mean - 2.0 / 3.0).abs() < 1e-12);
+        assert!((est.effective_samples - 9.0 / 5.0).abs() < 1e-12);
+        // Huge log-ratios stay finite, and the estimate is worth one sample.
+        let collapsed = snis(&[1.0, 0.0, 0.0, 0.0], &[1e4, 0.0, 0.0, 0.0]);
+        assert!((collapsed.mean - 1.0).abs() < 1e-12);
+        assert!((collapsed.effective_samples - 1.0).abs() < 1e-12);
+        // No finite ratio: the plain mean, worth nothing.
+        let undefined = snis(&[1.0, 0.0], &[f64::NEG_INFINITY, f64::NAN]);
+        assert_eq!((undefined.mean, undefined.effective_samples), (0.5, 0.0));
     }
 
     #[test]

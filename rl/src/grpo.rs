@@ -111,18 +111,13 @@ impl ScoringStates {
     /// `log softmax(head(h) / T)` at the targets of positions `h` (`[n, H]`,
     /// `targets` `[n]`): the target logit minus a log-sum-exp, in f32.
     fn chunk_logps(&self, model: &Janus, h: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        target_logps(&self.chunk_logits(model, h)?, targets, self.temperature)
+    }
+
+    /// The head's logits of positions `h`, in the compute dtype.
+    fn chunk_logits(&self, model: &Janus, h: &Tensor) -> Result<Tensor> {
         let logits = self.head.logits(model, h)?;
-        let logits = (logits.to_dtype(compute_dtype(logits.dtype()))? / self.temperature)?;
-        // The maximum only keeps exp in range; its gradient cancels.
-        let max = logits.max_keepdim(D::Minus1)?.detach();
-        let lse = (logits
-            .broadcast_sub(&max)?
-            .exp()?
-            .sum_keepdim(D::Minus1)?
-            .log()?
-            + max)?;
-        let target = logits.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?;
-        (target - lse)?.squeeze(D::Minus1)
+        logits.to_dtype(compute_dtype(logits.dtype()))
     }
 
     fn flat(&self) -> Result<(Tensor, Tensor)> {
@@ -147,6 +142,43 @@ impl ScoringStates {
     /// are freed before the next chunk's are computed.
     pub fn logp_values(&self, model: &Janus) -> Result<Tensor> {
         self.chunked_logps(model, true)
+    }
+
+    /// The log-probs' values `[G, L]` under classifier-free guidance, as
+    /// images are drawn: `log softmax((u + w (c - u)) / T)` at the targets,
+    /// `c` the logits of these (conditional) states, `u` those of
+    /// `uncond` (the same targets after the unconditional prompts), one
+    /// weight `w` per row. No gradient.
+    pub fn guided_logp_values(
+        &self,
+        model: &Janus,
+        uncond: &ScoringStates,
+        weights: &[f32],
+    ) -> Result<Tensor> {
+        let (g, l, _) = self.rows()?;
+        if uncond.rows()? != self.rows()? || weights.len() != g {
+            candle_core::bail!("guided scoring needs one unconditional row and weight per row");
+        }
+        let (cond, targets) = self.flat()?;
+        let (uncond_hidden, _) = uncond.flat()?;
+        let per_position: Vec<f32> = weights
+            .iter()
+            .flat_map(|&w| std::iter::repeat_n(w, l))
+            .collect();
+        let per_position = Tensor::from_vec(per_position, (g * l, 1), cond.device())?;
+        let chunk = self.chunk(model);
+        let parts = (0..g * l)
+            .step_by(chunk)
+            .map(|r| {
+                let n = chunk.min(g * l - r);
+                let c = self.chunk_logits(model, &cond.narrow(0, r, n)?.detach())?;
+                let u = uncond.chunk_logits(model, &uncond_hidden.narrow(0, r, n)?.detach())?;
+                let w = per_position.narrow(0, r, n)?.to_dtype(c.dtype())?;
+                let guided = (&u + (c - &u)?.broadcast_mul(&w)?)?;
+                Ok(target_logps(&guided, &targets.narrow(0, r, n)?, self.temperature)?.detach())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)?.reshape((g, l))
     }
 
     fn chunked_logps(&self, model: &Janus, detached: bool) -> Result<Tensor> {
@@ -200,6 +232,22 @@ impl ScoringStates {
         stores.push(below.backward()?);
         Ok(stores)
     }
+}
+
+/// `log softmax(logits / T)` at the targets (`logits` `[n, V]`, `targets`
+/// `[n]`): the target logit minus a log-sum-exp.
+fn target_logps(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
+    let logits = (logits / temperature)?;
+    // The maximum only keeps exp in range; its gradient cancels.
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let lse = (logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + max)?;
+    let target = logits.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?;
+    (target - lse)?.squeeze(D::Minus1)
 }
 
 /// The states scoring the completions of understanding rows.

@@ -1,7 +1,8 @@
 //! GRPO on groups the server served: the training forward scores stored
 //! samples exactly as the sampler did (so the importance ratio starts at 1),
 //! a step on them moves the adapters, and the off-policy evaluation agrees
-//! with the plain mean for the policy that sampled them.
+//! with the plain mean for the policy that sampled them (images weighed
+//! under the guided distribution they were drawn from).
 
 use candle_core::{DType, Device};
 use ulm_model::bundle::ModelBundle;
@@ -23,6 +24,8 @@ const SAMPLING: SamplingParams = SamplingParams {
     top_k: None,
     top_p: None,
 };
+
+const CFG_WEIGHT: f32 = 5.0;
 
 fn picture(k: u8) -> image::RgbImage {
     image::RgbImage::from_fn(40, 28, |x, y| {
@@ -66,6 +69,7 @@ fn served_groups(bundle: &ModelBundle, score: fn(usize, &[u32]) -> f32) -> Vec<S
                 caption: None,
             },
             task: RewardTask::Understanding,
+            guidance: None,
             samples: out[0]
                 .iter()
                 .enumerate()
@@ -73,6 +77,7 @@ fn served_groups(bundle: &ModelBundle, score: fn(usize, &[u32]) -> f32) -> Vec<S
                     score: score(i, &t.token_ids),
                     tokens: t.token_ids.clone(),
                     logprobs: t.logprobs.clone(),
+                    guided_logprobs: Vec::new(),
                 })
                 .collect(),
         });
@@ -80,7 +85,7 @@ fn served_groups(bundle: &ModelBundle, score: fn(usize, &[u32]) -> f32) -> Vec<S
     let caption = "a small red square";
     let item = ImageItem {
         prompt: b.processor.generation_prompt(caption).unwrap(),
-        cfg_weight: 5.0,
+        cfg_weight: CFG_WEIGHT,
         sampling: SAMPLING,
         seeds: vec![1, 2, 3],
     };
@@ -91,6 +96,7 @@ fn served_groups(bundle: &ModelBundle, score: fn(usize, &[u32]) -> f32) -> Vec<S
             caption: Some(caption.into()),
         },
         task: RewardTask::Generation,
+        guidance: Some(CFG_WEIGHT),
         samples: out[0]
             .iter()
             .enumerate()
@@ -100,6 +106,7 @@ fn served_groups(bundle: &ModelBundle, score: fn(usize, &[u32]) -> f32) -> Vec<S
                     score: score(i, &img.tokens),
                     tokens: img.tokens.clone(),
                     logprobs: img.logprobs.clone(),
+                    guided_logprobs: img.guided_logprobs.clone(),
                 }
             })
             .collect(),
@@ -152,9 +159,43 @@ fn served_samples_are_scored_as_sampled_and_train() {
         }
     }
 
+    // Under the distributions the samples were drawn from, the images'
+    // guided ones, the forward reproduces what the sampler recorded; the
+    // guided log-probs of the images are not their conditional ones.
+    let sampling = t.served_sampling_logps(&t.bundle.model, &served).unwrap();
+    let drawn: Vec<&Vec<f32>> = groups
+        .iter()
+        .flat_map(|g| {
+            g.samples.iter().map(move |s| match g.guidance {
+                Some(_) => &s.guided_logprobs,
+                None => &s.logprobs,
+            })
+        })
+        .collect();
+    assert_eq!(sampling.len(), drawn.len());
+    for (ours, theirs) in sampling.iter().zip(&drawn) {
+        assert_eq!(ours.len(), theirs.len());
+        for (a, b) in ours.iter().zip(theirs.iter()) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+    let image = &groups[2].samples[0];
+    let apart = image
+        .logprobs
+        .iter()
+        .zip(&image.guided_logprobs)
+        .map(|(c, g)| (c - g).abs())
+        .fold(0f32, f32::max);
+    assert!(apart > 0.01, "guidance changed no log-prob ({apart})");
+
     // Before training, candidate = active = base: same estimate, zero KL,
-    // and the importance weights are 1 so the estimate is the plain mean.
+    // and the importance weights are 1, so the estimate is the plain mean
+    // and worth every sample.
     let before = evaluate(&t, &base, &groups).unwrap();
+    assert_eq!(before.samples, 11);
+    for score in [before.candidate, before.active] {
+        assert!((score.effective_samples - 11.0).abs() < 1e-3, "{before:?}");
+    }
     let group_means = groups
         .iter()
         .map(|g| g.samples.iter().map(|s| s.score as f64).sum::<f64>() / g.samples.len() as f64)
@@ -173,6 +214,12 @@ fn served_samples_are_scored_as_sampled_and_train() {
     assert!(m.grad_norm > 0.0);
     let after = evaluate(&t, &base, &groups).unwrap();
     assert!(after.candidate.kl_to_base > 0.0);
+    // The candidate's weights are no longer equal; the active version's are.
+    assert!(
+        after.candidate.effective_samples < 11.0 - 1e-3 && after.candidate.effective_samples >= 3.0,
+        "{after:?}"
+    );
+    assert!((after.active.effective_samples - 11.0).abs() < 1e-3);
     // Trained on these very groups, the candidate favours their high scores.
     assert!(
         after.candidate.reward > before.candidate.reward,
@@ -201,6 +248,12 @@ fn malformed_served_groups_are_errors_not_panics() {
     let mut ragged = groups[0].clone();
     ragged.samples[0].logprobs.pop();
     assert!(t.step_served(&[ragged]).is_err());
+    // An image drawn with guidance cannot be weighed without its guided
+    // log-probs.
+    let mut unweighable = groups[2].clone();
+    unweighable.samples[1].guided_logprobs.clear();
+    let base = t.bundle.model.clone();
+    assert!(evaluate(&t, &base, &[unweighable]).is_err());
     groups[2].item.caption = None;
     assert!(t.step_served(&groups[2..]).is_err());
 }

@@ -59,6 +59,7 @@ async fn generate_answer_feedback_and_lookup() {
         samples[0]["completion_tokens"].as_u64().unwrap() as usize
     );
     assert_eq!(sample["logprobs"].as_array().unwrap().len(), tokens);
+    assert_eq!(sample["guided_logprobs"], json!([]), "answers are unguided");
 
     // Feedback: one item, replay, conflict, batch, unknown sample.
     let item = json!({"sample_id": answer_id, "key": "correct", "score": 1.0, "correction": "A",
@@ -101,6 +102,23 @@ async fn generate_answer_feedback_and_lookup() {
 
     let (_, with_feedback) = server.get(&format!("/v1/samples/{sample_id}")).await;
     assert_eq!(with_feedback["feedback"].as_array().unwrap().len(), 2);
+    // Images drawn with CFG keep the guided log-probs beside the
+    // conditional ones: one of each per image token, and not the same.
+    let per_token = |key: &str| -> Vec<f64> {
+        with_feedback[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_f64().unwrap())
+            .collect()
+    };
+    let (conditional, guided) = (per_token("logprobs"), per_token("guided_logprobs"));
+    assert_eq!(
+        guided.len(),
+        with_feedback["token_ids"].as_array().unwrap().len()
+    );
+    assert_eq!(guided.len(), conditional.len());
+    assert_ne!(guided, conditional);
     assert_eq!(
         with_feedback["image_url"],
         format!("/v1/images/{sample_id}")

@@ -86,8 +86,10 @@ async fn wait_serving(server: &Server, version: &str, within: Duration) -> Durat
     started.elapsed()
 }
 
+/// Promotes whatever it learned, however far its weights collapse.
 fn promoting_job() -> Value {
-    json!({"steps": 3, "lr": 0.02, "beta": 0.0, "lora_rank": 8, "max_kl": 100.0, "max_reward_drop": 10.0})
+    json!({"steps": 3, "lr": 0.02, "beta": 0.0, "lora_rank": 8, "max_kl": 100.0,
+           "max_reward_drop": 10.0, "min_effective_share": 0.0})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

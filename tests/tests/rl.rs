@@ -22,7 +22,7 @@ fn code(body: &Value) -> &str {
 fn learning_job(steps: u32) -> Value {
     json!({
         "steps": steps, "lr": 0.01, "beta": 0.04, "lora_rank": 8, "lora_alpha": 16.0,
-        "epsilon_high": 5.0, "max_kl": 20.0, "max_reward_drop": 0.1,
+        "epsilon_high": 5.0, "max_kl": 20.0, "max_reward_drop": 0.1, "min_effective_share": 0.1,
     })
 }
 
@@ -62,6 +62,23 @@ async fn feedback_trains_a_promoted_version_that_serves_and_rolls_back() {
     assert!(train > 0 && eval > 0 && train + eval == 24, "{counts}");
     let evaluation = &job["evaluation"];
     assert_eq!(evaluation["decision"]["promote"], true, "{evaluation}");
+    assert_eq!(evaluation["decision"]["verdict"], "promote");
+    let effective = |policy: &str| {
+        evaluation["evaluation"][policy]["effective_samples"]
+            .as_f64()
+            .unwrap()
+    };
+    let held_out = evaluation["evaluation"]["samples"].as_f64().unwrap();
+    println!(
+        "effective held-out samples of {held_out}: candidate {:.1}, active {:.1}",
+        effective("candidate"),
+        effective("active")
+    );
+    // The active version drew every held-out sample: its weights are equal.
+    assert!(
+        (effective("active") - held_out).abs() < 1e-3,
+        "{evaluation}"
+    );
     assert!(evaluation["evaluation"]["candidate"]["reward"].is_number());
     assert!(
         evaluation["evaluation"]["candidate"]["kl_to_base"]
@@ -150,6 +167,7 @@ async fn a_worse_candidate_is_rejected_and_changes_nothing_served() {
     };
     assert!(worse, "{evaluation}");
     assert_eq!(evaluation["decision"]["promote"], false);
+    assert_eq!(evaluation["decision"]["verdict"], "reject", "{evaluation}");
     assert!(job["candidate_version"].is_null());
 
     assert_eq!(server.active_version().await, "demo-base");
@@ -172,7 +190,10 @@ async fn kill9_during_a_job_loses_nothing_and_the_next_job_runs() {
     ])
     .await;
     let round = serve_round(&server, 8, true).await;
-    let promote = json!({"steps": 3, "lr": 0.02, "beta": 0.0, "lora_rank": 8, "max_kl": 100.0, "max_reward_drop": 10.0});
+    // Promotes whatever it learned: at this rate the candidate's weights
+    // collapse, which the gate otherwise answers with not enough evidence.
+    let promote = json!({"steps": 3, "lr": 0.02, "beta": 0.0, "lora_rank": 8, "max_kl": 100.0,
+                         "max_reward_drop": 10.0, "min_effective_share": 0.0});
     let first = start_job(&server, promote.clone()).await;
     let job = server.wait_job(&first, job_finished).await;
     assert_eq!(job["status"], "promoted", "{job}");

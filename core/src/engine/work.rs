@@ -65,7 +65,10 @@ pub struct AnswerOutput {
 pub struct ImageOutput {
     pub image: RgbImage,
     pub tokens: Vec<u32>,
+    /// Conditional log-probs (see [`ImageSample`]).
     pub logprobs: Vec<f32>,
+    /// Log-probs under the guided distribution the tokens were drawn from.
+    pub guided_logprobs: Vec<f32>,
 }
 
 #[derive(Debug, Clone)]

@@ -479,6 +479,7 @@ fn finish_images(
                 image: s.image,
                 tokens: s.tokens,
                 logprobs: s.logprobs,
+                guided_logprobs: s.guided_logprobs,
             })
         })
         .collect();

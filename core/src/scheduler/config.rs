@@ -67,6 +67,10 @@ pub struct JobConfig {
     pub max_reward_drop: f64,
     /// Promote only if the candidate's KL to the base stays under this.
     pub max_kl: f64,
+    /// Decide only if both policies' reward estimates are worth at least
+    /// this share of the held-out samples (effective sample size over
+    /// samples); below it the job ends rejected as not enough evidence.
+    pub min_effective_share: f64,
     /// Newest rated requests considered.
     pub max_groups: u32,
     pub seed: u64,
@@ -94,6 +98,7 @@ impl Default for JobConfig {
             self_cycle_weight: 0.0,
             max_reward_drop: 0.0,
             max_kl: 0.5,
+            min_effective_share: 0.2,
             max_groups: 2048,
             seed: 0,
         }
@@ -155,6 +160,7 @@ impl JobConfig {
         range("self_cycle_weight", self.self_cycle_weight, 0.0, 1e6)?;
         range("max_reward_drop", self.max_reward_drop, -1e6, 1e6)?;
         range("max_kl", self.max_kl, 0.0, 1e6)?;
+        range("min_effective_share", self.min_effective_share, 0.0, 1.0)?;
         range("max_groups", self.max_groups as f64, 1.0, 100000.0)?;
         if self.mix.feedback + self.mix.reference_answers + self.mix.prompts <= 0.0 {
             return Err(ConfigError {

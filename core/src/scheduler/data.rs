@@ -21,7 +21,7 @@ use ulm_rl::reward::{QaItem, RewardTask, TrainItem};
 use ulm_rl::trainer::{ServedGroup, ServedSample, Trainer};
 
 use super::config::JobConfig;
-use crate::record::Task;
+use crate::record::{RequestParams, Task};
 use crate::store::training_data::RatedSample;
 use crate::store::{Store, StoreError, MAX_FEEDBACK_SCORE};
 
@@ -47,6 +47,52 @@ pub struct DataCounts {
     pub skipped_other_temperature: usize,
     pub skipped_unscored: usize,
     pub skipped_unreadable: usize,
+    /// Held-out groups the evaluation cannot weigh, by reason: drawn with
+    /// top-k or top-p (the stored log-probs are of the untruncated
+    /// distribution), drawn greedily (no distribution to weigh against),
+    /// or images drawn with guidance but stored without guided log-probs.
+    pub unweighable_truncated: usize,
+    pub unweighable_greedy: usize,
+    pub unweighable_no_guided_logprobs: usize,
+}
+
+/// Why a held-out group cannot be weighed by the evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Unweighable {
+    Truncated,
+    Greedy,
+    NoGuidedLogprobs,
+}
+
+impl Unweighable {
+    fn of(params: &RequestParams, group: &ServedGroup) -> Option<Self> {
+        let (top_k, top_p) = match params {
+            RequestParams::Answer(p) => (p.top_k, p.top_p),
+            RequestParams::Generate(p) => (p.top_k, None),
+        };
+        if params.temperature() <= 0.0 || top_k == Some(1) {
+            Some(Self::Greedy)
+        } else if top_k.is_some() || top_p.is_some_and(|p| p < 1.0) {
+            Some(Self::Truncated)
+        } else if group.guided()
+            && group
+                .samples
+                .iter()
+                .any(|s| s.guided_logprobs.len() != s.tokens.len())
+        {
+            Some(Self::NoGuidedLogprobs)
+        } else {
+            None
+        }
+    }
+
+    fn count(self, counts: &mut DataCounts) {
+        *match self {
+            Self::Truncated => &mut counts.unweighable_truncated,
+            Self::Greedy => &mut counts.unweighable_greedy,
+            Self::NoGuidedLogprobs => &mut counts.unweighable_no_guided_logprobs,
+        } += 1;
+    }
 }
 
 #[derive(Default)]
@@ -154,7 +200,7 @@ pub async fn gather(
         .rated_request_ids(until_ms, config.max_groups as i64)
         .await?;
     data.counts.rated_requests = requests.len();
-    let mut groups: Vec<(f64, ServedGroup)> = Vec::new();
+    let mut groups: Vec<(f64, Option<Unweighable>, ServedGroup)> = Vec::new();
     for request_id in &requests {
         let rated = store.rated_group(request_id, until_ms).await?;
         let Some(first) = rated.first() else { continue };
@@ -234,6 +280,7 @@ pub async fn gather(
                 well_formed.then(|| ServedSample {
                     tokens: s.token_ids.clone(),
                     logprobs: s.logprobs.clone(),
+                    guided_logprobs: s.guided_logprobs.clone(),
                     score,
                 })
             })
@@ -246,24 +293,36 @@ pub async fn gather(
             Task::Answer => RewardTask::Understanding,
             Task::Generate => RewardTask::Generation,
         };
-        groups.push((
-            hash,
-            ServedGroup {
-                item,
-                task,
-                samples,
-            },
-        ));
+        let guidance = match first.params {
+            RequestParams::Generate(p) => Some(p.cfg_weight),
+            RequestParams::Answer(_) => None,
+        };
+        let group = ServedGroup {
+            item,
+            task,
+            guidance,
+            samples,
+        };
+        groups.push((hash, Unweighable::of(&first.params, &group), group));
     }
-    // Too little data for the hash to hold any group out: the group with the
-    // smallest hash is held out for this job.
-    let min_hash = groups.iter().map(|(h, _)| *h).fold(f64::INFINITY, f64::min);
-    let force = groups.len() >= 2 && min_hash >= holdout_fraction && holdout_fraction > 0.0;
-    for (hash, group) in groups {
-        if hash < holdout_fraction || (force && hash == min_hash) {
-            data.eval.push(group);
-        } else {
+    // Too little data for the hash to hold any group out: the weighable
+    // group with the smallest hash is held out for this job.
+    let min_hash = groups
+        .iter()
+        .filter(|(_, unweighable, _)| unweighable.is_none())
+        .map(|(h, _, _)| *h)
+        .fold(f64::INFINITY, f64::min);
+    let force = groups.len() >= 2
+        && min_hash.is_finite()
+        && min_hash >= holdout_fraction
+        && holdout_fraction > 0.0;
+    for (hash, unweighable, group) in groups {
+        if !(hash < holdout_fraction || (force && hash == min_hash)) {
             data.train.push(group);
+        } else if let Some(why) = unweighable {
+            why.count(&mut data.counts);
+        } else {
+            data.eval.push(group);
         }
     }
     data.prompts = store

@@ -1,50 +1,106 @@
 //! The evaluation gate: promote a candidate only when it is measurably no
-//! worse than the active version and stays close to the base.
+//! worse than the active version and stays close to the base, and say so
+//! only when the held-out samples carry enough evidence for either policy.
 
 use serde::Serialize;
 
 use ulm_rl::evaluate::Evaluation;
 
+/// What the gate concluded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Promote,
+    Reject,
+    /// The importance weights sit on too few samples for the estimates to
+    /// tell the policies apart: no verdict either way, nothing promoted.
+    NotEnoughEvidence,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {
+    pub verdict: Verdict,
+    /// `verdict == Promote`.
     pub promote: bool,
     /// Why, with the numbers.
     pub reason: String,
 }
 
-pub fn decide(eval: &Evaluation, max_reward_drop: f64, max_kl: f64) -> Decision {
+/// The bounds a candidate is held to (a job's settings).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bounds {
+    pub max_reward_drop: f64,
+    pub max_kl: f64,
+    /// The least share of the held-out samples each policy's estimate must
+    /// be worth (its effective sample size over the samples).
+    pub min_effective_share: f64,
+}
+
+fn decision(verdict: Verdict, reason: String) -> Decision {
+    Decision {
+        verdict,
+        promote: verdict == Verdict::Promote,
+        reason,
+    }
+}
+
+pub fn decide(eval: &Evaluation, bounds: Bounds) -> Decision {
     let (cand, active) = (eval.candidate, eval.active);
     if !cand.reward.is_finite() || !cand.kl_to_base.is_finite() {
-        return Decision {
-            promote: false,
-            reason: "the candidate's evaluation is not finite".into(),
-        };
+        return decision(
+            Verdict::Reject,
+            "the candidate's evaluation is not finite".into(),
+        );
     }
-    if cand.reward < active.reward - max_reward_drop {
-        return Decision {
-            promote: false,
-            reason: format!(
-                "reward {:.4} is below the active version's {:.4} by more than {max_reward_drop}",
-                cand.reward, active.reward
+    // The KL needs no weights: a candidate too far from the base is
+    // rejected whatever the evidence on its reward.
+    if cand.kl_to_base > bounds.max_kl {
+        return decision(
+            Verdict::Reject,
+            format!(
+                "KL to the base {:.4} exceeds the bound {}",
+                cand.kl_to_base, bounds.max_kl
             ),
-        };
+        );
     }
-    if cand.kl_to_base > max_kl {
-        return Decision {
-            promote: false,
-            reason: format!(
-                "KL to the base {:.4} exceeds the bound {max_kl}",
-                cand.kl_to_base
+    let samples = eval.samples.max(1) as f64;
+    for (who, score) in [("candidate", cand), ("active version", active)] {
+        let share = score.effective_samples / samples;
+        if share.is_nan() || share < bounds.min_effective_share {
+            return decision(
+                Verdict::NotEnoughEvidence,
+                format!(
+                    "the {who}'s estimate is worth {:.1} of {} held-out samples ({:.1}%), under the {:.1}% it needs",
+                    score.effective_samples,
+                    eval.samples,
+                    100.0 * share,
+                    100.0 * bounds.min_effective_share
+                ),
+            );
+        }
+    }
+    if cand.reward < active.reward - bounds.max_reward_drop {
+        return decision(
+            Verdict::Reject,
+            format!(
+                "reward {:.4} is below the active version's {:.4} by more than {}",
+                cand.reward, active.reward, bounds.max_reward_drop
             ),
-        };
+        );
     }
-    Decision {
-        promote: true,
-        reason: format!(
-            "reward {:.4} against the active version's {:.4}; KL to the base {:.4} within {max_kl}",
-            cand.reward, active.reward, cand.kl_to_base
+    decision(
+        Verdict::Promote,
+        format!(
+            "reward {:.4} against the active version's {:.4} ({:.1} and {:.1} effective of {} samples); KL to the base {:.4} within {}",
+            cand.reward,
+            active.reward,
+            cand.effective_samples,
+            active.effective_samples,
+            eval.samples,
+            cand.kl_to_base,
+            bounds.max_kl
         ),
-    }
+    )
 }
 
 #[cfg(test)]
@@ -52,33 +108,78 @@ mod tests {
     use super::*;
     use ulm_rl::evaluate::PolicyScore;
 
-    fn eval(active: f64, candidate: f64, kl: f64) -> Evaluation {
+    const SAMPLES: usize = 8;
+
+    fn eval(active: f64, candidate: f64, kl: f64, candidate_effective: f64) -> Evaluation {
         Evaluation {
             groups: 2,
-            samples: 8,
+            samples: SAMPLES,
             behaviour_reward: active,
             active: PolicyScore {
                 reward: active,
                 kl_to_base: 0.0,
+                effective_samples: SAMPLES as f64,
             },
             candidate: PolicyScore {
                 reward: candidate,
                 kl_to_base: kl,
+                effective_samples: candidate_effective,
             },
+        }
+    }
+
+    fn bounds(max_reward_drop: f64, max_kl: f64) -> Bounds {
+        Bounds {
+            max_reward_drop,
+            max_kl,
+            min_effective_share: 0.25,
         }
     }
 
     #[test]
     fn promotes_only_what_is_no_worse_and_close_to_the_base() {
-        assert!(decide(&eval(0.5, 0.6, 0.1), 0.0, 0.5).promote);
-        assert!(decide(&eval(0.5, 0.5, 0.1), 0.0, 0.5).promote);
-        assert!(decide(&eval(0.5, 0.48, 0.1), 0.05, 0.5).promote);
-        let worse = decide(&eval(0.5, 0.4, 0.1), 0.05, 0.5);
-        assert!(!worse.promote);
+        let full = SAMPLES as f64;
+        assert!(decide(&eval(0.5, 0.6, 0.1, full), bounds(0.0, 0.5)).promote);
+        assert!(decide(&eval(0.5, 0.5, 0.1, full), bounds(0.0, 0.5)).promote);
+        assert!(decide(&eval(0.5, 0.48, 0.1, full), bounds(0.05, 0.5)).promote);
+        let worse = decide(&eval(0.5, 0.4, 0.1, full), bounds(0.05, 0.5));
+        assert_eq!(worse.verdict, Verdict::Reject);
         assert!(worse.reason.contains("0.4000"), "{}", worse.reason);
-        let far = decide(&eval(0.5, 0.9, 0.8), 0.0, 0.5);
-        assert!(!far.promote);
+        let far = decide(&eval(0.5, 0.9, 0.8, full), bounds(0.0, 0.5));
+        assert_eq!(far.verdict, Verdict::Reject);
         assert!(far.reason.contains("KL"), "{}", far.reason);
-        assert!(!decide(&eval(0.5, f64::NAN, 0.1), 0.0, 0.5).promote);
+        assert!(!decide(&eval(0.5, f64::NAN, 0.1, full), bounds(0.0, 0.5)).promote);
+    }
+
+    #[test]
+    fn collapsed_weights_give_no_verdict_either_way() {
+        // A quarter of 8 samples is 2: 1.9 is not enough, better or worse.
+        for candidate in [0.9, 0.1] {
+            let d = decide(&eval(0.5, candidate, 0.1, 1.9), bounds(0.0, 0.5));
+            assert_eq!(d.verdict, Verdict::NotEnoughEvidence, "{}", d.reason);
+            assert!(!d.promote);
+            assert!(d.reason.contains("1.9 of 8"), "{}", d.reason);
+        }
+        assert!(decide(&eval(0.5, 0.9, 0.1, 2.0), bounds(0.0, 0.5)).promote);
+        // The active version's estimate needs the evidence too.
+        let mut stale = eval(0.5, 0.9, 0.1, 8.0);
+        stale.active.effective_samples = 1.0;
+        let d = decide(&stale, bounds(0.0, 0.5));
+        assert_eq!(d.verdict, Verdict::NotEnoughEvidence);
+        assert!(d.reason.contains("active version"), "{}", d.reason);
+        // An undefined weight is no evidence; a share of 0 asks for none.
+        let undefined = eval(0.5, 0.9, 0.1, f64::NAN);
+        assert_eq!(
+            decide(&undefined, bounds(0.0, 0.5)).verdict,
+            Verdict::NotEnoughEvidence
+        );
+        let none_needed = Bounds {
+            min_effective_share: 0.0,
+            ..bounds(0.0, 0.5)
+        };
+        assert!(decide(&eval(0.5, 0.9, 0.1, 0.0), none_needed).promote);
+        // Too far from the base is rejected whatever the evidence.
+        let far = decide(&eval(0.5, 0.9, 0.8, 1.0), bounds(0.0, 0.5));
+        assert_eq!(far.verdict, Verdict::Reject);
     }
 }

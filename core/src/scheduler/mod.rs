@@ -491,12 +491,20 @@ impl Scheduler {
         metrics::gauge!("ulm_rl_eval_reward", "policy" => "active").set(eval.active.reward);
         metrics::gauge!("ulm_rl_eval_reward", "policy" => "candidate").set(eval.candidate.reward);
         metrics::gauge!("ulm_rl_eval_kl_to_base").set(eval.candidate.kl_to_base);
-        let decision = gate::decide(eval, config.max_reward_drop, config.max_kl);
+        let bounds = gate::Bounds {
+            max_reward_drop: config.max_reward_drop,
+            max_kl: config.max_kl,
+            min_effective_share: config.min_effective_share,
+        };
+        let decision = gate::decide(eval, bounds);
+        metrics::gauge!("ulm_rl_eval_effective_share", "policy" => "candidate")
+            .set(eval.candidate.effective_samples / eval.samples.max(1) as f64);
         let evaluation = serde_json::json!({
             "evaluation": eval,
             "decision": decision,
             "max_reward_drop": config.max_reward_drop,
             "max_kl": config.max_kl,
+            "min_effective_share": config.min_effective_share,
         });
         if cancel.load(Ordering::SeqCst) {
             let cancel = Transition::Cancel {
@@ -506,7 +514,7 @@ impl Scheduler {
             return self.end(&job.id, cancel).await;
         }
         if !decision.promote {
-            tracing::info!(job = %job.id, reason = %decision.reason, "candidate rejected");
+            tracing::info!(job = %job.id, verdict = ?decision.verdict, reason = %decision.reason, "candidate rejected");
             return self.end(&job.id, Transition::Reject { evaluation }).await;
         }
         // The checkpoint is in the blob store before any row names it.

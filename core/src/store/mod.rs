@@ -191,8 +191,9 @@ impl Store {
         for s in samples {
             sqlx::query(
                 "INSERT INTO samples (id, request_id, group_index, task, model_version, prompt, input_image_sha256, \
-                 params, seed, output_text, output_image_sha256, token_ids, logprobs, finish_reason, queue_ms, \
-                 compute_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+                 params, seed, output_text, output_image_sha256, token_ids, logprobs, guided_logprobs, finish_reason, \
+                 queue_ms, compute_ms, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
             )
             .bind(&s.id)
             .bind(&s.request_id)
@@ -207,6 +208,7 @@ impl Store {
             .bind(s.output_image_sha256.clone())
             .bind(serde_json::to_string(&s.token_ids).unwrap_or_default())
             .bind(serde_json::to_string(&usable_logprobs(&s.logprobs)).unwrap_or_default())
+            .bind(serde_json::to_string(&usable_logprobs(&s.guided_logprobs)).unwrap_or_default())
             .bind(s.finish_reason.map(|f| f.as_str()))
             .bind(s.queue_ms)
             .bind(s.compute_ms)
@@ -318,8 +320,8 @@ fn image_key(sha: &str) -> String {
 
 const SAMPLE_SELECT: &str =
     "SELECT id, request_id, group_index, task, model_version, prompt, input_image_sha256, params, seed, \
-     output_text, output_image_sha256, token_ids, logprobs, finish_reason, queue_ms, compute_ms, created_at \
-     FROM samples";
+     output_text, output_image_sha256, token_ids, logprobs, guided_logprobs, finish_reason, queue_ms, \
+     compute_ms, created_at FROM samples";
 
 const FEEDBACK_SELECT: &str =
     "SELECT id, client_id, body_sha256, sample_id, key, score, value, comment, correction, \
@@ -344,6 +346,7 @@ fn sample_from_row(row: &AnyRow) -> Result<SampleRecord, StoreError> {
     let params: String = row.try_get("params")?;
     let token_ids: String = row.try_get("token_ids")?;
     let logprobs: String = row.try_get("logprobs")?;
+    let guided_logprobs: String = row.try_get("guided_logprobs")?;
     Ok(SampleRecord {
         id: row.try_get("id")?,
         request_id: row.try_get("request_id")?,
@@ -357,7 +360,8 @@ fn sample_from_row(row: &AnyRow) -> Result<SampleRecord, StoreError> {
         output_text: row.try_get("output_text")?,
         output_image_sha256: row.try_get("output_image_sha256")?,
         token_ids: serde_json::from_str(&token_ids).map_err(|e| corrupt("token_ids", e))?,
-        logprobs: read_logprobs(&logprobs)?,
+        logprobs: read_logprobs("logprobs", &logprobs)?,
+        guided_logprobs: read_logprobs("guided_logprobs", &guided_logprobs)?,
         finish_reason: finish_reason
             .map(|f| parse_name("finish_reason", &f))
             .transpose()?,
@@ -369,9 +373,8 @@ fn sample_from_row(row: &AnyRow) -> Result<SampleRecord, StoreError> {
 
 /// Stored log-probs. Rows written before non-finite values were refused
 /// hold `null` for them: such a sample has no usable log-probs.
-fn read_logprobs(text: &str) -> Result<Vec<f32>, StoreError> {
-    let values: Vec<Option<f32>> =
-        serde_json::from_str(text).map_err(|e| corrupt("logprobs", e))?;
+fn read_logprobs(column: &str, text: &str) -> Result<Vec<f32>, StoreError> {
+    let values: Vec<Option<f32>> = serde_json::from_str(text).map_err(|e| corrupt(column, e))?;
     Ok(values
         .into_iter()
         .collect::<Option<Vec<f32>>>()

@@ -21,6 +21,8 @@ pub(super) struct Prepared {
     pub(super) und_len: usize,
     pub(super) und_image_embeds: Option<Tensor>,
     pub(super) gen_prompt: Vec<Vec<u32>>,
+    /// The unconditional twins of `gen_prompt`, padded alike (for CFG).
+    pub(super) gen_uncond_prompt: Vec<Vec<u32>>,
     pub(super) gen_prompt_mask: Vec<Vec<bool>>,
     pub(super) gen_completion: Vec<Vec<u32>>,
 }
@@ -66,6 +68,19 @@ impl Prepared {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         Ok((
             Tensor::new(self.gen_prompt[start..start + n].to_vec(), dev)?,
+            Tensor::new(self.gen_completion[start..start + n].to_vec(), dev)?,
+        ))
+    }
+
+    /// [`Self::gen_tensors`] with the unconditional prompts.
+    pub(super) fn gen_uncond_tensors(
+        &self,
+        start: usize,
+        n: usize,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            Tensor::new(self.gen_uncond_prompt[start..start + n].to_vec(), dev)?,
             Tensor::new(self.gen_completion[start..start + n].to_vec(), dev)?,
         ))
     }
@@ -168,11 +183,15 @@ impl Trainer {
                 .collect::<Result<_, _>>()?;
             let p = prompts.iter().map(|x| x.cond_ids.len()).max().unwrap_or(0);
             for (row, group) in gen.rows.iter().zip(gen.row_groups()) {
-                let prompt = &prompts[group].cond_ids;
-                let pad = p - prompt.len();
-                let mut ids = vec![s.pad; pad];
-                ids.extend(prompt);
-                prepared.gen_prompt.push(ids);
+                let prompt = &prompts[group];
+                let pad = p - prompt.cond_ids.len();
+                let padded = |ids: &[u32]| {
+                    let mut row = vec![s.pad; pad];
+                    row.extend(ids);
+                    row
+                };
+                prepared.gen_prompt.push(padded(&prompt.cond_ids));
+                prepared.gen_uncond_prompt.push(padded(&prompt.uncond_ids));
                 prepared
                     .gen_prompt_mask
                     .push((0..p).map(|i| i >= pad).collect());

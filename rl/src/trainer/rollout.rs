@@ -67,14 +67,28 @@ pub struct ServedGroup {
     /// The prompt: `qa` for answers (its solution unused), `caption` for images.
     pub item: TrainItem,
     pub task: RewardTask,
+    /// Images: the CFG weight they were drawn with (`None`: unguided).
+    pub guidance: Option<f32>,
     pub samples: Vec<ServedSample>,
+}
+
+impl ServedGroup {
+    /// Whether its samples were drawn from a guided distribution other
+    /// than the conditional one (CFG weight 1 is the conditional itself).
+    pub fn guided(&self) -> bool {
+        self.guidance.is_some_and(|w| w != 1.0)
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct ServedSample {
     /// Answer tokens (with the final EOS when there is one) or image codes.
     pub tokens: Vec<u32>,
+    /// As GRPO scores them: conditional for images.
     pub logprobs: Vec<f32>,
+    /// Images drawn with guidance: the log-probs of the guided distribution
+    /// they were drawn from (empty otherwise). Evaluation weights need them.
+    pub guided_logprobs: Vec<f32>,
     pub score: f32,
 }
 

@@ -2,7 +2,7 @@
 //! once and scored under the candidate, the active version and the base
 //! (the evaluation gate's inputs).
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use ulm_model::ops::Pass;
 use ulm_model::{Janus, ModelError};
 
@@ -18,6 +18,25 @@ pub struct PreparedServed {
     prepared: Prepared,
     /// The task of each sample, in the callers' order.
     order: Vec<RewardTask>,
+    /// The CFG weight of each image row, in the rows' order.
+    guidance: Vec<Option<f32>>,
+}
+
+impl PreparedServed {
+    /// Rows of each task back to the callers' group order.
+    fn in_order(&self, und: RowLogps, gen: RowLogps) -> Result<Vec<Vec<f32>>, RlError> {
+        let (mut und_rows, mut gen_rows) = (und.into_iter(), gen.into_iter());
+        self.order
+            .iter()
+            .map(|task| {
+                let next = match task {
+                    RewardTask::Understanding => und_rows.next(),
+                    RewardTask::Generation => gen_rows.next(),
+                };
+                next.ok_or_else(|| RlError::InvalidData("served log-probs out of step".into()))
+            })
+            .collect()
+    }
 }
 
 /// Per-token log-probs of each row.
@@ -42,6 +61,11 @@ impl Trainer {
                 .iter()
                 .flat_map(|g| std::iter::repeat_n(g.task, g.samples.len()))
                 .collect(),
+            guidance: groups
+                .iter()
+                .filter(|g| g.task == RewardTask::Generation)
+                .flat_map(|g| std::iter::repeat_n(g.guidance, g.samples.len()))
+                .collect(),
         })
     }
 
@@ -52,20 +76,21 @@ impl Trainer {
         model: &Janus,
         served: &PreparedServed,
     ) -> Result<Vec<Vec<f32>>, RlError> {
-        let [und_logps, gen_logps] = self.inference_logps(model, &served.prepared)?;
-        // Back to the callers' group order.
-        let (mut und_rows, mut gen_rows) = (und_logps.into_iter(), gen_logps.into_iter());
-        served
-            .order
-            .iter()
-            .map(|task| {
-                let next = match task {
-                    RewardTask::Understanding => und_rows.next(),
-                    RewardTask::Generation => gen_rows.next(),
-                };
-                next.ok_or_else(|| RlError::InvalidData("served log-probs out of step".into()))
-            })
-            .collect()
+        let [und, gen] = self.inference_logps(model, &served.prepared, None)?;
+        served.in_order(und, gen)
+    }
+
+    /// Per-token log-probs of prepared served samples under the
+    /// distribution `model` draws them from when served as they were:
+    /// guided (CFG) for images drawn with guidance, as
+    /// [`Self::served_logps`] otherwise. Importance weights compare these.
+    pub fn served_sampling_logps(
+        &self,
+        model: &Janus,
+        served: &PreparedServed,
+    ) -> Result<Vec<Vec<f32>>, RlError> {
+        let [und, gen] = self.inference_logps(model, &served.prepared, Some(&served.guidance))?;
+        served.in_order(und, gen)
     }
 
     /// [`Self::served_logps`] under the reference policy (the base model).
@@ -77,17 +102,25 @@ impl Trainer {
     }
 
     /// Valid-token log-probs of every prepared row: (understanding,
-    /// generation). The adapters are read detached meanwhile: nothing here
-    /// is differentiated, and the forward then runs as serving's does.
-    pub(super) fn inference_logps(
+    /// generation), image rows guided by `guidance` (one CFG weight per
+    /// image row) when given. The adapters are read detached meanwhile:
+    /// nothing here is differentiated, and the forward then runs as
+    /// serving's does.
+    fn inference_logps(
         &self,
         model: &Janus,
         p: &Prepared,
+        guidance: Option<&[Option<f32>]>,
     ) -> Result<[RowLogps; 2], ModelError> {
-        self.without_graph(|| self.row_logps(model, p))
+        self.without_graph(|| self.row_logps(model, p, guidance))
     }
 
-    fn row_logps(&self, model: &Janus, p: &Prepared) -> Result<[RowLogps; 2], ModelError> {
+    fn row_logps(
+        &self,
+        model: &Janus,
+        p: &Prepared,
+        guidance: Option<&[Option<f32>]>,
+    ) -> Result<[RowLogps; 2], ModelError> {
         let dev = model.device();
         let temperature = self.logprob_temperature();
         let micro = self.config.micro_batch_rows.max(1);
@@ -115,16 +148,28 @@ impl Trainer {
         let mut gen = Vec::new();
         for start in (0..p.gen_prompt.len()).step_by(micro) {
             let n = micro.min(p.gen_prompt.len() - start);
-            let tensors = p.gen_tensors(start, n, dev)?;
-            let batch = p.gen_batch(&tensors, start, n);
-            let logps = generation_states(
-                model,
-                &batch,
-                temperature,
-                self.config.alignment,
-                Pass::Inference,
-            )?
-            .logp_values(model)?;
+            let states = |tensors: &(Tensor, Tensor)| {
+                let batch = p.gen_batch(tensors, start, n);
+                let alignment = self.config.alignment;
+                generation_states(model, &batch, temperature, alignment, Pass::Inference)
+            };
+            let cond = states(&p.gen_tensors(start, n, dev)?)?;
+            // Weight 1 is the conditional distribution itself.
+            let weights: Option<Vec<f32>> = guidance
+                .map(|g| {
+                    g[start..start + n]
+                        .iter()
+                        .map(|w| w.unwrap_or(1.0))
+                        .collect()
+                })
+                .filter(|w: &Vec<f32>| w.iter().any(|&w| w != 1.0));
+            let logps = match weights {
+                Some(weights) => {
+                    let uncond = states(&p.gen_uncond_tensors(start, n, dev)?)?;
+                    cond.guided_logp_values(model, &uncond, &weights)?
+                }
+                None => cond.logp_values(model)?,
+            };
             gen.extend(logps.to_dtype(DType::F32)?.to_vec2::<f32>()?);
         }
         Ok([und, gen])

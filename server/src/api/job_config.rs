@@ -57,6 +57,12 @@ pub struct JobConfig {
     /// 10 GiB per row at the Janus-Pro-1B sizes in bf16.
     #[schema(minimum = 1, maximum = 256)]
     pub micro_batch_rows: u32,
+    /// Decide only if both policies' reward estimates are worth at least
+    /// this share of the held-out samples (effective sample size over
+    /// samples); below it the job ends rejected, its verdict
+    /// `not_enough_evidence`.
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub min_effective_share: f64,
     pub mix: DataMix,
     /// Passes over each step's samples (mu).
     #[schema(minimum = 1, maximum = 8)]
@@ -111,6 +117,7 @@ impl Default for JobConfig {
             self_cycle_weight,
             max_reward_drop,
             max_kl,
+            min_effective_share,
             max_groups,
             seed,
         } = core::JobConfig::default();
@@ -129,6 +136,7 @@ impl Default for JobConfig {
             max_new_tokens,
             max_reward_drop,
             micro_batch_rows,
+            min_effective_share,
             mix: DataMix::default(),
             num_iterations,
             seed,

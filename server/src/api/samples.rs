@@ -54,6 +54,7 @@ pub async fn get_sample(
         input_image_sha256: s.input_image_sha256,
         token_ids: s.token_ids,
         logprobs: s.logprobs,
+        guided_logprobs: s.guided_logprobs,
         finish_reason: s.finish_reason.map(|f| f.as_str().to_string()),
         timings: Timings {
             queue_ms: s.queue_ms as u64,

@@ -272,8 +272,12 @@ pub struct SampleView {
     /// SHA-256 of the input image (answer samples).
     pub input_image_sha256: Option<String>,
     pub token_ids: Vec<u32>,
-    /// Behaviour log-probs of the tokens, as the trainer scores them.
+    /// Behaviour log-probs of the tokens, as the trainer scores them
+    /// (for images: under the conditional distribution).
     pub logprobs: Vec<f32>,
+    /// Images: log-probs under the guided (CFG) distribution the tokens
+    /// were drawn from. Empty for answers and for images stored before.
+    pub guided_logprobs: Vec<f32>,
     pub finish_reason: Option<String>,
     pub timings: Timings,
     pub created_at: i64,
