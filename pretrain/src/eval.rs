@@ -14,6 +14,7 @@ use ulm_model::generate::{
 };
 use ulm_model::sampling::SamplingParams;
 use ulm_rl::reward::verifiable::{qa_accuracy, QaType};
+use ulm_world::question::Question;
 use ulm_world::scene::Category;
 use ulm_world::{examples, verify, Example, Split};
 
@@ -126,7 +127,7 @@ fn test_prompts(world_seed: u64, category: Category, n: usize) -> Vec<Example> {
 
 /// An image per prompt and seed, sampled at `temperature` with
 /// classifier-free guidance `cfg_weight`.
-pub(crate) fn draw(
+pub fn draw(
     bundle: &ModelBundle,
     prompts: &[&str],
     seeds: Range<u64>,
@@ -155,6 +156,15 @@ pub(crate) fn draw(
         processor.special.pad,
         &mut |_| true,
     )?)
+}
+
+/// How a world question's answer is checked.
+pub fn qa_type(question: &Question) -> QaType {
+    if question.multiple_choice {
+        QaType::MultipleChoice
+    } else {
+        QaType::OpenEnded
+    }
 }
 
 pub fn evaluate(bundle: &ModelBundle, cfg: &EvalConfig) -> Result<EvalReport, PretrainError> {
@@ -219,11 +229,7 @@ pub fn evaluate(bundle: &ModelBundle, cfg: &EvalConfig) -> Result<EvalReport, Pr
         )?;
         for (question, samples) in example.questions.iter().zip(answers) {
             let text = processor.decode(&samples[0].token_ids);
-            let qa_type = if question.multiple_choice {
-                QaType::MultipleChoice
-            } else {
-                QaType::OpenEnded
-            };
+            let qa_type = qa_type(question);
             let right = qa_accuracy(&text, &question.answer, &question.text, qa_type) >= 1.0;
             understanding
                 .entry(question.kind.name().to_string())

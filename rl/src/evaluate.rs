@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::reward::RewardTask;
 use crate::trainer::{ServedGroup, ServedSample, Trainer};
 use crate::RlError;
 use ulm_model::Janus;
@@ -24,6 +25,12 @@ pub struct PolicyScore {
     /// policy is the one that drew them; near one per group when each
     /// group's weight sits on one sample.
     pub effective_samples: f64,
+    /// The evidence left in the weights, from 1 (equal weights) to 0 (each
+    /// group's weight on one sample, which then only says how that one
+    /// sample scored): effective samples beyond one per group over samples
+    /// beyond one per group, taken per task, the least of the tasks held
+    /// out. Images whose weights collapsed are not outvoted by answers.
+    pub effective_share: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,6 +122,8 @@ fn score_policy(
 ) -> Result<PolicyScore, RlError> {
     let mut row = 0;
     let (mut reward, mut kl, mut effective_samples) = (0.0, 0.0, 0.0);
+    // Per task: effective samples and samples, each beyond one per group.
+    let mut evidence = [(0.0, 0.0); 2];
     for g in groups {
         let rows = row..row + g.samples.len();
         let ratios = g
@@ -134,15 +143,30 @@ fn score_policy(
         let estimate = snis(&scores, &ratios);
         reward += estimate.mean;
         effective_samples += estimate.effective_samples;
+        let task = &mut evidence[match g.task {
+            RewardTask::Understanding => 0,
+            RewardTask::Generation => 1,
+        }];
+        task.0 += (estimate.effective_samples - 1.0).max(0.0);
+        task.1 += g.samples.len().saturating_sub(1) as f64;
         for k in rows {
             kl += k3_token_mean(&conditional[k], &reference[k]);
         }
         row += g.samples.len();
     }
+    let effective_share = evidence
+        .iter()
+        .filter(|(_, beyond_one)| *beyond_one > 0.0)
+        .map(|(effective, beyond_one)| effective / beyond_one)
+        .fold(None, |least: Option<f64>, share| {
+            Some(least.map_or(share, |l| l.min(share)))
+        })
+        .unwrap_or(0.0);
     Ok(PolicyScore {
         reward: reward / groups.len().max(1) as f64,
         kl_to_base: kl / row.max(1) as f64,
         effective_samples,
+        effective_share,
     })
 }
 
@@ -203,6 +227,46 @@ mod tests {
         // No finite ratio: the plain mean, worth nothing.
         let undefined = snis(&[1.0, 0.0], &[f64::NEG_INFINITY, f64::NAN]);
         assert_eq!((undefined.mean, undefined.effective_samples), (0.5, 0.0));
+    }
+
+    fn group(task: RewardTask, behaviour: [f32; 4]) -> ServedGroup {
+        ServedGroup {
+            item: crate::reward::TrainItem {
+                qa: None,
+                caption: Some("a red square".into()),
+            },
+            task,
+            guidance: None,
+            samples: behaviour
+                .iter()
+                .enumerate()
+                .map(|(i, &logprob)| ServedSample {
+                    tokens: vec![1],
+                    logprobs: vec![logprob],
+                    guided_logprobs: Vec::new(),
+                    score: i as f32,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_evidence_is_that_of_the_task_whose_weights_collapsed() {
+        // The policy gives every sample log-prob -1: the answers were drawn
+        // as likely as that (equal weights), one image far less likely than
+        // the others were (its weight is everything).
+        let groups = [
+            group(RewardTask::Understanding, [-1.0; 4]),
+            group(RewardTask::Generation, [-40.0, -1.0, -1.0, -1.0]),
+        ];
+        let policy = vec![vec![-1f32]; 8];
+        let score = score_policy(&groups, &policy, &policy, &policy).unwrap();
+        assert!((score.effective_samples - 5.0).abs() < 1e-9, "{score:?}");
+        assert!(score.effective_share.abs() < 1e-9, "{score:?}");
+        // The answers alone keep all their evidence.
+        let answers = score_policy(&groups[..1], &policy, &policy, &policy).unwrap();
+        assert!((answers.effective_share - 1.0).abs() < 1e-9);
+        assert!((answers.reward - 1.5).abs() < 1e-9);
     }
 
     #[test]

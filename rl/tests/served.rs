@@ -13,7 +13,7 @@ use ulm_model::sampling::SamplingParams;
 use ulm_model::weights::WEIGHTS_FILE;
 use ulm_rl::checkpoint;
 use ulm_rl::evaluate::evaluate;
-use ulm_rl::lora::{attach, LoraConfig, ADAPTER_FILE};
+use ulm_rl::lora::{attach, load_for_inference, LoraConfig, ADAPTER_FILE};
 use ulm_rl::policy::load_trainable;
 use ulm_rl::reward::verifiable::QaType;
 use ulm_rl::reward::{QaItem, RewardTask, TrainItem};
@@ -163,15 +163,7 @@ fn served_samples_are_scored_as_sampled_and_train() {
     // guided ones, the forward reproduces what the sampler recorded; the
     // guided log-probs of the images are not their conditional ones.
     let sampling = t.served_sampling_logps(&t.bundle.model, &served).unwrap();
-    let drawn: Vec<&Vec<f32>> = groups
-        .iter()
-        .flat_map(|g| {
-            g.samples.iter().map(move |s| match g.guidance {
-                Some(_) => &s.guided_logprobs,
-                None => &s.logprobs,
-            })
-        })
-        .collect();
+    let drawn = drawn_logprobs(&groups);
     assert_eq!(sampling.len(), drawn.len());
     for (ours, theirs) in sampling.iter().zip(&drawn) {
         assert_eq!(ours.len(), theirs.len());
@@ -195,6 +187,7 @@ fn served_samples_are_scored_as_sampled_and_train() {
     assert_eq!(before.samples, 11);
     for score in [before.candidate, before.active] {
         assert!((score.effective_samples - 11.0).abs() < 1e-3, "{before:?}");
+        assert!((score.effective_share - 1.0).abs() < 1e-3, "{before:?}");
     }
     let group_means = groups
         .iter()
@@ -220,10 +213,66 @@ fn served_samples_are_scored_as_sampled_and_train() {
         "{after:?}"
     );
     assert!((after.active.effective_samples - 11.0).abs() < 1e-3);
+    assert!(after.candidate.effective_share < 1.0 - 1e-3, "{after:?}");
     // Trained on these very groups, the candidate favours their high scores.
     assert!(
         after.candidate.reward > before.candidate.reward,
         "{after:?}"
+    );
+}
+
+/// The log-probs of the distribution each sample was drawn from, as the
+/// sampler recorded them: conditional for answers, guided for images.
+fn drawn_logprobs(groups: &[ServedGroup]) -> Vec<&Vec<f32>> {
+    groups
+        .iter()
+        .flat_map(|g| {
+            g.samples.iter().map(move |s| match g.guidance {
+                Some(_) => &s.guided_logprobs,
+                None => &s.logprobs,
+            })
+        })
+        .collect()
+}
+
+/// A trained candidate, served as the server serves a version (adapters
+/// loaded for inference), draws samples whose log-probs the trainer's
+/// forward reproduces: the gate's weights are right for any candidate, not
+/// only for the base. On its own samples every weight is equal.
+#[test]
+fn a_trained_candidate_scores_its_own_samples_as_it_drew_them() {
+    let bundle = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
+    let base = bundle.clone();
+    let groups = served_groups(&bundle, |i, _| i as f32 / 4.0);
+    let mut t = trainer(bundle);
+    for _ in 0..2 {
+        assert!(t.step_served(&groups).unwrap().applied);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("candidate");
+    checkpoint::save(&t, &path, None, &[]).unwrap();
+    let mut served = base.clone();
+    load_for_inference(&mut served.model, &path, &Device::Cpu).unwrap();
+    let own = served_groups(&served, |i, _| i as f32 / 4.0);
+
+    let prepared = t.prepare_served(&own).unwrap();
+    let sampling = t.served_sampling_logps(&t.bundle.model, &prepared).unwrap();
+    let drawn = drawn_logprobs(&own);
+    assert_eq!(sampling.len(), drawn.len());
+    for (ours, theirs) in sampling.iter().zip(&drawn) {
+        assert_eq!(ours.len(), theirs.len());
+        for (a, b) in ours.iter().zip(theirs.iter()) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+    let evaluation = evaluate(&t, &base.model, &own).unwrap();
+    assert!(
+        (evaluation.candidate.effective_samples - 11.0).abs() < 1e-3,
+        "{evaluation:?}"
+    );
+    assert!(
+        evaluation.active.effective_samples < 11.0 - 1e-3,
+        "{evaluation:?}"
     );
 }
 

@@ -4,10 +4,11 @@
 //! `api` (axum, utoipa: routes, validation, auth, the OpenAPI document; talks
 //! to the core, never to tensors), `serve` (configuration and wiring),
 //! `listen` (connections and their timeouts), `train`, `pretrain`,
-//! `corl`, `oneshot` and `world` (the offline commands).
+//! `corl`, `gate_check`, `oneshot` and `world` (the offline commands).
 
 pub mod api;
 pub mod corl;
+pub mod gate_check;
 pub mod listen;
 pub mod oneshot;
 pub mod pretrain;

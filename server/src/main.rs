@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use ulm_model::demo::{save_demo_checkpoint, save_random_checkpoint, DEFAULT_SEED};
 use ulm_server::corl::{corl, markdown, CorlArgs};
+use ulm_server::gate_check::{self, gate_check, GateCheckArgs};
 use ulm_server::oneshot::{self, AnswerArgs, GenerateArgs};
 use ulm_server::pretrain::{eval, pretrain, EvalArgs, PretrainArgs};
 use ulm_server::serve::{serve, Role, ServeArgs};
@@ -53,6 +54,9 @@ enum Command {
     /// GRPO arms (unified, one task each, verifier-rewarded) from one model,
     /// several seeds each, evaluated on the world's test split: the CoRL comparison.
     Corl(Box<CorlArgs>),
+    /// How often the evaluation gate's verdict on LoRA candidates matches
+    /// fresh samples of them, on the world's test split.
+    GateCheck(Box<GateCheckArgs>),
     /// Write examples of the synthetic world of coloured shapes as a dataset.
     World(WorldArgs),
     /// Read an image with the world's verifier and check a caption against it.
@@ -104,6 +108,7 @@ fn main() -> Result<()> {
         }
         Command::Eval(args) => print!("{}", eval(&args)?.table()),
         Command::Corl(args) => print!("{}", markdown(&corl(&args)?)),
+        Command::GateCheck(args) => print!("{}", gate_check::markdown(&gate_check(&args)?)),
         Command::World(args) => {
             let lines = write_world(&args)?;
             println!("{} ({lines} items)", args.out.join("data.jsonl").display());

@@ -30,6 +30,24 @@ pub fn jsonl(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// Runs an offline command of the server binary (`corl`, `train`, ...)
+/// without the environment's model and with quiet logs; returns what it
+/// printed, after checking it succeeded.
+pub fn run_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let output = Command::new(server_binary())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("ULM_MODEL")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
 /// Builds the server binary once per test process and returns its path.
 pub fn server_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();

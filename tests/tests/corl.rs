@@ -4,42 +4,41 @@
 //! reuses what is on disk.
 
 use std::path::Path;
-use std::process::Command;
 
-use ulm_e2e::{jsonl, server_binary};
+use ulm_e2e::{jsonl, run_command};
 
-fn corl(out: &Path) -> std::process::Output {
-    let output = Command::new(server_binary())
-        .args(["corl", "--demo", "--out", out.to_str().unwrap()])
-        .args(["--seeds", "2", "--steps", "2", "--eval-every", "1"])
-        .args([
-            "--batch-size",
-            "1",
-            "--group-size",
-            "2",
-            "--max-new-tokens",
-            "2",
-        ])
-        .args(["--train-scenes", "2", "--side", "32"])
-        .args([
-            "--prompts",
-            "1",
-            "--eval-seeds",
-            "2",
-            "--question-scenes",
-            "1",
-        ])
-        .args(["--train-options", "--beta 0"])
-        .env("RUST_LOG", "warn")
-        .env_remove("ULM_MODEL")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
+fn corl(out: &Path) -> String {
+    let out = out.to_str().unwrap();
+    run_command(&[
+        "corl",
+        "--demo",
+        "--out",
+        out,
+        "--seeds",
+        "2",
+        "--steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--batch-size",
+        "1",
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--train-scenes",
+        "2",
+        "--side",
+        "32",
+        "--prompts",
+        "1",
+        "--eval-seeds",
+        "2",
+        "--question-scenes",
+        "1",
+        "--train-options",
+        "--beta 0",
+    ])
 }
 
 /// The fields of each line of a JSONL file.
@@ -54,7 +53,7 @@ fn lines(path: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
 fn every_arm_trains_on_its_data_is_evaluated_and_a_rerun_reuses_the_runs() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("corl");
-    let printed = String::from_utf8(corl(&out).stdout).unwrap();
+    let printed = corl(&out);
     let arms = ["none", "unified", "generation", "understanding", "verifier"];
     for arm in arms {
         assert!(printed.contains(&format!("| {arm} |")), "{printed}");
@@ -124,7 +123,7 @@ fn every_arm_trains_on_its_data_is_evaluated_and_a_rerun_reuses_the_runs() {
 
     let metrics = out.join("unified").join("seed-1").join("metrics.jsonl");
     let trained_at = std::fs::metadata(&metrics).unwrap().modified().unwrap();
-    let again = String::from_utf8(corl(&out).stdout).unwrap();
+    let again = corl(&out);
     assert_eq!(again, printed, "the same runs, read back");
     assert_eq!(
         std::fs::metadata(&metrics).unwrap().modified().unwrap(),

@@ -18,11 +18,12 @@ fn code(body: &Value) -> &str {
 /// Learns fast enough to see on the demo model in seconds: a high learning
 /// rate and wide clipping, since the stored groups are reused, with the KL
 /// term keeping the candidate close enough to the base for the off-policy
-/// evaluation to be informative.
+/// evaluation to be informative. Its weights keep about a fifth of the
+/// evidence (0.18 in one run); the bound asks for a quarter of that.
 fn learning_job(steps: u32) -> Value {
     json!({
         "steps": steps, "lr": 0.01, "beta": 0.04, "lora_rank": 8, "lora_alpha": 16.0,
-        "epsilon_high": 5.0, "max_kl": 20.0, "max_reward_drop": 0.1, "min_effective_share": 0.1,
+        "epsilon_high": 5.0, "max_kl": 20.0, "max_reward_drop": 0.1, "min_effective_share": 0.05,
     })
 }
 
@@ -63,22 +64,20 @@ async fn feedback_trains_a_promoted_version_that_serves_and_rolls_back() {
     let evaluation = &job["evaluation"];
     assert_eq!(evaluation["decision"]["promote"], true, "{evaluation}");
     assert_eq!(evaluation["decision"]["verdict"], "promote");
-    let effective = |policy: &str| {
-        evaluation["evaluation"][policy]["effective_samples"]
-            .as_f64()
-            .unwrap()
-    };
+    let score = |policy: &str, key: &str| evaluation["evaluation"][policy][key].as_f64().unwrap();
     let held_out = evaluation["evaluation"]["samples"].as_f64().unwrap();
     println!(
-        "effective held-out samples of {held_out}: candidate {:.1}, active {:.1}",
-        effective("candidate"),
-        effective("active")
+        "effective held-out samples of {held_out}: candidate {:.1} (evidence {:.2}), active {:.1}",
+        score("candidate", "effective_samples"),
+        score("candidate", "effective_share"),
+        score("active", "effective_samples")
     );
     // The active version drew every held-out sample: its weights are equal.
     assert!(
-        (effective("active") - held_out).abs() < 1e-3,
+        (score("active", "effective_samples") - held_out).abs() < 1e-3,
         "{evaluation}"
     );
+    assert!((score("active", "effective_share") - 1.0).abs() < 1e-6);
     assert!(evaluation["evaluation"]["candidate"]["reward"].is_number());
     assert!(
         evaluation["evaluation"]["candidate"]["kl_to_base"]

@@ -67,9 +67,10 @@ pub struct JobConfig {
     pub max_reward_drop: f64,
     /// Promote only if the candidate's KL to the base stays under this.
     pub max_kl: f64,
-    /// Decide only if both policies' reward estimates are worth at least
-    /// this share of the held-out samples (effective sample size over
-    /// samples); below it the job ends rejected as not enough evidence.
+    /// Decide only if both policies' importance weights keep at least this
+    /// share of the held-out samples' evidence (effective samples beyond
+    /// one per group over samples beyond one per group, the least of the
+    /// tasks); below it the job ends rejected as not enough evidence.
     pub min_effective_share: f64,
     /// Newest rated requests considered.
     pub max_groups: u32,

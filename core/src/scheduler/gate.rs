@@ -31,8 +31,8 @@ pub struct Decision {
 pub struct Bounds {
     pub max_reward_drop: f64,
     pub max_kl: f64,
-    /// The least share of the held-out samples each policy's estimate must
-    /// be worth (its effective sample size over the samples).
+    /// The least evidence each policy's estimate must keep
+    /// ([`ulm_rl::evaluate::PolicyScore::effective_share`]).
     pub min_effective_share: f64,
 }
 
@@ -63,17 +63,17 @@ pub fn decide(eval: &Evaluation, bounds: Bounds) -> Decision {
             ),
         );
     }
-    let samples = eval.samples.max(1) as f64;
     for (who, score) in [("candidate", cand), ("active version", active)] {
-        let share = score.effective_samples / samples;
+        let share = score.effective_share;
         if share.is_nan() || share < bounds.min_effective_share {
             return decision(
                 Verdict::NotEnoughEvidence,
                 format!(
-                    "the {who}'s estimate is worth {:.1} of {} held-out samples ({:.1}%), under the {:.1}% it needs",
-                    score.effective_samples,
-                    eval.samples,
+                    "the {who}'s importance weights keep {:.1}% of the evidence in {} held-out samples \
+                     ({:.1} effective), under the {:.1}% a verdict needs",
                     100.0 * share,
+                    eval.samples,
+                    score.effective_samples,
                     100.0 * bounds.min_effective_share
                 ),
             );
@@ -91,11 +91,12 @@ pub fn decide(eval: &Evaluation, bounds: Bounds) -> Decision {
     decision(
         Verdict::Promote,
         format!(
-            "reward {:.4} against the active version's {:.4} ({:.1} and {:.1} effective of {} samples); KL to the base {:.4} within {}",
+            "reward {:.4} against the active version's {:.4} ({:.1}% and {:.1}% of the evidence in {} samples); \
+             KL to the base {:.4} within {}",
             cand.reward,
             active.reward,
-            cand.effective_samples,
-            active.effective_samples,
+            100.0 * cand.effective_share,
+            100.0 * active.effective_share,
             eval.samples,
             cand.kl_to_base,
             bounds.max_kl
@@ -110,7 +111,7 @@ mod tests {
 
     const SAMPLES: usize = 8;
 
-    fn eval(active: f64, candidate: f64, kl: f64, candidate_effective: f64) -> Evaluation {
+    fn eval(active: f64, candidate: f64, kl: f64, candidate_share: f64) -> Evaluation {
         Evaluation {
             groups: 2,
             samples: SAMPLES,
@@ -119,11 +120,13 @@ mod tests {
                 reward: active,
                 kl_to_base: 0.0,
                 effective_samples: SAMPLES as f64,
+                effective_share: 1.0,
             },
             candidate: PolicyScore {
                 reward: candidate,
                 kl_to_base: kl,
-                effective_samples: candidate_effective,
+                effective_samples: 2.0 + candidate_share * (SAMPLES - 2) as f64,
+                effective_share: candidate_share,
             },
         }
     }
@@ -138,36 +141,34 @@ mod tests {
 
     #[test]
     fn promotes_only_what_is_no_worse_and_close_to_the_base() {
-        let full = SAMPLES as f64;
-        assert!(decide(&eval(0.5, 0.6, 0.1, full), bounds(0.0, 0.5)).promote);
-        assert!(decide(&eval(0.5, 0.5, 0.1, full), bounds(0.0, 0.5)).promote);
-        assert!(decide(&eval(0.5, 0.48, 0.1, full), bounds(0.05, 0.5)).promote);
-        let worse = decide(&eval(0.5, 0.4, 0.1, full), bounds(0.05, 0.5));
+        assert!(decide(&eval(0.5, 0.6, 0.1, 1.0), bounds(0.0, 0.5)).promote);
+        assert!(decide(&eval(0.5, 0.5, 0.1, 1.0), bounds(0.0, 0.5)).promote);
+        assert!(decide(&eval(0.5, 0.48, 0.1, 1.0), bounds(0.05, 0.5)).promote);
+        let worse = decide(&eval(0.5, 0.4, 0.1, 1.0), bounds(0.05, 0.5));
         assert_eq!(worse.verdict, Verdict::Reject);
         assert!(worse.reason.contains("0.4000"), "{}", worse.reason);
-        let far = decide(&eval(0.5, 0.9, 0.8, full), bounds(0.0, 0.5));
+        let far = decide(&eval(0.5, 0.9, 0.8, 1.0), bounds(0.0, 0.5));
         assert_eq!(far.verdict, Verdict::Reject);
         assert!(far.reason.contains("KL"), "{}", far.reason);
-        assert!(!decide(&eval(0.5, f64::NAN, 0.1, full), bounds(0.0, 0.5)).promote);
+        assert!(!decide(&eval(0.5, f64::NAN, 0.1, 1.0), bounds(0.0, 0.5)).promote);
     }
 
     #[test]
     fn collapsed_weights_give_no_verdict_either_way() {
-        // A quarter of 8 samples is 2: 1.9 is not enough, better or worse.
         for candidate in [0.9, 0.1] {
-            let d = decide(&eval(0.5, candidate, 0.1, 1.9), bounds(0.0, 0.5));
+            let d = decide(&eval(0.5, candidate, 0.1, 0.24), bounds(0.0, 0.5));
             assert_eq!(d.verdict, Verdict::NotEnoughEvidence, "{}", d.reason);
             assert!(!d.promote);
-            assert!(d.reason.contains("1.9 of 8"), "{}", d.reason);
+            assert!(d.reason.contains("24.0% of the evidence"), "{}", d.reason);
         }
-        assert!(decide(&eval(0.5, 0.9, 0.1, 2.0), bounds(0.0, 0.5)).promote);
+        assert!(decide(&eval(0.5, 0.9, 0.1, 0.25), bounds(0.0, 0.5)).promote);
         // The active version's estimate needs the evidence too.
-        let mut stale = eval(0.5, 0.9, 0.1, 8.0);
-        stale.active.effective_samples = 1.0;
+        let mut stale = eval(0.5, 0.9, 0.1, 1.0);
+        stale.active.effective_share = 0.1;
         let d = decide(&stale, bounds(0.0, 0.5));
         assert_eq!(d.verdict, Verdict::NotEnoughEvidence);
         assert!(d.reason.contains("active version"), "{}", d.reason);
-        // An undefined weight is no evidence; a share of 0 asks for none.
+        // An undefined share is no evidence; a bound of 0 asks for none.
         let undefined = eval(0.5, 0.9, 0.1, f64::NAN);
         assert_eq!(
             decide(&undefined, bounds(0.0, 0.5)).verdict,
@@ -179,7 +180,7 @@ mod tests {
         };
         assert!(decide(&eval(0.5, 0.9, 0.1, 0.0), none_needed).promote);
         // Too far from the base is rejected whatever the evidence.
-        let far = decide(&eval(0.5, 0.9, 0.8, 1.0), bounds(0.0, 0.5));
+        let far = decide(&eval(0.5, 0.9, 0.8, 0.0), bounds(0.0, 0.5));
         assert_eq!(far.verdict, Verdict::Reject);
     }
 }

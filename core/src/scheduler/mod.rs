@@ -498,7 +498,7 @@ impl Scheduler {
         };
         let decision = gate::decide(eval, bounds);
         metrics::gauge!("ulm_rl_eval_effective_share", "policy" => "candidate")
-            .set(eval.candidate.effective_samples / eval.samples.max(1) as f64);
+            .set(eval.candidate.effective_share);
         let evaluation = serde_json::json!({
             "evaluation": eval,
             "decision": decision,

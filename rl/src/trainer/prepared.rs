@@ -66,10 +66,7 @@ impl Prepared {
         n: usize,
         dev: &candle_core::Device,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        Ok((
-            Tensor::new(self.gen_prompt[start..start + n].to_vec(), dev)?,
-            Tensor::new(self.gen_completion[start..start + n].to_vec(), dev)?,
-        ))
+        self.gen_rows(&self.gen_prompt, start, n, dev)
     }
 
     /// [`Self::gen_tensors`] with the unconditional prompts.
@@ -79,8 +76,18 @@ impl Prepared {
         n: usize,
         dev: &candle_core::Device,
     ) -> candle_core::Result<(Tensor, Tensor)> {
+        self.gen_rows(&self.gen_uncond_prompt, start, n, dev)
+    }
+
+    fn gen_rows(
+        &self,
+        prompts: &[Vec<u32>],
+        start: usize,
+        n: usize,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         Ok((
-            Tensor::new(self.gen_uncond_prompt[start..start + n].to_vec(), dev)?,
+            Tensor::new(prompts[start..start + n].to_vec(), dev)?,
             Tensor::new(self.gen_completion[start..start + n].to_vec(), dev)?,
         ))
     }

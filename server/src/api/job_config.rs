@@ -57,9 +57,10 @@ pub struct JobConfig {
     /// 10 GiB per row at the Janus-Pro-1B sizes in bf16.
     #[schema(minimum = 1, maximum = 256)]
     pub micro_batch_rows: u32,
-    /// Decide only if both policies' reward estimates are worth at least
-    /// this share of the held-out samples (effective sample size over
-    /// samples); below it the job ends rejected, its verdict
+    /// Decide only if both policies' importance weights keep at least this
+    /// share of the held-out samples' evidence (effective samples beyond
+    /// one per group over samples beyond one per group, the least of the
+    /// tasks); below it the job ends rejected, its verdict
     /// `not_enough_evidence`.
     #[schema(minimum = 0.0, maximum = 1.0)]
     pub min_effective_share: f64,
