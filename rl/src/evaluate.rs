@@ -4,7 +4,7 @@
 //! the self-normalised importance-sampling estimate
 //! `sum_i w_i s_i / sum_i w_i`, `w_i = exp(log pi(y_i) - log mu(y_i))`.
 //! The KL to the base is the k3 estimator of the GRPO loss, token mean per
-//! sample, mean over samples.
+//! sample, weighed within each group as the score is, mean over groups.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +18,8 @@ use ulm_model::Janus;
 pub struct PolicyScore {
     /// Estimated mean score of its samples.
     pub reward: f64,
-    /// Estimated KL divergence to the base model per token.
+    /// Estimated KL divergence of its conditional policy to the base's,
+    /// per token, under its own samples (weighed as the reward is).
     pub kl_to_base: f64,
     /// How many equally weighted samples the estimate is worth: the sum
     /// over groups of `(sum w)^2 / sum w^2`. Equal to the samples when the
@@ -52,29 +53,33 @@ pub struct GroupEstimate {
     pub effective_samples: f64,
 }
 
+/// Self-normalised importance weights (summing to 1) from
+/// `log_ratios[i] = log pi(y_i) - log mu(y_i)`; `None` without one finite
+/// ratio, when the weights say nothing.
+fn normalized_weights(log_ratios: &[f64]) -> Option<Vec<f64>> {
+    let max = log_ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !max.is_finite() {
+        return None;
+    }
+    let weights: Vec<f64> = log_ratios.iter().map(|l| (l - max).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    Some(weights.into_iter().map(|w| w / total).collect())
+}
+
 /// Self-normalised importance-sampling estimate of one group's mean score.
 /// `log_ratios[i] = log pi(y_i) - log mu(y_i)` summed over the sample's
 /// tokens. Without one finite ratio the weights say nothing: the plain
 /// mean, worth no samples.
 pub fn snis(scores: &[f32], log_ratios: &[f64]) -> GroupEstimate {
-    let max = log_ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if !max.is_finite() {
+    let Some(weights) = normalized_weights(log_ratios) else {
         return GroupEstimate {
             mean: scores.iter().map(|&s| s as f64).sum::<f64>() / scores.len().max(1) as f64,
             effective_samples: 0.0,
         };
-    }
-    let weights: Vec<f64> = log_ratios.iter().map(|l| (l - max).exp()).collect();
-    let total: f64 = weights.iter().sum();
-    let squares: f64 = weights.iter().map(|w| w * w).sum();
+    };
     GroupEstimate {
-        mean: weights
-            .iter()
-            .zip(scores)
-            .map(|(w, &s)| w * s as f64)
-            .sum::<f64>()
-            / total,
-        effective_samples: total * total / squares,
+        mean: weights.iter().zip(scores).map(|(w, &s)| w * s as f64).sum(),
+        effective_samples: 1.0 / weights.iter().map(|w| w * w).sum::<f64>(),
     }
 }
 
@@ -149,9 +154,16 @@ fn score_policy(
         }];
         task.0 += (estimate.effective_samples - 1.0).max(0.0);
         task.1 += g.samples.len().saturating_sub(1) as f64;
-        for k in rows {
-            kl += k3_token_mean(&conditional[k], &reference[k]);
-        }
+        // The KL under the policy's own samples, weighed as the reward is:
+        // on the behaviour's samples alone, k3 grows without bound where
+        // the policy finds them unlikely.
+        let k3: Vec<f64> = rows
+            .map(|k| k3_token_mean(&conditional[k], &reference[k]))
+            .collect();
+        kl += match normalized_weights(&ratios) {
+            Some(weights) => weights.iter().zip(&k3).map(|(w, k)| w * k).sum::<f64>(),
+            None => k3.iter().sum::<f64>() / k3.len().max(1) as f64,
+        };
         row += g.samples.len();
     }
     let effective_share = evidence
@@ -164,7 +176,7 @@ fn score_policy(
         .unwrap_or(0.0);
     Ok(PolicyScore {
         reward: reward / groups.len().max(1) as f64,
-        kl_to_base: kl / row.max(1) as f64,
+        kl_to_base: kl / groups.len().max(1) as f64,
         effective_samples,
         effective_share,
     })
@@ -267,6 +279,23 @@ mod tests {
         let answers = score_policy(&groups[..1], &policy, &policy, &policy).unwrap();
         assert!((answers.effective_share - 1.0).abs() < 1e-9);
         assert!((answers.reward - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_kl_is_weighed_like_the_score() {
+        // The policy's weight is all on the first image, where it agrees
+        // with the base; the base finds the others far likelier than the
+        // policy does, which says nothing of the policy's own samples.
+        let groups = [group(RewardTask::Generation, [-40.0, -1.0, -1.0, -1.0])];
+        let policy = vec![vec![-1f32]; 4];
+        let reference = vec![vec![-1f32], vec![5.0], vec![5.0], vec![5.0]];
+        let score = score_policy(&groups, &policy, &policy, &reference).unwrap();
+        assert!(score.kl_to_base.abs() < 1e-9, "{score:?}");
+        // Equal weights: the plain mean of k3 over the samples.
+        let equal = [group(RewardTask::Generation, [-1.0; 4])];
+        let score = score_policy(&equal, &policy, &policy, &reference).unwrap();
+        let k3 = 6f64.exp() - 6.0 - 1.0;
+        assert!((score.kl_to_base - 0.75 * k3).abs() < 1e-3, "{score:?}");
     }
 
     #[test]

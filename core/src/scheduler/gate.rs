@@ -52,17 +52,7 @@ pub fn decide(eval: &Evaluation, bounds: Bounds) -> Decision {
             "the candidate's evaluation is not finite".into(),
         );
     }
-    // The KL needs no weights: a candidate too far from the base is
-    // rejected whatever the evidence on its reward.
-    if cand.kl_to_base > bounds.max_kl {
-        return decision(
-            Verdict::Reject,
-            format!(
-                "KL to the base {:.4} exceeds the bound {}",
-                cand.kl_to_base, bounds.max_kl
-            ),
-        );
-    }
+    // Reward and KL are both weighed: without the evidence, neither is.
     for (who, score) in [("candidate", cand), ("active version", active)] {
         let share = score.effective_share;
         if share.is_nan() || share < bounds.min_effective_share {
@@ -78,6 +68,15 @@ pub fn decide(eval: &Evaluation, bounds: Bounds) -> Decision {
                 ),
             );
         }
+    }
+    if cand.kl_to_base > bounds.max_kl {
+        return decision(
+            Verdict::Reject,
+            format!(
+                "KL to the base {:.4} exceeds the bound {}",
+                cand.kl_to_base, bounds.max_kl
+            ),
+        );
     }
     if cand.reward < active.reward - bounds.max_reward_drop {
         return decision(
@@ -179,8 +178,8 @@ mod tests {
             ..bounds(0.0, 0.5)
         };
         assert!(decide(&eval(0.5, 0.9, 0.1, 0.0), none_needed).promote);
-        // Too far from the base is rejected whatever the evidence.
+        // Without the evidence the KL is no more known than the reward.
         let far = decide(&eval(0.5, 0.9, 0.8, 0.0), bounds(0.0, 0.5));
-        assert_eq!(far.verdict, Verdict::Reject);
+        assert_eq!(far.verdict, Verdict::NotEnoughEvidence);
     }
 }
