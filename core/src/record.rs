@@ -6,6 +6,7 @@
 //! can tell which stored log-probs score what its training forward scores.
 
 use serde::{Deserialize, Serialize};
+use ulm_model::sampling::SamplingParams;
 
 use crate::engine::{AnswerOutput, GenerateOutput, RequestTimings};
 use crate::store::{now_ms, Store, StoreError};
@@ -70,15 +71,26 @@ impl RequestParams {
         }
     }
 
+    /// How the sampler drew the request's tokens.
+    pub fn sampling(&self) -> SamplingParams {
+        match *self {
+            RequestParams::Generate(p) => SamplingParams {
+                temperature: p.temperature,
+                top_k: p.top_k.map(|k| k as usize),
+                top_p: None,
+            },
+            RequestParams::Answer(p) => SamplingParams {
+                temperature: p.temperature,
+                top_k: p.top_k.map(|k| k as usize),
+                top_p: p.top_p,
+            },
+        }
+    }
+
     /// The temperature the stored behaviour log-probs were taken at (1 for
     /// greedy decoding).
     pub fn logprob_temperature(&self) -> f32 {
-        let t = self.temperature();
-        if t > 0.0 {
-            t
-        } else {
-            1.0
-        }
+        self.sampling().logprob_temperature()
     }
 }
 

@@ -193,13 +193,8 @@ pub fn evaluate(
 ) -> Result<Evaluation, RlError> {
     let served = trainer.prepare_served(groups)?;
     let score = |model: &Janus, reference: &[Vec<f32>]| {
-        let sampling = trainer.served_sampling_logps(model, &served)?;
-        let conditional = if groups.iter().any(ServedGroup::guided) {
-            trainer.served_logps(model, &served)?
-        } else {
-            sampling.clone()
-        };
-        score_policy(groups, &sampling, &conditional, reference)
+        let logps = trainer.served_sampling_logps(model, &served)?;
+        score_policy(groups, &logps.sampling, &logps.conditional, reference)
     };
     let reference = trainer.served_reference_logps(&served)?;
     let samples: usize = groups.iter().map(|g| g.samples.len()).sum();

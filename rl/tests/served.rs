@@ -163,6 +163,8 @@ fn served_samples_are_scored_as_sampled_and_train() {
     // guided ones, the forward reproduces what the sampler recorded; the
     // guided log-probs of the images are not their conditional ones.
     let sampling = t.served_sampling_logps(&t.bundle.model, &served).unwrap();
+    assert_eq!(sampling.conditional, logps);
+    let sampling = sampling.sampling;
     let drawn = drawn_logprobs(&groups);
     assert_eq!(sampling.len(), drawn.len());
     for (ours, theirs) in sampling.iter().zip(&drawn) {
@@ -256,7 +258,10 @@ fn a_trained_candidate_scores_its_own_samples_as_it_drew_them() {
     let own = served_groups(&served, |i, _| i as f32 / 4.0);
 
     let prepared = t.prepare_served(&own).unwrap();
-    let sampling = t.served_sampling_logps(&t.bundle.model, &prepared).unwrap();
+    let sampling = t
+        .served_sampling_logps(&t.bundle.model, &prepared)
+        .unwrap()
+        .sampling;
     let drawn = drawn_logprobs(&own);
     assert_eq!(sampling.len(), drawn.len());
     for (ours, theirs) in sampling.iter().zip(&drawn) {

@@ -4,7 +4,7 @@
 use image::RgbImage;
 use ulm_model::sampling::SamplingParams;
 
-use crate::record::{AnswerParams, FinishReason, GenerateParams};
+use crate::record::{AnswerParams, FinishReason, GenerateParams, RequestParams};
 
 /// A question about one image, `seeds.len()` answers.
 #[derive(Debug, Clone)]
@@ -27,21 +27,13 @@ pub struct ImageWork {
 
 impl AnswerWork {
     pub(super) fn sampling(&self) -> SamplingParams {
-        SamplingParams {
-            temperature: self.params.temperature,
-            top_k: self.params.top_k.map(|k| k as usize),
-            top_p: self.params.top_p,
-        }
+        RequestParams::Answer(self.params).sampling()
     }
 }
 
 impl ImageWork {
     pub(super) fn sampling(&self) -> SamplingParams {
-        SamplingParams {
-            temperature: self.params.temperature,
-            top_k: self.params.top_k.map(|k| k as usize),
-            top_p: None,
-        }
+        RequestParams::Generate(self.params).sampling()
     }
 }
 

@@ -66,13 +66,10 @@ enum Unweighable {
 
 impl Unweighable {
     fn of(params: &RequestParams, group: &ServedGroup) -> Option<Self> {
-        let (top_k, top_p) = match params {
-            RequestParams::Answer(p) => (p.top_k, p.top_p),
-            RequestParams::Generate(p) => (p.top_k, None),
-        };
-        if params.temperature() <= 0.0 || top_k == Some(1) {
+        let sampling = params.sampling();
+        if sampling.is_greedy() {
             Some(Self::Greedy)
-        } else if top_k.is_some() || top_p.is_some_and(|p| p < 1.0) {
+        } else if sampling.top_k.is_some() || sampling.top_p.is_some_and(|p| p < 1.0) {
             Some(Self::Truncated)
         } else if group.guided()
             && group

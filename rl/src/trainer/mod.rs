@@ -20,7 +20,7 @@ mod served;
 
 pub use config::{Adaptation, Schedule, StepMetrics, TrainerConfig};
 pub use rollout::{ServedGroup, ServedSample};
-pub use served::PreparedServed;
+pub use served::{PreparedServed, ServedLogps};
 
 use crate::grpo::AdamW;
 use crate::reward::{HumanFeedback, RewardTask, TaskScores, TrainItem, Weighted};

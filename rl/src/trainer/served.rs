@@ -42,6 +42,27 @@ impl PreparedServed {
 /// Per-token log-probs of each row.
 type RowLogps = Vec<Vec<f32>>;
 
+/// Log-probs of every prepared row under one policy.
+struct RowScores {
+    und: RowLogps,
+    /// Conditional, as GRPO scores images.
+    gen: RowLogps,
+    /// Under the distribution each image was drawn from (guided where it
+    /// was); empty unless asked for.
+    gen_drawn: RowLogps,
+}
+
+/// Per-token log-probs of served samples under one policy, in the
+/// callers' order.
+pub struct ServedLogps {
+    /// As GRPO scores them: conditional for images.
+    pub conditional: Vec<Vec<f32>>,
+    /// Under the distribution the policy draws them from when served as
+    /// they were: guided for images drawn with guidance. Importance
+    /// weights compare these.
+    pub sampling: Vec<Vec<f32>>,
+}
+
 impl Trainer {
     /// Whether `group` can be trained on: the training forward scores it.
     /// Finds the bad group of a step that failed.
@@ -76,21 +97,22 @@ impl Trainer {
         model: &Janus,
         served: &PreparedServed,
     ) -> Result<Vec<Vec<f32>>, RlError> {
-        let [und, gen] = self.inference_logps(model, &served.prepared, None)?;
-        served.in_order(und, gen)
+        let scores = self.inference_logps(model, &served.prepared, None)?;
+        served.in_order(scores.und, scores.gen)
     }
 
-    /// Per-token log-probs of prepared served samples under the
-    /// distribution `model` draws them from when served as they were:
-    /// guided (CFG) for images drawn with guidance, as
-    /// [`Self::served_logps`] otherwise. Importance weights compare these.
+    /// [`Self::served_logps`] and the log-probs under the distribution
+    /// `model` draws each sample from, from one forward pass.
     pub fn served_sampling_logps(
         &self,
         model: &Janus,
         served: &PreparedServed,
-    ) -> Result<Vec<Vec<f32>>, RlError> {
-        let [und, gen] = self.inference_logps(model, &served.prepared, Some(&served.guidance))?;
-        served.in_order(und, gen)
+    ) -> Result<ServedLogps, RlError> {
+        let scores = self.inference_logps(model, &served.prepared, Some(&served.guidance))?;
+        Ok(ServedLogps {
+            conditional: served.in_order(scores.und.clone(), scores.gen)?,
+            sampling: served.in_order(scores.und, scores.gen_drawn)?,
+        })
     }
 
     /// [`Self::served_logps`] under the reference policy (the base model).
@@ -101,9 +123,9 @@ impl Trainer {
         self.with_reference(|m| self.served_logps(m, served))
     }
 
-    /// Valid-token log-probs of every prepared row: (understanding,
-    /// generation), image rows guided by `guidance` (one CFG weight per
-    /// image row) when given. The adapters are read detached meanwhile:
+    /// Valid-token log-probs of every prepared row; with `guidance` (one
+    /// CFG weight per image row) also those of the distribution each image
+    /// was drawn from. The adapters are read detached meanwhile:
     /// nothing here is differentiated, and the forward then runs as
     /// serving's does.
     fn inference_logps(
@@ -111,7 +133,7 @@ impl Trainer {
         model: &Janus,
         p: &Prepared,
         guidance: Option<&[Option<f32>]>,
-    ) -> Result<[RowLogps; 2], ModelError> {
+    ) -> Result<RowScores, ModelError> {
         self.without_graph(|| self.row_logps(model, p, guidance))
     }
 
@@ -120,7 +142,7 @@ impl Trainer {
         model: &Janus,
         p: &Prepared,
         guidance: Option<&[Option<f32>]>,
-    ) -> Result<[RowLogps; 2], ModelError> {
+    ) -> Result<RowScores, ModelError> {
         let dev = model.device();
         let temperature = self.logprob_temperature();
         let micro = self.config.micro_batch_rows.max(1);
@@ -145,7 +167,7 @@ impl Trainer {
                 );
             }
         }
-        let mut gen = Vec::new();
+        let (mut gen, mut gen_drawn) = (Vec::new(), Vec::new());
         for start in (0..p.gen_prompt.len()).step_by(micro) {
             let n = micro.min(p.gen_prompt.len() - start);
             let states = |tensors: &(Tensor, Tensor)| {
@@ -153,25 +175,28 @@ impl Trainer {
                 let alignment = self.config.alignment;
                 generation_states(model, &batch, temperature, alignment, Pass::Inference)
             };
+            let rows = |logps: Tensor| logps.to_dtype(DType::F32)?.to_vec2::<f32>();
             let cond = states(&p.gen_tensors(start, n, dev)?)?;
-            // Weight 1 is the conditional distribution itself.
-            let weights: Option<Vec<f32>> = guidance
-                .map(|g| {
-                    g[start..start + n]
-                        .iter()
-                        .map(|w| w.unwrap_or(1.0))
-                        .collect()
-                })
-                .filter(|w: &Vec<f32>| w.iter().any(|&w| w != 1.0));
-            let logps = match weights {
-                Some(weights) => {
+            let conditional = rows(cond.logp_values(model)?)?;
+            if let Some(guidance) = guidance {
+                // Weight 1 is the conditional distribution itself.
+                let weights: Vec<f32> = guidance[start..start + n]
+                    .iter()
+                    .map(|w| w.unwrap_or(1.0))
+                    .collect();
+                if weights.iter().any(|&w| w != 1.0) {
                     let uncond = states(&p.gen_uncond_tensors(start, n, dev)?)?;
-                    cond.guided_logp_values(model, &uncond, &weights)?
+                    gen_drawn.extend(rows(cond.guided_logp_values(model, &uncond, &weights)?)?);
+                } else {
+                    gen_drawn.extend(conditional.iter().cloned());
                 }
-                None => cond.logp_values(model)?,
-            };
-            gen.extend(logps.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+            }
+            gen.extend(conditional);
         }
-        Ok([und, gen])
+        Ok(RowScores {
+            und,
+            gen,
+            gen_drawn,
+        })
     }
 }
