@@ -12,11 +12,12 @@ use ulm_core::record::{
     AnswerParams, FinishReason, GenerateParams, RequestParams, SampleRecord, Task,
 };
 use ulm_core::scheduler::config::JobConfig;
-use ulm_core::scheduler::data::{gather, JobData, Shape};
+use ulm_core::scheduler::data::{gather, hash_unit, JobData, Shape};
 use ulm_core::scheduler::job::{self, JobInputs, Progress, RunEnd};
 use ulm_core::store::{now_ms, FeedbackRecord, Store};
 use ulm_model::bundle::ModelBundle;
 use ulm_model::demo::DEFAULT_SEED;
+use ulm_rl::trainer::ServedGroup;
 
 const IMAGE_TOKENS: usize = 64;
 
@@ -118,13 +119,23 @@ async fn serve_with(
 }
 
 async fn rate(store: &Store, sample: &str, score: Option<f64>, correction: Option<&str>) {
+    rate_under(store, "quality", sample, score, correction).await
+}
+
+async fn rate_under(
+    store: &Store,
+    key: &str,
+    sample: &str,
+    score: Option<f64>,
+    correction: Option<&str>,
+) {
     store
         .insert_feedback(&[FeedbackRecord {
             id: uuid::Uuid::new_v4().to_string(),
             client_id: None,
             body_sha256: String::new(),
             sample_id: sample.into(),
-            key: "quality".into(),
+            key: key.into(),
             score,
             value: None,
             comment: None,
@@ -211,6 +222,14 @@ async fn run_on_the_demo(
     (end, progress)
 }
 
+/// Each group's sample scores.
+fn scores(groups: &[ServedGroup]) -> Vec<Vec<f32>> {
+    groups
+        .iter()
+        .map(|g| g.samples.iter().map(|s| s.score).collect())
+        .collect()
+}
+
 fn shape() -> Shape {
     let demo = ModelBundle::demo(DEFAULT_SEED, DType::F32, &Device::Cpu).unwrap();
     Shape {
@@ -250,13 +269,7 @@ async fn a_job_gathers_every_source_and_holds_out_a_stable_share() {
     let again = gather(&f.store, &config, 0.3, now_ms(), shape())
         .await
         .unwrap();
-    let questions = |groups: &[ulm_rl::trainer::ServedGroup]| {
-        groups
-            .iter()
-            .map(|g| g.samples.iter().map(|s| s.score).collect::<Vec<_>>())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(questions(&again.eval), questions(&data.eval));
+    assert_eq!(scores(&again.eval), scores(&data.eval));
 
     // Only the chosen feedback keys count.
     let other_keys = JobConfig {
@@ -267,6 +280,62 @@ async fn a_job_gathers_every_source_and_holds_out_a_stable_share() {
         .await
         .unwrap();
     assert_eq!(data.counts.skipped_unscored, 6, "{:?}", data.counts);
+}
+
+/// Users' ratings train; the gate judges the held-out groups by the trusted
+/// key alone, so a rater who scores backwards cannot vouch for what it
+/// taught. A group scored only under the other role's keys is skipped.
+#[tokio::test]
+async fn the_gate_judges_held_out_groups_by_its_own_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), None, None).await.unwrap();
+    let fraction = 0.3;
+    let ids_where = |held_out: bool, n: usize| {
+        (0..)
+            .map(move |k| format!("request-{held_out}-{k}"))
+            .filter(move |id| (hash_unit(id) < fraction) == held_out)
+            .take(n)
+    };
+    for request in ids_where(true, 3).chain(ids_where(false, 3)) {
+        let ids = serve(&store, &request, Task::Answer, "What is it?", 4, 1.0).await;
+        for (i, id) in ids.iter().enumerate() {
+            let user = i as f64 / 4.0;
+            rate_under(&store, "user", id, Some(user), None).await;
+            rate_under(&store, "audit", id, Some(1.0 - user), None).await;
+        }
+    }
+    let only_user = ids_where(true, 4).last().unwrap();
+    let only_audit = ids_where(false, 4).last().unwrap();
+    for (request, key) in [(&only_user, "user"), (&only_audit, "audit")] {
+        for id in serve(&store, request, Task::Answer, "What is it?", 2, 1.0).await {
+            rate_under(&store, key, &id, Some(1.0), None).await;
+        }
+    }
+    let config = JobConfig {
+        feedback_keys: Some(vec!["user".into()]),
+        gate_feedback_keys: Some(vec!["audit".into()]),
+        ..JobConfig::default()
+    };
+    let data = gather(&store, &config, fraction, now_ms(), shape())
+        .await
+        .unwrap();
+    assert_eq!(scores(&data.train), vec![vec![0.0, 0.25, 0.5, 0.75]; 3]);
+    assert_eq!(scores(&data.eval), vec![vec![1.0, 0.75, 0.5, 0.25]; 3]);
+    assert_eq!(data.counts.skipped_unscored, 2, "{:?}", data.counts);
+
+    // Without gate keys both roles take the training keys' scores.
+    let same = JobConfig {
+        gate_feedback_keys: None,
+        ..config
+    };
+    let data = gather(&store, &same, fraction, now_ms(), shape())
+        .await
+        .unwrap();
+    let mut eval = scores(&data.eval);
+    eval.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mut expected = vec![vec![0.0, 0.25, 0.5, 0.75]; 3];
+    expected.push(vec![1.0, 1.0]);
+    assert_eq!(eval, expected);
 }
 
 /// Held-out groups whose importance weights cannot be formed are left out

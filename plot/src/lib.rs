@@ -74,6 +74,8 @@ pub enum Scale {
 /// One chart: its title, what its values are, its curves.
 pub struct Panel {
     pub title: String,
+    /// What the horizontal axis counts (steps, rounds, ...).
+    pub x_label: String,
     pub y_label: String,
     pub scale: Scale,
     pub series: Vec<Series>,
@@ -152,7 +154,7 @@ where
         .light_line_style(RGBColor(238, 238, 238))
         .x_labels(ticks)
         .x_label_formatter(&|x| format!("{x:.0}"))
-        .x_desc("step")
+        .x_desc(panel.x_label.as_str())
         .y_desc(panel.y_label.as_str())
         .label_style((FAMILY, 13))
         .draw()
@@ -209,6 +211,7 @@ mod tests {
         let falling: Vec<f64> = (0..200).map(|i| 5.0 * (-(i as f64) / 50.0).exp()).collect();
         let panel = Panel {
             title: "test".into(),
+            x_label: "step".into(),
             y_label: "loss".into(),
             scale: Scale::Log,
             series: vec![
@@ -231,6 +234,7 @@ mod tests {
     fn a_linear_grid_draws_values_at_and_below_zero() {
         let panel = |title: &str, values: Vec<f64>| Panel {
             title: title.into(),
+            x_label: "step".into(),
             y_label: "value".into(),
             scale: Scale::Linear,
             series: vec![Series::smoothed(title, &values, 1)],

@@ -124,6 +124,7 @@ fn plot_losses(
     let path = out.join(format!("loss-{stage}.png"));
     let panel = Panel {
         title: title.to_string(),
+        x_label: "step".into(),
         y_label: "loss (mean of 25 steps)".into(),
         scale: Scale::Log,
         series,

@@ -74,6 +74,7 @@ pub fn learning_curves_png(points: &[CurvePoint]) -> Option<Vec<u8>> {
         .collect();
     let panel = |title: &str, y_label: &str, series: Vec<Series>| Panel {
         title: format!("{title}{averaged}"),
+        x_label: "step".into(),
         y_label: y_label.to_string(),
         scale: Scale::Linear,
         series,

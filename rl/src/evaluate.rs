@@ -32,6 +32,27 @@ pub struct PolicyScore {
     /// beyond one per group, taken per task, the least of the tasks held
     /// out. Images whose weights collapsed are not outvoted by answers.
     pub effective_share: f64,
+    /// The estimated mean score per task held out: a candidate better at
+    /// answers but worse at images is not better.
+    pub by_task: TaskRewards,
+}
+
+/// A policy's estimated mean score on each task's held-out groups; `None`
+/// for a task with none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskRewards {
+    pub understanding: Option<f64>,
+    pub generation: Option<f64>,
+}
+
+impl TaskRewards {
+    /// Each task's name and estimate, in a fixed order.
+    pub fn each(&self) -> [(&'static str, Option<f64>); 2] {
+        [
+            ("understanding", self.understanding),
+            ("generation", self.generation),
+        ]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,8 +148,10 @@ fn score_policy(
 ) -> Result<PolicyScore, RlError> {
     let mut row = 0;
     let (mut reward, mut kl, mut effective_samples) = (0.0, 0.0, 0.0);
-    // Per task: effective samples and samples, each beyond one per group.
+    // Per task: effective samples and samples, each beyond one per group;
+    // the sum of group estimates and the groups.
     let mut evidence = [(0.0, 0.0); 2];
+    let mut task_reward = [(0.0, 0usize); 2];
     for g in groups {
         let rows = row..row + g.samples.len();
         let ratios = g
@@ -148,10 +171,13 @@ fn score_policy(
         let estimate = snis(&scores, &ratios);
         reward += estimate.mean;
         effective_samples += estimate.effective_samples;
-        let task = &mut evidence[match g.task {
+        let task_index = match g.task {
             RewardTask::Understanding => 0,
             RewardTask::Generation => 1,
-        }];
+        };
+        task_reward[task_index].0 += estimate.mean;
+        task_reward[task_index].1 += 1;
+        let task = &mut evidence[task_index];
         task.0 += (estimate.effective_samples - 1.0).max(0.0);
         task.1 += g.samples.len().saturating_sub(1) as f64;
         // The KL under the policy's own samples, weighed as the reward is:
@@ -174,11 +200,16 @@ fn score_policy(
             Some(least.map_or(share, |l| l.min(share)))
         })
         .unwrap_or(0.0);
+    let mean_of = |(sum, n): (f64, usize)| (n > 0).then(|| sum / n as f64);
     Ok(PolicyScore {
         reward: reward / groups.len().max(1) as f64,
         kl_to_base: kl / groups.len().max(1) as f64,
         effective_samples,
         effective_share,
+        by_task: TaskRewards {
+            understanding: mean_of(task_reward[0]),
+            generation: mean_of(task_reward[1]),
+        },
     })
 }
 
@@ -270,6 +301,11 @@ mod tests {
         let score = score_policy(&groups, &policy, &policy, &policy).unwrap();
         assert!((score.effective_samples - 5.0).abs() < 1e-9, "{score:?}");
         assert!(score.effective_share.abs() < 1e-9, "{score:?}");
+        // Each task's estimate on its own: the answers' plain mean, the
+        // image group's one weighty sample (score 0).
+        let (answers, images) = (score.by_task.understanding, score.by_task.generation);
+        assert!((answers.unwrap() - 1.5).abs() < 1e-9, "{score:?}");
+        assert!(images.unwrap().abs() < 1e-9, "{score:?}");
         // The answers alone keep all their evidence.
         let answers = score_policy(&groups[..1], &policy, &policy, &policy).unwrap();
         assert!((answers.effective_share - 1.0).abs() < 1e-9);

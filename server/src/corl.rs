@@ -522,6 +522,7 @@ fn curves_png(report: &CorlReport) -> Vec<u8> {
     let arms: Vec<&str> = report.arms.iter().map(|a| a.arm.as_str()).collect();
     let panel = |title: &str, y: &str, value: &dyn Fn(&Run) -> Vec<(f64, f64)>| Panel {
         title: title.into(),
+        x_label: "step".into(),
         y_label: y.into(),
         scale: Scale::Linear,
         series: arms

@@ -627,6 +627,7 @@ fn figure(check: &GateCheck) -> image::RgbImage {
         };
         panels.push(Panel {
             title: format!("{task}: change over the active version, by fresh change"),
+            x_label: "candidate, ordered by fresh change".into(),
             y_label: "change in mean score".into(),
             scale: Scale::Linear,
             series: vec![
@@ -637,6 +638,7 @@ fn figure(check: &GateCheck) -> image::RgbImage {
         });
         panels.push(Panel {
             title: format!("{task}: evidence kept by the candidate's weights"),
+            x_label: "candidate, ordered by fresh change".into(),
             y_label: "effective share".into(),
             scale: Scale::Linear,
             series: vec![

@@ -51,26 +51,28 @@ pub fn run_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
 /// Builds the server binary once per test process and returns its path.
 pub fn server_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "ulm-server",
-                "--bin",
-                "ulm-server",
-            ])
-            .current_dir(workspace_root())
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building ulm-server failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
-        target.join("debug").join("ulm-server")
-    })
-    .clone()
+    BIN.get_or_init(|| build_binary("ulm-server", "ulm-server"))
+        .clone()
+}
+
+/// Builds the live-loop player once per test process and returns its path.
+pub fn live_loop_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_binary("ulm-load", "ulm-live-loop"))
+        .clone()
+}
+
+fn build_binary(package: &str, bin: &str) -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .current_dir(workspace_root())
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "building {bin} failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join("debug").join(bin)
 }
 
 /// A fresh database URL when the tests run against PostgreSQL.

@@ -59,6 +59,10 @@ pub struct JobConfig {
     pub mix: DataMix,
     /// Feedback keys whose scores count; all keys when absent.
     pub feedback_keys: Option<Vec<String>>,
+    /// Feedback keys whose scores the gate judges held-out groups by: a
+    /// trusted rating (an audit, a verifier) that a candidate trained on
+    /// the other keys must not fall behind on. Absent: `feedback_keys`.
+    pub gate_feedback_keys: Option<Vec<String>>,
     /// Weights of the model-self rewards for prompts without feedback.
     pub t2i_match_weight: f64,
     pub self_cycle_weight: f64,
@@ -95,6 +99,7 @@ impl Default for JobConfig {
             lora_alpha: 32.0,
             mix: DataMix::default(),
             feedback_keys: None,
+            gate_feedback_keys: None,
             t2i_match_weight: 1.0,
             self_cycle_weight: 0.0,
             max_reward_drop: 0.0,

@@ -185,6 +185,15 @@ fn human_score(sample: &RatedSample, keys: Option<&[String]>) -> Option<f32> {
     (!scores.is_empty()).then(|| (scores.iter().sum::<f64>() / scores.len() as f64) as f32)
 }
 
+/// A rated group as training data and as held-out data, where its scores
+/// under the respective keys make one (at least two scored samples).
+struct Scored {
+    hash: f64,
+    unweighable: Option<Unweighable>,
+    train: Option<ServedGroup>,
+    eval: Option<ServedGroup>,
+}
+
 pub async fn gather(
     store: &Store,
     config: &JobConfig,
@@ -197,7 +206,7 @@ pub async fn gather(
         .rated_request_ids(until_ms, config.max_groups as i64)
         .await?;
     data.counts.rated_requests = requests.len();
-    let mut groups: Vec<(f64, Option<Unweighable>, ServedGroup)> = Vec::new();
+    let mut groups: Vec<Scored> = Vec::new();
     for request_id in &requests {
         let rated = store.rated_group(request_id, until_ms).await?;
         let Some(first) = rated.first() else { continue };
@@ -258,31 +267,40 @@ pub async fn gather(
             data.counts.skipped_other_temperature += 1;
             continue;
         }
-        let samples: Vec<ServedSample> = rated
-            .iter()
-            .filter_map(|r| {
-                let s = &r.sample;
-                let score = human_score(r, config.feedback_keys.as_deref()).or_else(|| {
-                    let qa = item.qa.as_ref().filter(|_| reference.is_some())?;
-                    Some(qa_accuracy(
-                        s.output_text.as_deref().unwrap_or_default(),
-                        &qa.solution,
-                        &qa.question,
-                        qa.qa_type,
-                    ) as f32)
-                })?;
-                let well_formed = s.token_ids.len() == s.logprobs.len()
-                    && !s.token_ids.is_empty()
-                    && (s.task == Task::Answer || s.token_ids.len() == shape.image_tokens);
-                well_formed.then(|| ServedSample {
-                    tokens: s.token_ids.clone(),
-                    logprobs: s.logprobs.clone(),
-                    guided_logprobs: s.guided_logprobs.clone(),
-                    score,
+        // Scored as training data by the job's keys, as held-out data by
+        // the gate's: which of the two a group is settles below.
+        let scored = |keys: Option<&[String]>| -> Vec<ServedSample> {
+            rated
+                .iter()
+                .filter_map(|r| {
+                    let s = &r.sample;
+                    let score = human_score(r, keys).or_else(|| {
+                        let qa = item.qa.as_ref().filter(|_| reference.is_some())?;
+                        Some(qa_accuracy(
+                            s.output_text.as_deref().unwrap_or_default(),
+                            &qa.solution,
+                            &qa.question,
+                            qa.qa_type,
+                        ) as f32)
+                    })?;
+                    let well_formed = s.token_ids.len() == s.logprobs.len()
+                        && !s.token_ids.is_empty()
+                        && (s.task == Task::Answer || s.token_ids.len() == shape.image_tokens);
+                    well_formed.then(|| ServedSample {
+                        tokens: s.token_ids.clone(),
+                        logprobs: s.logprobs.clone(),
+                        guided_logprobs: s.guided_logprobs.clone(),
+                        score,
+                    })
                 })
-            })
-            .collect();
-        if samples.len() < 2 {
+                .collect()
+        };
+        let train_samples = scored(config.feedback_keys.as_deref());
+        let eval_samples = match &config.gate_feedback_keys {
+            Some(keys) => scored(Some(keys)),
+            None => train_samples.clone(),
+        };
+        if train_samples.len() < 2 && eval_samples.len() < 2 {
             data.counts.skipped_unscored += 1;
             continue;
         }
@@ -294,32 +312,44 @@ pub async fn gather(
             RequestParams::Generate(p) => Some(p.cfg_weight),
             RequestParams::Answer(_) => None,
         };
-        let group = ServedGroup {
-            item,
-            task,
-            guidance,
-            samples,
+        let group = |samples: Vec<ServedSample>| {
+            (samples.len() >= 2).then(|| ServedGroup {
+                item: item.clone(),
+                task,
+                guidance,
+                samples,
+            })
         };
-        groups.push((hash, Unweighable::of(&first.params, &group), group));
+        let eval = group(eval_samples);
+        let unweighable = eval
+            .as_ref()
+            .and_then(|g| Unweighable::of(&first.params, g));
+        groups.push(Scored {
+            hash,
+            unweighable,
+            train: group(train_samples),
+            eval,
+        });
     }
     // Too little data for the hash to hold any group out: the weighable
     // group with the smallest hash is held out for this job.
     let min_hash = groups
         .iter()
-        .filter(|(_, unweighable, _)| unweighable.is_none())
-        .map(|(h, _, _)| *h)
+        .filter(|g| g.eval.is_some() && g.unweighable.is_none())
+        .map(|g| g.hash)
         .fold(f64::INFINITY, f64::min);
     let force = groups.len() >= 2
         && min_hash.is_finite()
         && min_hash >= holdout_fraction
         && holdout_fraction > 0.0;
-    for (hash, unweighable, group) in groups {
-        if !(hash < holdout_fraction || (force && hash == min_hash)) {
-            data.train.push(group);
-        } else if let Some(why) = unweighable {
-            why.count(&mut data.counts);
-        } else {
-            data.eval.push(group);
+    for g in groups {
+        let held_out = g.hash < holdout_fraction || (force && g.hash == min_hash);
+        match (held_out, g.train, g.eval, g.unweighable) {
+            (false, Some(train), _, _) => data.train.push(train),
+            (true, _, Some(_), Some(why)) => why.count(&mut data.counts),
+            (true, _, Some(eval), None) => data.eval.push(eval),
+            // Scored only under the keys of the other role.
+            _ => data.counts.skipped_unscored += 1,
         }
     }
     data.prompts = store

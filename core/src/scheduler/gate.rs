@@ -78,14 +78,23 @@ pub fn decide(eval: &Evaluation, bounds: Bounds) -> Decision {
             ),
         );
     }
-    if cand.reward < active.reward - bounds.max_reward_drop {
-        return decision(
-            Verdict::Reject,
-            format!(
-                "reward {:.4} is below the active version's {:.4} by more than {}",
-                cand.reward, active.reward, bounds.max_reward_drop
-            ),
-        );
+    // Task by task: a gain on answers does not pay for a loss on images
+    // (the mean over both tasks follows from the tasks).
+    let tasks = active.by_task.each().into_iter().zip(cand.by_task.each());
+    for ((task, active_reward), (_, cand_reward)) in tasks {
+        let (Some(active_reward), Some(cand_reward)) = (active_reward, cand_reward) else {
+            continue;
+        };
+        if cand_reward < active_reward - bounds.max_reward_drop {
+            return decision(
+                Verdict::Reject,
+                format!(
+                    "{task} reward {cand_reward:.4} is below the active version's {active_reward:.4} \
+                     by more than {} (both tasks: {:.4} against {:.4})",
+                    bounds.max_reward_drop, cand.reward, active.reward
+                ),
+            );
+        }
     }
     decision(
         Verdict::Promote,
@@ -106,11 +115,16 @@ pub fn decide(eval: &Evaluation, bounds: Bounds) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ulm_rl::evaluate::PolicyScore;
+    use ulm_rl::evaluate::{PolicyScore, TaskRewards};
 
     const SAMPLES: usize = 8;
 
+    /// Answers only.
     fn eval(active: f64, candidate: f64, kl: f64, candidate_share: f64) -> Evaluation {
+        let answers = |reward| TaskRewards {
+            understanding: Some(reward),
+            generation: None,
+        };
         Evaluation {
             groups: 2,
             samples: SAMPLES,
@@ -120,12 +134,14 @@ mod tests {
                 kl_to_base: 0.0,
                 effective_samples: SAMPLES as f64,
                 effective_share: 1.0,
+                by_task: answers(active),
             },
             candidate: PolicyScore {
                 reward: candidate,
                 kl_to_base: kl,
                 effective_samples: 2.0 + candidate_share * (SAMPLES - 2) as f64,
                 effective_share: candidate_share,
+                by_task: answers(candidate),
             },
         }
     }
@@ -181,5 +197,26 @@ mod tests {
         // Without the evidence the KL is no more known than the reward.
         let far = decide(&eval(0.5, 0.9, 0.8, 0.0), bounds(0.0, 0.5));
         assert_eq!(far.verdict, Verdict::NotEnoughEvidence);
+    }
+
+    #[test]
+    fn a_gain_on_one_task_does_not_pay_for_a_loss_on_the_other() {
+        let mut traded = eval(0.5, 0.55, 0.1, 1.0);
+        traded.active.by_task = TaskRewards {
+            understanding: Some(0.6),
+            generation: Some(0.4),
+        };
+        traded.candidate.by_task = TaskRewards {
+            understanding: Some(0.8),
+            generation: Some(0.3),
+        };
+        let d = decide(&traded, bounds(0.05, 0.5));
+        assert_eq!(d.verdict, Verdict::Reject);
+        assert!(
+            d.reason.starts_with("generation reward 0.3000"),
+            "{}",
+            d.reason
+        );
+        assert!(decide(&traded, bounds(0.15, 0.5)).promote);
     }
 }

@@ -505,6 +505,7 @@ impl Scheduler {
             "max_reward_drop": config.max_reward_drop,
             "max_kl": config.max_kl,
             "min_effective_share": config.min_effective_share,
+            "judged_by": config.gate_feedback_keys.as_ref().or(config.feedback_keys.as_ref()),
         });
         if cancel.load(Ordering::SeqCst) {
             let cancel = Transition::Cancel {

@@ -29,6 +29,10 @@ pub struct JobConfig {
     pub epsilon_low: f64,
     /// Feedback keys whose scores count; all keys when absent.
     pub feedback_keys: Option<Vec<String>>,
+    /// Feedback keys whose scores the gate judges held-out groups by: a
+    /// trusted rating (an audit, a verifier) that a candidate trained on
+    /// the other keys must not fall behind on. Default: `feedback_keys`.
+    pub gate_feedback_keys: Option<Vec<String>>,
     /// Samples per prompt for fresh rollouts (G).
     #[schema(minimum = 2, maximum = 32)]
     pub group_size: u32,
@@ -114,6 +118,7 @@ impl Default for JobConfig {
             lora_alpha,
             mix: _,
             feedback_keys,
+            gate_feedback_keys,
             t2i_match_weight,
             self_cycle_weight,
             max_reward_drop,
@@ -127,6 +132,7 @@ impl Default for JobConfig {
             epsilon_high,
             epsilon_low,
             feedback_keys,
+            gate_feedback_keys,
             group_size,
             groups_per_step,
             lora_alpha,
