@@ -194,14 +194,6 @@ fn png_base64(image: &image::RgbImage) -> Result<String> {
     Ok(base64::engine::general_purpose::STANDARD.encode(out.into_inner()))
 }
 
-fn qa_type(multiple_choice: bool) -> QaType {
-    if multiple_choice {
-        QaType::MultipleChoice
-    } else {
-        QaType::OpenEnded
-    }
-}
-
 #[derive(Debug, Clone, Default, Serialize)]
 struct Accuracy {
     /// Mean over categories of the share of images the verifier accepts (as GenEval).
@@ -234,7 +226,7 @@ async fn measure(client: &Client, args: &Args, side: u32) -> Result<Accuracy> {
             .and_then(|s| s["text"].as_str())
             .unwrap_or_default();
         Ok::<_, anyhow::Error>(
-            qa_accuracy(text, &q.answer, &q.text, qa_type(q.multiple_choice)) >= 1.0,
+            qa_accuracy(text, &q.answer, &q.text, QaType::of(q.multiple_choice)) >= 1.0,
         )
     }))
     .buffered(args.concurrency)
@@ -325,7 +317,7 @@ async fn serve_round(client: &Client, args: &Args, round: usize, side: u32) -> R
                     text,
                     &question.answer,
                     &question.text,
-                    qa_type(question.multiple_choice),
+                    QaType::of(question.multiple_choice),
                 );
                 answer_scores.push(careful);
                 feedback.push((sample["sample_id"].clone(), careful));
@@ -484,7 +476,7 @@ fn figure(args: &Args, rounds: &[Round]) -> Vec<u8> {
     };
     let panels = [
         Panel {
-            title: format!("{rater}: test accuracy of the served version, by round"),
+            title: format!("{rater}: served test accuracy"),
             x_label: "round".into(),
             y_label: "accuracy (%)".into(),
             scale: Scale::Linear,
@@ -494,7 +486,7 @@ fn figure(args: &Args, rounds: &[Round]) -> Vec<u8> {
             ],
         },
         Panel {
-            title: format!("{rater}: verifier score of what was served, by round"),
+            title: format!("{rater}: verifier score of samples"),
             x_label: "round".into(),
             y_label: "mean verifier score".into(),
             scale: Scale::Linear,

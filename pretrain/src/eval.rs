@@ -14,7 +14,6 @@ use ulm_model::generate::{
 };
 use ulm_model::sampling::SamplingParams;
 use ulm_rl::reward::verifiable::{qa_accuracy, QaType};
-use ulm_world::question::Question;
 use ulm_world::scene::Category;
 use ulm_world::{examples, verify, Example, Split};
 
@@ -159,14 +158,6 @@ pub fn draw(
 }
 
 /// How a world question's answer is checked.
-pub fn qa_type(question: &Question) -> QaType {
-    if question.multiple_choice {
-        QaType::MultipleChoice
-    } else {
-        QaType::OpenEnded
-    }
-}
-
 pub fn evaluate(bundle: &ModelBundle, cfg: &EvalConfig) -> Result<EvalReport, PretrainError> {
     let model = &bundle.model;
     let processor = &bundle.processor;
@@ -229,7 +220,7 @@ pub fn evaluate(bundle: &ModelBundle, cfg: &EvalConfig) -> Result<EvalReport, Pr
         )?;
         for (question, samples) in example.questions.iter().zip(answers) {
             let text = processor.decode(&samples[0].token_ids);
-            let qa_type = qa_type(question);
+            let qa_type = QaType::of(question.multiple_choice);
             let right = qa_accuracy(&text, &question.answer, &question.text, qa_type) >= 1.0;
             understanding
                 .entry(question.kind.name().to_string())

@@ -22,10 +22,10 @@ use ulm_model::decode::TextPrompt;
 use ulm_model::generate::{answer_batch, AnswerItem};
 use ulm_model::sampling::SamplingParams;
 use ulm_plot::{grid, png, Panel, Scale, Series};
-use ulm_pretrain::eval::{draw, qa_type};
+use ulm_pretrain::eval::draw;
 use ulm_rl::evaluate::evaluate;
 use ulm_rl::lora::{self, ADAPTER_FILE};
-use ulm_rl::reward::verifiable::qa_accuracy;
+use ulm_rl::reward::verifiable::{qa_accuracy, QaType};
 use ulm_rl::reward::{QaItem, RewardTask, TrainItem};
 use ulm_rl::trainer::{Adaptation, ServedGroup, ServedSample, Trainer, TrainerConfig};
 use ulm_world::{examples, verify, Example, Split};
@@ -136,7 +136,7 @@ fn draw_groups(
     )?;
     for (k, samples) in answers.into_iter().enumerate() {
         let question = prompts.question(k);
-        let qa_type = qa_type(question);
+        let qa_type = QaType::of(question.multiple_choice);
         groups.push(ServedGroup {
             item: TrainItem {
                 qa: Some(QaItem {

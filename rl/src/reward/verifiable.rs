@@ -79,6 +79,16 @@ pub enum QaType {
     OpenEnded,
 }
 
+impl QaType {
+    pub fn of(multiple_choice: bool) -> Self {
+        if multiple_choice {
+            Self::MultipleChoice
+        } else {
+            Self::OpenEnded
+        }
+    }
+}
+
 /// The text of a `<answer>` block, else the whole text.
 fn ground_truth(solution: &str) -> String {
     ANSWER
