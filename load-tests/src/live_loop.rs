@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use ulm_plot::{grid, png, Panel, Scale, Series};
 use ulm_rl::reward::verifiable::{qa_accuracy, QaType};
 use ulm_world::scene::Category;
-use ulm_world::{examples, verify, Example, Split};
+use ulm_world::{examples, test_prompts, verify, Example, Split};
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -236,10 +236,7 @@ async fn measure(client: &Client, args: &Args, side: u32) -> Result<Accuracy> {
 
     let mut generation_by_category = BTreeMap::new();
     for category in Category::ALL {
-        let prompts: Vec<Example> = examples(args.world_seed, Split::Test)
-            .filter(|e| e.scene.category == category)
-            .take(args.eval_prompts_per_category)
-            .collect();
+        let prompts = test_prompts(args.world_seed, category, args.eval_prompts_per_category);
         let held: Vec<usize> = stream::iter(prompts.iter().map(|e| async move {
             let caption = &e.captions[0];
             let body =
@@ -597,6 +594,7 @@ async fn main() -> Result<()> {
         accuracy: measure(&client, &args, side).await?,
         version,
     }];
+    write_report(&args, &config, &rounds)?;
     eprintln!("{}", table(&args, &rounds));
     for round in 1..=args.rounds {
         let served = serve_round(&client, &args, round - 1, side).await?;
@@ -620,7 +618,6 @@ async fn main() -> Result<()> {
         write_report(&args, &config, &rounds)?;
         eprintln!("{}", table(&args, &rounds));
     }
-    write_report(&args, &config, &rounds)?;
     print!("{}", table(&args, &rounds));
     Ok(())
 }

@@ -15,7 +15,7 @@ use ulm_model::generate::{
 use ulm_model::sampling::SamplingParams;
 use ulm_rl::reward::verifiable::{qa_accuracy, QaType};
 use ulm_world::scene::Category;
-use ulm_world::{examples, verify, Example, Split};
+use ulm_world::{examples, test_prompts, verify, Split};
 
 use crate::PretrainError;
 
@@ -116,14 +116,6 @@ impl EvalReport {
     }
 }
 
-/// The first `n` test examples of `category`.
-fn test_prompts(world_seed: u64, category: Category, n: usize) -> Vec<Example> {
-    examples(world_seed, Split::Test)
-        .filter(|e| e.scene.category == category)
-        .take(n)
-        .collect()
-}
-
 /// An image per prompt and seed, sampled at `temperature` with
 /// classifier-free guidance `cfg_weight`.
 pub fn draw(
@@ -157,7 +149,6 @@ pub fn draw(
     )?)
 }
 
-/// How a world question's answer is checked.
 pub fn evaluate(bundle: &ModelBundle, cfg: &EvalConfig) -> Result<EvalReport, PretrainError> {
     let model = &bundle.model;
     let processor = &bundle.processor;

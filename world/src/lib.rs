@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use caption::Caption;
 use question::Question;
-use scene::Scene;
+use scene::{Category, Scene};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -114,4 +114,14 @@ impl Example {
 /// The examples of `split`, in order, endlessly.
 pub fn examples(world_seed: u64, split: Split) -> impl Iterator<Item = Example> {
     (0u64..).map(move |i| Example::nth(world_seed, split, i))
+}
+
+/// The first `n` test examples of `category`: the generation prompts every
+/// evaluation of the world draws from (in-process or over HTTP), so their
+/// numbers stay comparable.
+pub fn test_prompts(world_seed: u64, category: Category, n: usize) -> Vec<Example> {
+    examples(world_seed, Split::Test)
+        .filter(|e| e.scene.category == category)
+        .take(n)
+        .collect()
 }

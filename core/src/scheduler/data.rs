@@ -189,9 +189,21 @@ fn human_score(sample: &RatedSample, keys: Option<&[String]>) -> Option<f32> {
 /// under the respective keys make one (at least two scored samples).
 struct Scored {
     hash: f64,
+    /// Why the held-out group cannot be weighed, if it cannot.
     unweighable: Option<Unweighable>,
     train: Option<ServedGroup>,
-    eval: Option<ServedGroup>,
+    /// The group scored by the gate's own keys; `None` when the gate judges
+    /// by the training keys, and `train` is the held-out group too.
+    gate: Option<Option<ServedGroup>>,
+}
+
+impl Scored {
+    fn held_out(&self) -> Option<&ServedGroup> {
+        match &self.gate {
+            Some(own) => own.as_ref(),
+            None => self.train.as_ref(),
+        }
+    }
 }
 
 pub async fn gather(
@@ -296,11 +308,12 @@ pub async fn gather(
                 .collect()
         };
         let train_samples = scored(config.feedback_keys.as_deref());
-        let eval_samples = match &config.gate_feedback_keys {
-            Some(keys) => scored(Some(keys)),
-            None => train_samples.clone(),
-        };
-        if train_samples.len() < 2 && eval_samples.len() < 2 {
+        let gate_samples = config
+            .gate_feedback_keys
+            .as_deref()
+            .map(|keys| scored(Some(keys)));
+        let scored_enough = |samples: &[ServedSample]| samples.len() >= 2;
+        if !scored_enough(&train_samples) && !gate_samples.as_deref().is_some_and(scored_enough) {
             data.counts.skipped_unscored += 1;
             continue;
         }
@@ -313,29 +326,29 @@ pub async fn gather(
             RequestParams::Answer(_) => None,
         };
         let group = |samples: Vec<ServedSample>| {
-            (samples.len() >= 2).then(|| ServedGroup {
+            scored_enough(&samples).then(|| ServedGroup {
                 item: item.clone(),
                 task,
                 guidance,
                 samples,
             })
         };
-        let eval = group(eval_samples);
-        let unweighable = eval
-            .as_ref()
-            .and_then(|g| Unweighable::of(&first.params, g));
-        groups.push(Scored {
+        let mut scored = Scored {
             hash,
-            unweighable,
+            unweighable: None,
             train: group(train_samples),
-            eval,
-        });
+            gate: gate_samples.map(group),
+        };
+        scored.unweighable = scored
+            .held_out()
+            .and_then(|g| Unweighable::of(&first.params, g));
+        groups.push(scored);
     }
     // Too little data for the hash to hold any group out: the weighable
     // group with the smallest hash is held out for this job.
     let min_hash = groups
         .iter()
-        .filter(|g| g.eval.is_some() && g.unweighable.is_none())
+        .filter(|g| g.held_out().is_some() && g.unweighable.is_none())
         .map(|g| g.hash)
         .fold(f64::INFINITY, f64::min);
     let force = groups.len() >= 2
@@ -344,12 +357,16 @@ pub async fn gather(
         && holdout_fraction > 0.0;
     for g in groups {
         let held_out = g.hash < holdout_fraction || (force && g.hash == min_hash);
-        match (held_out, g.train, g.eval, g.unweighable) {
-            (false, Some(train), _, _) => data.train.push(train),
-            (true, _, Some(_), Some(why)) => why.count(&mut data.counts),
-            (true, _, Some(eval), None) => data.eval.push(eval),
+        let group = match (held_out, g.gate) {
+            (true, Some(own)) => own,
+            _ => g.train,
+        };
+        match (group, held_out, g.unweighable) {
+            (Some(train), false, _) => data.train.push(train),
+            (Some(_), true, Some(why)) => why.count(&mut data.counts),
+            (Some(eval), true, None) => data.eval.push(eval),
             // Scored only under the keys of the other role.
-            _ => data.counts.skipped_unscored += 1,
+            (None, _, _) => data.counts.skipped_unscored += 1,
         }
     }
     data.prompts = store

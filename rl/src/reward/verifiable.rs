@@ -80,6 +80,7 @@ pub enum QaType {
 }
 
 impl QaType {
+    /// How a question's answer is checked.
     pub fn of(multiple_choice: bool) -> Self {
         if multiple_choice {
             Self::MultipleChoice
