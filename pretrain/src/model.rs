@@ -52,7 +52,7 @@ pub fn world_config_json(tokenizer: &Tokenizer) -> Result<Value, PretrainError> 
 /// `generation_config.json`): the best of the sweep in TRAINING.md, where
 /// Janus-Pro's guidance 5 and temperature 1 draw half as many images right.
 pub const WORLD_SAMPLING: SamplingDefaults = SamplingDefaults {
-    guidance_scale: 2.0,
+    guidance_scale: 1.5,
     temperature: 0.7,
 };
 

@@ -38,7 +38,7 @@ pub struct PretrainArgs {
     #[arg(long, default_value_t = 300)]
     pub vq_continuous_steps: usize,
     /// Steps of the multimodal stage (next-token prediction).
-    #[arg(long, default_value_t = 2400)]
+    #[arg(long, default_value_t = 4000)]
     pub lm_steps: usize,
     /// Examples per multimodal step (each three questions and a caption).
     #[arg(long, default_value_t = 16)]
@@ -53,9 +53,8 @@ pub struct PretrainArgs {
     #[arg(long, default_value_t = 300)]
     pub early_checkpoint: usize,
     /// Weight of the describing turn's loss (every object of an image, in
-    /// words, as one answer); 0 leaves the turn out. The shipped model
-    /// was trained without it (TRAINING.md).
-    #[arg(long, default_value_t = 0.0)]
+    /// words, as one answer); 0 leaves the turn out (TRAINING.md).
+    #[arg(long, default_value_t = 0.5)]
     pub describe_weight: f64,
     /// Skip the VQ stage and start the multimodal stage from the VQ
     /// tokenizer of this checkpoint (one of this recipe, same seed and VQ

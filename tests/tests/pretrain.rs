@@ -46,8 +46,6 @@ fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
             "4",
             "--early-checkpoint",
             "2",
-            "--describe-weight",
-            "0.5",
         ],
         d,
     );
@@ -69,15 +67,15 @@ fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
         let image = image::open(d.join("run").join(plot)).unwrap();
         assert!(image.width() > 100, "{plot}");
     }
+    // The describing turn is on by default.
     assert!(lm.iter().all(|s| s["describe"].as_f64().unwrap() > 0.0));
     let sampling: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(d.join("run/checkpoint/generation_config.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(sampling["guidance_scale"], 2.0);
+    assert_eq!(sampling["guidance_scale"], 1.5);
 
-    // Stage two again from the first run's VQ, without the describing turn
-    // (the default).
+    // Stage two again from the first run's VQ, without the describing turn.
     let again = run(
         &[
             "pretrain",
@@ -85,6 +83,8 @@ fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
             "again",
             "--vq-from",
             "run/checkpoint",
+            "--describe-weight",
+            "0",
             "--lm-steps",
             "2",
             "--lm-batch",
