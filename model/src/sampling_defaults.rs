@@ -2,8 +2,8 @@
 //! `generation_config.json` as transformers' Janus checkpoints carry them
 //! (`guidance_scale`, `temperature`): what a request that does not say is
 //! sampled with. A model trained here can want other settings than
-//! Janus-Pro's (the world model draws best at guidance 1.5, temperature 0.7;
-//! at Janus's 5 and 1 it gets far fewer images right).
+//! Janus-Pro's (the world model draws 50 % of images right at guidance 1.5,
+//! temperature 0.7, and 29 % at Janus's 5 and 1).
 
 use std::path::Path;
 

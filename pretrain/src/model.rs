@@ -50,7 +50,8 @@ pub fn world_config_json(tokenizer: &Tokenizer) -> Result<Value, PretrainError> 
 
 /// The sampling settings a world model is saved with (its
 /// `generation_config.json`): the best of the sweep in TRAINING.md, where
-/// Janus-Pro's guidance 5 and temperature 1 draw half as many images right.
+/// Janus-Pro's guidance 5 and temperature 1 draw 29 % of images right
+/// against 50 %.
 pub const WORLD_SAMPLING: SamplingDefaults = SamplingDefaults {
     guidance_scale: 1.5,
     temperature: 0.7,
