@@ -40,6 +40,15 @@ pub struct GenerateParams {
     /// 0 picks the most likely token.
     pub temperature: f32,
     pub top_k: Option<u32>,
+    /// Set when the model first planned the image in words at this
+    /// temperature and drew every image from its plan ([`ulm_model::plan`];
+    /// the plan is each image sample's text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_temperature: Option<f32>,
+    /// Candidates drawn per image, of which the model's own reading of the
+    /// plan kept one (the stored tokens and log-probs are the kept one's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_of: Option<u32>,
 }
 
 /// How the answers of a question were drawn.
@@ -107,6 +116,8 @@ pub struct SampleRecord {
     pub input_image_sha256: Option<String>,
     pub params: RequestParams,
     pub seed: i64,
+    /// The answer (answers), or the plan the image was drawn from
+    /// (generation with a plan).
     pub output_text: Option<String>,
     pub output_image_sha256: Option<String>,
     pub token_ids: Vec<u32>,
@@ -120,6 +131,18 @@ pub struct SampleRecord {
     pub queue_ms: i64,
     pub compute_ms: i64,
     pub created_at: i64,
+}
+
+impl SampleRecord {
+    /// The text an image's tokens were drawn from: its plan when the model
+    /// planned it, else the prompt. What the image's behaviour log-probs
+    /// are conditioned on, and so what the trainer conditions on.
+    pub fn drawn_from(&self) -> &str {
+        match (&self.params, &self.output_text) {
+            (RequestParams::Generate(p), Some(plan)) if p.plan_temperature.is_some() => plan,
+            _ => &self.prompt,
+        }
+    }
 }
 
 /// A recorded request: its id and one stored sample per output, in order.
@@ -188,7 +211,7 @@ pub async fn record_images(
     seeds: &[u64],
     output: GenerateOutput,
 ) -> Result<Recorded<Vec<u8>>, StoreError> {
-    let images = output.images;
+    let (images, plan) = (output.images, output.plan);
     let pngs = tokio::task::spawn_blocking(move || {
         images
             .into_iter()
@@ -203,6 +226,7 @@ pub async fn record_images(
         let sha = store.put_image(png.clone()).await?;
         let id = pending.push(seed, &output.model_version, output.timings, |r| {
             r.output_image_sha256 = Some(sha);
+            r.output_text = plan.clone();
             r.token_ids = image.tokens;
             r.logprobs = image.logprobs;
             r.guided_logprobs = image.guided_logprobs;
@@ -346,5 +370,62 @@ mod tests {
             top_k: None,
         });
         assert_eq!(greedy.logprob_temperature(), 1.0);
+        // A planned request's rows say so; older rows read as unplanned.
+        let planned = RequestParams::Generate(GenerateParams {
+            n: 1,
+            cfg_weight: 1.5,
+            temperature: 0.7,
+            top_k: None,
+            plan_temperature: Some(0.5),
+            best_of: None,
+        });
+        let json = serde_json::to_value(planned).unwrap();
+        assert_eq!(json["plan_temperature"], 0.5);
+        assert_eq!(
+            serde_json::from_value::<RequestParams>(json).unwrap(),
+            planned
+        );
+        assert!(matches!(parsed, RequestParams::Generate(g) if g.plan_temperature.is_none()));
+    }
+
+    #[test]
+    fn a_planned_image_was_drawn_from_its_plan() {
+        let generate = |plan_temperature| {
+            RequestParams::Generate(GenerateParams {
+                n: 1,
+                cfg_weight: 1.5,
+                temperature: 0.7,
+                top_k: None,
+                plan_temperature,
+                best_of: None,
+            })
+        };
+        let mut row = SampleRecord {
+            id: "s".into(),
+            request_id: "r".into(),
+            group_index: 0,
+            task: Task::Generate,
+            model_version: "v".into(),
+            prompt: "a red circle above a blue square".into(),
+            input_image_sha256: None,
+            params: generate(Some(0.5)),
+            seed: 0,
+            output_text: Some(
+                "a small red circle at the top and a small blue square in the center".into(),
+            ),
+            output_image_sha256: None,
+            token_ids: vec![],
+            logprobs: vec![],
+            guided_logprobs: vec![],
+            finish_reason: None,
+            queue_ms: 0,
+            compute_ms: 0,
+            created_at: 0,
+        };
+        assert!(row
+            .drawn_from()
+            .starts_with("a small red circle at the top"));
+        row.params = generate(None);
+        assert_eq!(row.drawn_from(), "a red circle above a blue square");
     }
 }

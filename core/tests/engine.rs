@@ -14,7 +14,11 @@ use ulm_model::demo::DEFAULT_SEED;
 
 fn work(max_new_tokens: u32) -> AnswerWork {
     AnswerWork {
-        image: image::RgbImage::from_pixel(32, 24, image::Rgb([200, 30, 30])),
+        image: Some(image::RgbImage::from_pixel(
+            32,
+            24,
+            image::Rgb([200, 30, 30]),
+        )),
         question: "What colour is the image?".into(),
         params: AnswerParams {
             n: 2,
@@ -62,6 +66,8 @@ fn images(n: u32) -> ImageWork {
             cfg_weight: 3.0,
             temperature: 1.0,
             top_k: None,
+            plan_temperature: None,
+            best_of: None,
         },
         seeds: (0..n as u64).collect(),
     }
@@ -181,4 +187,86 @@ async fn a_full_queue_is_refused_while_requests_wait_for_room() {
         let out = w.await.unwrap().unwrap();
         assert_eq!(out.timings.batch_rows, 1, "one image at a time");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_request_draws_every_image_from_the_plan_it_reports() {
+    let engine = demo_engine(Batching::Continuous);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut planned = images(2);
+    planned.params.plan_temperature = Some(1.0);
+    let out = engine.generate(planned.clone(), deadline).await.unwrap();
+    let plan = out
+        .plan
+        .clone()
+        .expect("a planned request reports its plan");
+
+    // The plan is the planning turn answered as a text-only request.
+    let turn = AnswerWork {
+        image: None,
+        question: ulm_model::plan::plan_request(&planned.prompt),
+        params: AnswerParams {
+            n: 1,
+            max_new_tokens: ulm_model::plan::MAX_PLAN_TOKENS as u32,
+            temperature: 1.0,
+            top_p: None,
+            top_k: None,
+        },
+        seeds: vec![planned.seeds[0]],
+    };
+    let answered = engine.answer(turn, deadline, None).await.unwrap();
+    assert_eq!(answered.samples[0].text.trim(), plan);
+
+    // Every image is the one the plan draws as a prompt, seed for seed.
+    let mut direct = images(2);
+    direct.prompt = plan;
+    let drawn = engine.generate(direct, deadline).await.unwrap();
+    assert!(drawn.plan.is_none());
+    let tokens = |o: &ulm_core::engine::GenerateOutput| -> Vec<Vec<u32>> {
+        o.images.iter().map(|i| i.tokens.clone()).collect()
+    };
+    assert_eq!(tokens(&out), tokens(&drawn));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn best_of_keeps_the_candidate_the_model_reads_its_plan_in_best() {
+    let engine = demo_engine(Batching::Continuous);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut request = images(2);
+    request.params.plan_temperature = Some(1.0);
+    request.params.best_of = Some(3);
+    let out = engine.generate(request.clone(), deadline).await.unwrap();
+    assert_eq!(out.images.len(), 2);
+    let plan = out.plan.clone().unwrap();
+
+    // The candidates: the plan drawn from seeds seed * 3 + c.
+    let mut candidates = images(6);
+    candidates.prompt = plan.clone();
+    candidates.seeds = [0u64, 1]
+        .iter()
+        .flat_map(|s| (0..3).map(move |c| s * 3 + c))
+        .collect();
+    let drawn = engine.generate(candidates, deadline).await.unwrap();
+    let read = ulm_core::engine::ReadWork {
+        images: drawn.images.iter().map(|i| i.image.clone()).collect(),
+        question: ulm_model::plan::DESCRIBE_QUESTION.into(),
+        answer: plan,
+    };
+    let scores = engine.read(read, deadline).await.unwrap();
+    for (image, chunk) in out.images.iter().enumerate() {
+        let range = image * 3..image * 3 + 3;
+        let best = range
+            .clone()
+            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+            .unwrap();
+        assert_eq!(chunk.tokens, drawn.images[best].tokens, "image {image}");
+    }
+
+    let mut unplanned = images(1);
+    unplanned.params.best_of = Some(2);
+    let refused = engine.generate(unplanned, deadline).await.unwrap_err();
+    assert!(
+        matches!(refused, EngineError::InvalidInput(_)),
+        "{refused:?}"
+    );
 }

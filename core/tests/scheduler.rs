@@ -51,6 +51,8 @@ fn params(task: Task, n: usize, temperature: f64) -> RequestParams {
             cfg_weight: 5.0,
             temperature,
             top_k: None,
+            plan_temperature: None,
+            best_of: None,
         }),
     }
 }
@@ -360,6 +362,8 @@ async fn held_out_groups_the_gate_cannot_weigh_are_left_out_and_counted() {
             cfg_weight,
             temperature: 1.0,
             top_k: None,
+            plan_temperature: None,
+            best_of: None,
         })
     };
     let requests = [

@@ -15,6 +15,7 @@ pub mod kernels;
 pub mod llama;
 pub mod nn;
 pub mod ops;
+pub mod plan;
 pub mod processor;
 pub mod projector;
 pub mod runtime;

@@ -291,6 +291,16 @@ impl Processor {
         })
     }
 
+    /// A text-only turn: the chat template around `text`, no image.
+    pub fn text_prompt(&self, text: &str) -> Result<UnderstandingPrompt, ModelError> {
+        let ids = self.encode(self.chat_turn(vec![Piece::Text(text.trim().to_string())]))?;
+        let images_seq_mask = vec![false; ids.len()];
+        Ok(UnderstandingPrompt {
+            ids,
+            images_seq_mask,
+        })
+    }
+
     /// A text-to-image prompt: template + `<begin_of_image>`; the unconditional
     /// twin keeps the first and last ids and pads everything between.
     pub fn generation_prompt(&self, prompt: &str) -> Result<GenerationPrompt, ModelError> {

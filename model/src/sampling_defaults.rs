@@ -41,7 +41,19 @@ pub struct SamplingDefaults {
     pub guidance_scale: f64,
     /// Temperature of image tokens and of answers.
     pub temperature: f64,
+    /// Temperature of the planning turn, for a checkpoint trained to plan
+    /// an image in words before drawing it ([`crate::plan`]); `None`: it
+    /// draws from the prompt itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_temperature: Option<f64>,
+    /// Candidates drawn from a plan per image, of which the one the model's
+    /// describing turn finds the plan likeliest of is kept; `None`: one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_of: Option<u32>,
 }
+
+/// Most candidates per image a plan may be drawn with.
+pub const MAX_BEST_OF: u32 = 16;
 
 impl Default for SamplingDefaults {
     /// Janus-Pro's: guidance 5, temperature 1.
@@ -49,6 +61,8 @@ impl Default for SamplingDefaults {
         Self {
             guidance_scale: 5.0,
             temperature: 1.0,
+            plan_temperature: None,
+            best_of: None,
         }
     }
 }
@@ -59,6 +73,8 @@ impl Default for SamplingDefaults {
 struct GenerationConfig {
     guidance_scale: Option<f64>,
     temperature: Option<f64>,
+    plan_temperature: Option<f64>,
+    best_of: Option<u32>,
 }
 
 impl SamplingDefaults {
@@ -75,6 +91,8 @@ impl SamplingDefaults {
         let out = Self {
             guidance_scale: read.guidance_scale.unwrap_or(defaults.guidance_scale),
             temperature: read.temperature.unwrap_or(defaults.temperature),
+            plan_temperature: read.plan_temperature,
+            best_of: read.best_of,
         };
         if !guidance_in_range(out.guidance_scale) {
             return Err(invalid(format!(
@@ -87,6 +105,21 @@ impl SamplingDefaults {
                 "temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, got {}",
                 out.temperature
             )));
+        }
+        if let Some(plan) = out.plan_temperature.filter(|t| !temperature_in_range(*t)) {
+            return Err(invalid(format!(
+                "plan_temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, got {plan}"
+            )));
+        }
+        if let Some(k) = out.best_of.filter(|k| !(1..=MAX_BEST_OF).contains(k)) {
+            return Err(invalid(format!(
+                "best_of must be between 1 and {MAX_BEST_OF}, got {k}"
+            )));
+        }
+        if out.best_of.is_some_and(|k| k > 1) && out.plan_temperature.is_none() {
+            return Err(invalid(
+                "best_of reads candidates against a plan: it needs plan_temperature".into(),
+            ));
         }
         Ok(out)
     }
@@ -131,7 +164,16 @@ mod tests {
         assert_eq!(read("{}").unwrap(), SamplingDefaults::default());
         let world = read(r#"{"guidance_scale": 2, "temperature": 0.7, "max_length": 9}"#).unwrap();
         assert_eq!((world.guidance_scale, world.temperature), (2.0, 0.7));
+        assert_eq!(world.plan_temperature, None);
+        assert!(!world.to_json_string().contains("plan"));
         assert_eq!(read(&world.to_json_string()).unwrap(), world);
+        let planning =
+            read(r#"{"guidance_scale": 2, "plan_temperature": 0.5, "best_of": 8}"#).unwrap();
+        assert_eq!(
+            (planning.plan_temperature, planning.best_of),
+            (Some(0.5), Some(8))
+        );
+        assert_eq!(read(&planning.to_json_string()).unwrap(), planning);
         assert_eq!(
             (world.guidance_or(None), world.guidance_or(Some(4.0))),
             (2.0, 4.0)
@@ -146,6 +188,10 @@ mod tests {
             r#"{"temperature": 6}"#,
             r#"{"temperature": 0.001}"#,
             r#"{"temperature": "hot"}"#,
+            r#"{"plan_temperature": 9}"#,
+            r#"{"plan_temperature": 1, "best_of": 0}"#,
+            r#"{"plan_temperature": 1, "best_of": 17}"#,
+            r#"{"best_of": 4}"#,
             "not json",
         ] {
             let e = read(bad).unwrap_err().to_string();

@@ -17,6 +17,7 @@ use ulm_model::generate::{
 };
 use ulm_model::image_processor::decode_image;
 use ulm_model::ops::Pass;
+use ulm_model::plan::{plan_batch, plan_request, MAX_PLAN_TOKENS};
 use ulm_model::sampling::SamplingParams;
 use ulm_model::ModelError;
 
@@ -830,4 +831,41 @@ fn decoded_text_never_holds_nul() {
     assert!(!text.contains('\0'));
     assert!(text.contains('\u{FFFD}'));
     assert!(text.contains("abc"));
+}
+
+#[test]
+fn a_plan_is_the_answer_to_a_text_only_planning_turn_one_per_seed() {
+    let b = demo();
+    let turn = b
+        .processor
+        .text_prompt(&plan_request("a red circle"))
+        .unwrap();
+    assert_eq!(turn.image_span(), None);
+    assert!(turn.images_seq_mask.iter().all(|m| !m));
+    let image_turn = b.processor.understanding_prompt("x").unwrap();
+    assert_eq!(turn.ids[..2], image_turn.ids[..2], "the same chat template");
+
+    let prompts = ["a red circle", "two squares"];
+    let plans = plan_batch(&b.model, &b.processor, &prompts, &[0, 1, 2], sampled()).unwrap();
+    assert_eq!(plans.len(), 2);
+    assert!(plans.iter().all(|p| p.len() == 3));
+    assert_ne!(plans[0][0], plans[0][1], "each seed plans its own layout");
+    let alone = plan_batch(&b.model, &b.processor, &prompts[1..], &[1], sampled()).unwrap();
+    assert_eq!(
+        alone[0][0], plans[1][1],
+        "a plan does not depend on its batch"
+    );
+
+    let item = AnswerItem {
+        prompt: TextPrompt {
+            prompt: turn,
+            pixels: None,
+            samples: 1,
+        },
+        max_new_tokens: MAX_PLAN_TOKENS,
+        sampling: sampled(),
+        seeds: vec![2],
+    };
+    let direct = b.processor.decode(&answers(&b, &[item])[0][0]);
+    assert_eq!(direct.trim(), plans[0][2]);
 }

@@ -6,18 +6,23 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
+use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use ulm_model::bundle::ModelBundle;
 use ulm_model::decode::TextPrompt;
 use ulm_model::generate::{
     answer_batch, generate_images_batch, AnswerItem, ImageItem, ImageSample,
 };
+use ulm_model::ops::Pass;
+use ulm_model::plan::{plan_batch, DESCRIBE_QUESTION};
 use ulm_model::sampling::SamplingParams;
 use ulm_rl::reward::verifiable::{qa_accuracy, QaType};
+use ulm_world::caption::parse;
 use ulm_world::scene::Category;
 use ulm_world::{examples, test_prompts, verify, Split};
 
 use crate::PretrainError;
+use ulm_rl::reading::answer_logps;
 
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
@@ -37,6 +42,13 @@ pub struct EvalConfig {
     pub max_new_tokens: usize,
     /// The world whose test split is used.
     pub world_seed: u64,
+    /// Temperature of the planning turn: when set, each image is drawn from
+    /// its own plan of the prompt, sampled at it (a model trained with the
+    /// turn); `None` draws from the prompt itself.
+    pub plan_temperature: Option<f32>,
+    /// Candidates drawn from each plan, of which the model's own reading
+    /// keeps one ([`draw_planned`]); 1 keeps the only one.
+    pub best_of: usize,
 }
 
 impl Default for EvalConfig {
@@ -50,6 +62,8 @@ impl Default for EvalConfig {
             temperature: 1.0,
             max_new_tokens: 16,
             world_seed: 0,
+            plan_temperature: None,
+            best_of: 1,
         }
     }
 }
@@ -82,6 +96,20 @@ pub struct EvalReport {
     pub seeds: usize,
     pub first_seed: u64,
     pub question_scenes: usize,
+    /// When images were drawn from plans: the planning temperature, and by
+    /// category the share of plans that lay out a scene the prompt is true
+    /// of (the rest of an image's errors are the drawing's).
+    #[serde(default)]
+    pub plan_temperature: Option<f32>,
+    #[serde(default)]
+    pub plans: BTreeMap<String, Accuracy>,
+    /// Candidates drawn per plan, one kept by the model's reading.
+    #[serde(default = "one")]
+    pub best_of: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl EvalReport {
@@ -107,6 +135,11 @@ impl EvalReport {
             );
         };
         rows("generation", &self.generation, self.generation_overall);
+        if !self.plans.is_empty() {
+            let overall =
+                self.plans.values().map(|a| a.accuracy).sum::<f64>() / self.plans.len() as f64;
+            rows("plan", &self.plans, overall);
+        }
         rows(
             "understanding",
             &self.understanding,
@@ -125,10 +158,22 @@ pub fn draw(
     cfg_weight: f32,
     temperature: f32,
 ) -> Result<Vec<Vec<Option<ImageSample>>>, PretrainError> {
+    let seeds: Vec<u64> = seeds.collect();
+    let wanted: Vec<(&str, Vec<u64>)> = prompts.iter().map(|p| (*p, seeds.clone())).collect();
+    draw_each(bundle, &wanted, cfg_weight, temperature)
+}
+
+/// The images of each (prompt, seeds), all in one batch.
+fn draw_each(
+    bundle: &ModelBundle,
+    wanted: &[(&str, Vec<u64>)],
+    cfg_weight: f32,
+    temperature: f32,
+) -> Result<Vec<Vec<Option<ImageSample>>>, PretrainError> {
     let processor = &bundle.processor;
-    let items = prompts
+    let items = wanted
         .iter()
-        .map(|prompt| {
+        .map(|(prompt, seeds)| {
             Ok(ImageItem {
                 prompt: processor.generation_prompt(prompt)?,
                 cfg_weight,
@@ -137,7 +182,7 @@ pub fn draw(
                     top_k: None,
                     top_p: None,
                 },
-                seeds: seeds.clone().collect(),
+                seeds: seeds.clone(),
             })
         })
         .collect::<Result<Vec<_>, ulm_model::ModelError>>()?;
@@ -149,31 +194,142 @@ pub fn draw(
     )?)
 }
 
+/// An image drawn from a plan.
+pub struct Planned {
+    pub plan: String,
+    /// `None` when its drawing was cancelled.
+    pub image: Option<ImageSample>,
+}
+
+/// The log-likelihood of `description` as the model's describing turn's
+/// answer about each of `images`: how well each image fits it, in the
+/// model's own reading.
+pub fn description_scores(
+    bundle: &ModelBundle,
+    description: &str,
+    images: &[RgbImage],
+) -> Result<Vec<f32>, PretrainError> {
+    let turns: Vec<Vec<(String, String)>> = images
+        .iter()
+        .map(|_| vec![(DESCRIBE_QUESTION.to_string(), description.to_string())])
+        .collect();
+    let read = answer_logps(
+        &bundle.model,
+        &bundle.processor,
+        &bundle.image_processor,
+        Some(images),
+        &turns,
+        Pass::Inference,
+    )?;
+    Ok(read.totals()?)
+}
+
+/// An image per prompt and seed as [`draw`], each drawn from its own plan
+/// of the prompt: the planning turn sampled at `plan_temperature` from
+/// that seed, then the plan drawn from. With `best_of` above 1, that many
+/// candidates are drawn from each plan (seeds `seed * best_of + c`) and
+/// the one the model's describing turn finds the plan truest of is kept
+/// ([`description_scores`]). Returns each plan with its image.
+pub fn draw_planned(
+    bundle: &ModelBundle,
+    prompts: &[&str],
+    seeds: Range<u64>,
+    drawing: (f32, f32),
+    plan_temperature: f32,
+    best_of: usize,
+) -> Result<Vec<Vec<Planned>>, PretrainError> {
+    let (cfg_weight, temperature) = drawing;
+    let seeds: Vec<u64> = seeds.collect();
+    let best_of = best_of.max(1) as u64;
+    let sampling = SamplingParams {
+        temperature: plan_temperature,
+        top_k: None,
+        top_p: None,
+    };
+    let plans = plan_batch(&bundle.model, &bundle.processor, prompts, &seeds, sampling)?;
+    let candidate_seeds = |seed: u64| -> Vec<u64> {
+        (0..best_of)
+            .map(|c| seed.wrapping_mul(best_of).wrapping_add(c))
+            .collect()
+    };
+    let wanted: Vec<(&str, Vec<u64>)> = plans
+        .iter()
+        .flat_map(|row| {
+            row.iter()
+                .zip(&seeds)
+                .map(|(plan, &seed)| (plan.as_str(), candidate_seeds(seed)))
+        })
+        .collect();
+    let mut drawn = draw_each(bundle, &wanted, cfg_weight, temperature)?.into_iter();
+    let mut out = Vec::with_capacity(plans.len());
+    for row in plans {
+        let mut planned = Vec::with_capacity(row.len());
+        for plan in row {
+            let candidates: Vec<ImageSample> =
+                drawn.next().into_iter().flatten().flatten().collect();
+            let image = if candidates.len() > 1 {
+                let images: Vec<RgbImage> = candidates.iter().map(|c| c.image.clone()).collect();
+                let scores = description_scores(bundle, &plan, &images)?;
+                let best = (0..scores.len())
+                    .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+                    .unwrap_or(0);
+                candidates.into_iter().nth(best)
+            } else {
+                candidates.into_iter().next()
+            };
+            planned.push(Planned { plan, image });
+        }
+        out.push(planned);
+    }
+    Ok(out)
+}
+
 pub fn evaluate(bundle: &ModelBundle, cfg: &EvalConfig) -> Result<EvalReport, PretrainError> {
     let model = &bundle.model;
     let processor = &bundle.processor;
     let mut generation = BTreeMap::new();
+    let mut plans = BTreeMap::new();
     for category in Category::ALL {
         let prompts = test_prompts(cfg.world_seed, category, cfg.prompts_per_category);
         let captions: Vec<&str> = prompts
             .iter()
             .map(|e| e.captions[0].text.as_str())
             .collect();
-        let images = draw(
-            bundle,
-            &captions,
-            cfg.first_seed..cfg.first_seed + cfg.seeds as u64,
-            cfg.cfg_weight,
-            cfg.temperature,
-        )?;
-        let mut accuracy = Accuracy::default();
-        for (example, samples) in prompts.iter().zip(images) {
-            for sample in samples.into_iter().flatten() {
-                let seen = verify::read(&sample.image);
-                accuracy.add(verify::check(&example.captions[0].claim, &seen));
+        let seeds = cfg.first_seed..cfg.first_seed + cfg.seeds as u64;
+        let drawn: Vec<Vec<(Option<String>, Option<ImageSample>)>> = match cfg.plan_temperature {
+            Some(plan_temperature) => draw_planned(
+                bundle,
+                &captions,
+                seeds,
+                (cfg.cfg_weight, cfg.temperature),
+                plan_temperature,
+                cfg.best_of,
+            )?
+            .into_iter()
+            .map(|row| row.into_iter().map(|p| (Some(p.plan), p.image)).collect())
+            .collect(),
+            None => draw(bundle, &captions, seeds, cfg.cfg_weight, cfg.temperature)?
+                .into_iter()
+                .map(|row| row.into_iter().map(|i| (None, i)).collect())
+                .collect(),
+        };
+        let (mut accuracy, mut planned) = (Accuracy::default(), Accuracy::default());
+        for (example, samples) in prompts.iter().zip(drawn) {
+            let claim = &example.captions[0].claim;
+            for (plan, sample) in samples {
+                if let Some(plan) = plan {
+                    let layout = parse(&plan).ok().as_ref().and_then(verify::laid_out);
+                    planned.add(layout.is_some_and(|seen| verify::check(claim, &seen)));
+                }
+                if let Some(sample) = sample {
+                    accuracy.add(verify::check(claim, &verify::read(&sample.image)));
+                }
             }
         }
         generation.insert(category.name().to_string(), accuracy);
+        if planned.total > 0 {
+            plans.insert(category.name().to_string(), planned);
+        }
     }
     let generation_overall =
         generation.values().map(|a| a.accuracy).sum::<f64>() / generation.len() as f64;
@@ -229,5 +385,8 @@ pub fn evaluate(bundle: &ModelBundle, cfg: &EvalConfig) -> Result<EvalReport, Pr
         seeds: cfg.seeds,
         first_seed: cfg.first_seed,
         question_scenes: cfg.question_scenes,
+        plan_temperature: cfg.plan_temperature,
+        plans,
+        best_of: cfg.best_of,
     })
 }

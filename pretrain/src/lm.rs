@@ -6,14 +6,14 @@
 //! prompt, as Janus trains for classifier-free guidance.
 
 use candle_core::{DType, Result, Tensor, Var};
+use image::RgbImage;
 use ulm_model::image_processor::ImageProcessorConfig;
 use ulm_model::ops::Pass;
+use ulm_model::plan::{plan_request, DESCRIBE_QUESTION};
 use ulm_model::processor::Processor;
 use ulm_model::Janus;
-use ulm_rl::grpo::{
-    generation_states, understanding_states, AdamW, GenerationBatch, T2iAlignment,
-    UnderstandingBatch,
-};
+use ulm_rl::grpo::{generation_states, AdamW, GenerationBatch, T2iAlignment};
+use ulm_rl::reading::answer_logps;
 use ulm_world::caption::full_claim;
 use ulm_world::Example;
 
@@ -43,11 +43,14 @@ pub struct LmTraining {
     /// object; 0 leaves it out. Its own mean, so that its long answers do
     /// not drown the one-token answers of the questions.
     pub describe_weight: f64,
+    /// Weight of the planning turn's loss: a text-only turn that answers
+    /// [`ulm_model::plan::PLAN_INSTRUCTION`] and a caption with a full caption of a scene
+    /// the caption is true of (every object's size, colour, shape and
+    /// cell), which generation then draws from; 0 leaves it out. Its own
+    /// mean, like the describing turn's.
+    pub plan_weight: f64,
     pub world_seed: u64,
 }
-
-/// The describing turn's question.
-pub const DESCRIBE_QUESTION: &str = "Describe the image.";
 
 impl Default for LmTraining {
     fn default() -> Self {
@@ -61,6 +64,7 @@ impl Default for LmTraining {
             max_grad_norm: 1.0,
             unconditional: 0.1,
             describe_weight: 0.0,
+            plan_weight: 0.0,
             world_seed: 0,
         }
     }
@@ -78,6 +82,8 @@ pub struct LmStep {
     pub generation: f64,
     /// Mean negative log-likelihood per token of the describing turn's answers.
     pub describe: Option<f64>,
+    /// Mean negative log-likelihood per token of the planning turn's answers.
+    pub plan: Option<f64>,
     pub grad_norm: f64,
 }
 
@@ -100,76 +106,27 @@ fn mean_nll(logps: &Tensor, mask: &Tensor) -> Result<Tensor> {
 }
 
 /// The answer-token loss of `turns` (question, answer) per example, each
-/// in its own row; the rows of an example share one pass of the vision
-/// tower.
+/// in its own row: about the example's image, the rows of an example
+/// sharing one pass of the vision tower, or as text-only turns without
+/// `with_image`.
 fn understanding_loss(
     parts: &LmParts,
     examples: &[Example],
-    turns: &[Vec<(&str, &str)>],
+    turns: &[Vec<(String, String)>],
+    with_image: bool,
 ) -> Result<Tensor> {
-    let (model, processor) = (parts.model, parts.processor);
-    let device = model.device();
-    let special = processor.special;
-    let mut prompts = Vec::new();
-    let mut answers = Vec::new();
-    let mut images = Vec::new();
-    let mut row_image = Vec::new();
-    for (i, (example, turns)) in examples.iter().zip(turns).enumerate() {
-        for (question, answer) in turns {
-            prompts.push(
-                processor
-                    .understanding_prompt(question)
-                    .map_err(model_error)?,
-            );
-            let mut answer = processor.encode_plain(answer).map_err(model_error)?;
-            answer.push(special.eos);
-            answers.push(answer);
-            row_image.push(i as u32);
-        }
-        let side = parts.image_processor.image_size as u32;
-        images.push(
-            parts
-                .image_processor
-                .preprocess(&example.image(side), device)
-                .map_err(model_error)?,
-        );
-    }
-    let t = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
-    let l = answers.iter().map(Vec::len).max().unwrap_or(1);
-    let (mut ids, mut attention, mut image_mask, mut loss_mask) = (vec![], vec![], vec![], vec![]);
-    for (prompt, answer) in prompts.iter().zip(&answers) {
-        let pad = t - prompt.ids.len();
-        let tail = l - answer.len();
-        let mut row = vec![special.pad; pad];
-        row.extend(&prompt.ids);
-        row.extend(answer);
-        row.extend(std::iter::repeat_n(special.pad, tail));
-        ids.push(row);
-        let mut seen = vec![false; pad];
-        seen.extend(std::iter::repeat_n(true, prompt.ids.len() + answer.len()));
-        seen.extend(std::iter::repeat_n(false, tail));
-        attention.push(seen);
-        let mut image = vec![false; pad];
-        image.extend(&prompt.images_seq_mask);
-        image.extend(std::iter::repeat_n(false, l));
-        image_mask.push(image);
-        loss_mask.extend(std::iter::repeat_n(1f32, answer.len()));
-        loss_mask.extend(std::iter::repeat_n(0f32, tail));
-    }
-    let ids = Tensor::new(ids, device)?;
-    let embeds = model
-        .image_embeds(&Tensor::stack(&images, 0)?, Pass::Training)?
-        .index_select(&Tensor::new(row_image.as_slice(), device)?, 0)?;
-    let batch = UnderstandingBatch {
-        ids: &ids,
-        attention_mask: &attention,
-        images_seq_mask: &image_mask,
-        image_embeds: Some(&embeds),
-        completion_len: l,
-    };
-    let logps = understanding_states(model, &batch, 1.0, Pass::Training)?.logps(model)?;
-    let mask = Tensor::from_vec(loss_mask, (answers.len(), l), device)?;
-    mean_nll(&logps.to_dtype(DType::F32)?, &mask)
+    let side = parts.image_processor.image_size as u32;
+    let images: Option<Vec<RgbImage>> =
+        with_image.then(|| examples.iter().map(|e| e.image(side)).collect());
+    let answers = answer_logps(
+        parts.model,
+        parts.processor,
+        parts.image_processor,
+        images.as_deref(),
+        turns,
+        Pass::Training,
+    )?;
+    mean_nll(&answers.logps, &answers.mask)
 }
 
 /// The image-token loss of one caption per example, `unconditional[i]`
@@ -228,21 +185,32 @@ pub struct Losses {
     pub generation: Tensor,
     /// Answer tokens of the describing turn; `None` when it is left out.
     pub describe: Option<Tensor>,
+    /// Answer tokens of the planning turn; `None` when it is left out.
+    pub plan: Option<Tensor>,
+}
+
+/// Which turns beside the questions and captions a step trains.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExtraTurns {
+    pub describe: bool,
+    pub plan: bool,
 }
 
 /// The losses of `examples`: `questions` questions of each from the
 /// `pick`-th and its `pick`-th caption (cycling), row `i`'s caption
 /// replaced by the unconditional prompt where `unconditional[i]`, and the
-/// describing turn when `describe`.
+/// turns `extra` asks for. The planning turn plans the caption the
+/// generation row does not draw from: its category caption when the row
+/// draws the full one, and the reverse (a full caption plans as itself).
 pub fn losses(
     parts: &LmParts,
     examples: &[Example],
     pick: usize,
     questions: usize,
     unconditional: &[bool],
-    describe: bool,
+    extra: ExtraTurns,
 ) -> Result<Losses> {
-    let asked: Vec<Vec<(&str, &str)>> = examples
+    let asked: Vec<Vec<(String, String)>> = examples
         .iter()
         .enumerate()
         .map(|(i, example)| {
@@ -250,28 +218,39 @@ pub fn losses(
             (0..questions.min(all.len()))
                 .map(|k| {
                     let question = &all[(pick + i + k) % all.len()];
-                    (question.text.as_str(), question.answer.as_str())
+                    (question.text.clone(), question.answer.clone())
                 })
                 .collect()
         })
         .collect();
-    let describe = if describe {
-        let descriptions: Vec<String> = examples
+    let full = |e: &Example| full_claim(&e.scene).phrase();
+    let describe = if extra.describe {
+        let turns: Vec<Vec<(String, String)>> = examples
             .iter()
-            .map(|e| full_claim(&e.scene).phrase())
+            .map(|e| vec![(DESCRIBE_QUESTION.to_string(), full(e))])
             .collect();
-        let turns: Vec<Vec<(&str, &str)>> = descriptions
+        Some(understanding_loss(parts, examples, &turns, true)?)
+    } else {
+        None
+    };
+    let plan = if extra.plan {
+        let turns: Vec<Vec<(String, String)>> = examples
             .iter()
-            .map(|d| vec![(DESCRIBE_QUESTION, d.as_str())])
+            .enumerate()
+            .map(|(i, e)| {
+                let caption = &e.captions[(pick + i + 1) % e.captions.len()].text;
+                vec![(plan_request(caption), full(e))]
+            })
             .collect();
-        Some(understanding_loss(parts, examples, &turns)?)
+        Some(understanding_loss(parts, examples, &turns, false)?)
     } else {
         None
     };
     Ok(Losses {
-        understanding: understanding_loss(parts, examples, &asked)?,
+        understanding: understanding_loss(parts, examples, &asked, true)?,
         generation: generation_loss(parts, examples, pick, unconditional)?,
         describe,
+        plan,
     })
 }
 
@@ -307,12 +286,18 @@ pub fn train_lm(
             step,
             cfg.questions,
             &unconditional,
-            cfg.describe_weight > 0.0,
+            ExtraTurns {
+                describe: cfg.describe_weight > 0.0,
+                plan: cfg.plan_weight > 0.0,
+            },
         )?;
         let (und, gen) = (&step_losses.understanding, &step_losses.generation);
         let mut total = (und + gen)?;
         if let Some(describe) = &step_losses.describe {
             total = (total + (describe * cfg.describe_weight)?)?;
+        }
+        if let Some(plan) = &step_losses.plan {
+            total = (total + (plan * cfg.plan_weight)?)?;
         }
         optimizer.lr = learning_rate(cfg.lr, step, cfg.steps, cfg.warmup);
         let (loss, grad_norm) = descend(&total, params, &mut optimizer, cfg.max_grad_norm, step)?;
@@ -324,6 +309,7 @@ pub fn train_lm(
             understanding: scalar(und)?,
             generation: scalar(gen)?,
             describe: step_losses.describe.as_ref().map(scalar).transpose()?,
+            plan: step_losses.plan.as_ref().map(scalar).transpose()?,
             grad_norm,
         });
     }

@@ -55,7 +55,25 @@ pub fn world_config_json(tokenizer: &Tokenizer) -> Result<Value, PretrainError> 
 pub const WORLD_SAMPLING: SamplingDefaults = SamplingDefaults {
     guidance_scale: 1.5,
     temperature: 0.7,
+    plan_temperature: None,
+    best_of: None,
 };
+
+/// How a world model trained with the planning turn draws: each image from
+/// a plan sampled at this temperature, the best of this many candidates
+/// (the sweep in TRAINING.md).
+pub const WORLD_PLAN_TEMPERATURE: f64 = 0.5;
+pub const WORLD_BEST_OF: u32 = 16;
+
+/// The sampling settings a world model is saved with: [`WORLD_SAMPLING`],
+/// and planning when it learned the planning turn.
+pub fn world_sampling(plans: bool) -> SamplingDefaults {
+    SamplingDefaults {
+        plan_temperature: plans.then_some(WORLD_PLAN_TEMPERATURE),
+        best_of: plans.then_some(WORLD_BEST_OF),
+        ..WORLD_SAMPLING
+    }
+}
 
 /// Checkpoint names of the VQ tokenizer's tensors start with this.
 pub const VQ_PREFIX: &str = "gen_vision_model.";
@@ -109,9 +127,10 @@ impl PretrainModel {
     }
 
     /// Writes the model as a checkpoint directory (config, weights,
-    /// tokenizer, processor settings) that `--model` loads. The directory
+    /// tokenizer, processor settings, `sampling` as its
+    /// `generation_config.json`) that `--model` loads. The directory
     /// appears complete or not at all.
-    pub fn save(&self, dir: &Path) -> Result<(), PretrainError> {
+    pub fn save(&self, dir: &Path, sampling: &SamplingDefaults) -> Result<(), PretrainError> {
         let io = |e: std::io::Error| PretrainError::Invalid(format!("{}: {e}", dir.display()));
         let staging = dir.with_extension("partial");
         if staging.exists() {
@@ -124,8 +143,11 @@ impl PretrainModel {
         }
         candle_core::safetensors::save(&tensors, staging.join(WEIGHTS_FILE))?;
         write_demo_side_files(&staging, &self.model.cfg)?;
-        let sampling = staging.join(GENERATION_CONFIG_FILE);
-        std::fs::write(&sampling, WORLD_SAMPLING.to_json_string()).map_err(io)?;
+        std::fs::write(
+            staging.join(GENERATION_CONFIG_FILE),
+            sampling.to_json_string(),
+        )
+        .map_err(io)?;
         let tokenizer = staging.join(TOKENIZER_FILE);
         self.tokenizer
             .save(&tokenizer, true)

@@ -16,7 +16,7 @@ use ulm_model::weights::WEIGHTS_FILE;
 use ulm_world::{examples, Split};
 
 use crate::lm::{train_lm, LmParts, LmTraining};
-use crate::model::PretrainModel;
+use crate::model::{world_sampling, PretrainModel};
 use crate::vq::{reconstruction_accuracy, reconstruction_grid, train_vq, VqTraining};
 use crate::PretrainError;
 use ulm_plot::{line_chart, Panel, Scale, Series};
@@ -246,6 +246,7 @@ pub fn run(
         world_seed: recipe.seed,
         ..recipe.lm.clone()
     };
+    let sampling = world_sampling(lm.plan_weight > 0.0);
     let (lm_seconds, last) = {
         let params = model.params_of_vq(false);
         let vision = &model.model.cfg.vision;
@@ -258,7 +259,8 @@ pub fn run(
         };
         let started = Instant::now();
         let mut metrics = Metrics::create(&out.join("metrics-lm.jsonl"))?;
-        let (mut answers, mut images, mut descriptions) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut answers, mut images) = (Vec::new(), Vec::new());
+        let (mut descriptions, mut plans) = (Vec::new(), Vec::new());
         let mut saved_early = Ok(());
         progress.stage("lm", lm.steps);
         train_lm(&parts, &params, &lm, |s| {
@@ -266,8 +268,9 @@ pub fn run(
             answers.push(s.understanding);
             images.push(s.generation);
             descriptions.extend(s.describe);
+            plans.extend(s.plan);
             if recipe.early_checkpoint == Some(s.step + 1) {
-                saved_early = model.save(&out.join("checkpoint-early"));
+                saved_early = model.save(&out.join("checkpoint-early"), &sampling);
             }
             progress.step(&format!(
                 "answers {:.3}, images {:.3}",
@@ -289,13 +292,14 @@ pub fn run(
                 ("answer tokens (nats)", answers),
                 ("image tokens (nats)", images),
                 ("description tokens (nats)", descriptions),
+                ("plan tokens (nats)", plans),
             ],
         )?;
         (seconds, last)
     };
 
     let checkpoint = out.join("checkpoint");
-    model.save(&checkpoint)?;
+    model.save(&checkpoint, &sampling)?;
     let summary = Summary {
         seed: recipe.seed,
         vq_from: recipe.vq_from.clone(),

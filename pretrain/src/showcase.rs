@@ -8,8 +8,9 @@ use ulm_model::bundle::ModelBundle;
 use ulm_world::caption;
 use ulm_world::verify::{self, Seen};
 
-use crate::eval::draw;
+use crate::eval::{draw, draw_planned};
 use crate::PretrainError;
+use ulm_model::generate::ImageSample;
 use ulm_plot::{font, FAMILY};
 
 /// The prompts of the picture: every GenEval category, the example
@@ -64,20 +65,38 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
 }
 
 /// The picture of `prompts`, `seeds` images each, sampled at
-/// `temperature` with classifier-free guidance `cfg_weight`. Returns it with
-/// the share of images the verifier found the prompt true of.
+/// `temperature` with classifier-free guidance `cfg_weight`, each from its
+/// own plan when `plan_temperature` is set (the best of `best_of`
+/// candidates, [`draw_planned`]). Returns it with the share of
+/// images the verifier found the prompt true of.
 pub fn generation_grid(
     bundle: &ModelBundle,
     prompts: &[&str],
     seeds: usize,
     cfg_weight: f32,
     temperature: f32,
+    plan_temperature: Option<f32>,
+    best_of: usize,
 ) -> Result<(RgbImage, f64), PretrainError> {
     let claims = prompts
         .iter()
         .map(|p| caption::parse(p).map_err(|e| PretrainError::Invalid(format!("{p:?}: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    let images = draw(bundle, prompts, 0..seeds as u64, cfg_weight, temperature)?;
+    let seeds_range = 0..seeds as u64;
+    let images: Vec<Vec<Option<ImageSample>>> = match plan_temperature {
+        Some(plan) => draw_planned(
+            bundle,
+            prompts,
+            seeds_range,
+            (cfg_weight, temperature),
+            plan,
+            best_of,
+        )?
+        .into_iter()
+        .map(|row| row.into_iter().map(|p| p.image).collect())
+        .collect(),
+        None => draw(bundle, prompts, seeds_range, cfg_weight, temperature)?,
+    };
     let side = bundle.model.gen_vision.image_size() as u32 * SCALE;
     let cell_w = side + 2 * FRAME + 40;
     let row_h = side + 2 * FRAME + READING_HEIGHT;

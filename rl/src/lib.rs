@@ -12,6 +12,7 @@ pub mod evaluate;
 pub mod grpo;
 pub mod lora;
 pub mod policy;
+pub mod reading;
 pub mod reward;
 pub mod trainer;
 pub use error::RlError;

@@ -388,6 +388,10 @@ fn evaluate(
         world_seed: 0,
         cfg_weight: None,
         temperature: None,
+        // The rollouts draw from the captions themselves: so does the score.
+        plan_temperature: None,
+        no_plan: true,
+        best_of: None,
         out: Some(cache.to_path_buf()),
         grid: None,
     })

@@ -2,12 +2,15 @@
 //! model, without the server.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use ulm_core::engine::{Engine, EngineConfig, ImageWork};
+use ulm_core::record::GenerateParams;
 use ulm_model::bundle::{ModelBundle, ModelChoice};
 use ulm_model::decode::TextPrompt;
-use ulm_model::generate::{answer_batch, generate_images_batch, AnswerItem, ImageItem};
+use ulm_model::generate::{answer_batch, AnswerItem};
 use ulm_model::image_processor::decode_image;
 use ulm_model::sampling::SamplingParams;
 
@@ -82,9 +85,13 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub temperature: Option<f32>,
     #[arg(long)]
-    pub top_k: Option<usize>,
+    pub top_k: Option<u32>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Draw from the prompt itself, even for a model that plans its images
+    /// first (the world model: its plan is printed).
+    #[arg(long)]
+    pub no_plan: bool,
     /// Directory for image-<i>.png.
     #[arg(long, default_value = ".")]
     pub out: PathBuf,
@@ -138,28 +145,42 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
     if args.prompt.trim().is_empty() {
         bail!("the prompt is empty");
     }
+    if args.n == 0 {
+        bail!("--n must be at least 1");
+    }
     let bundle = args.model.open()?;
-    let item = ImageItem {
-        prompt: bundle.processor.generation_prompt(&args.prompt)?,
-        cfg_weight: bundle.sampling.guidance_or(args.cfg_weight),
-        sampling: SamplingParams {
-            temperature: bundle.sampling.temperature_or(args.temperature),
-            top_k: args.top_k,
-            top_p: None,
-        },
+    let defaults = bundle.sampling;
+    // Planned and read as the server plans and reads: through the engine.
+    let plan_temperature = defaults
+        .plan_temperature
+        .filter(|_| !args.no_plan)
+        .map(|t| t as f32);
+    let params = GenerateParams {
+        n: args.n as u32,
+        cfg_weight: defaults.guidance_or(args.cfg_weight),
+        temperature: defaults.temperature_or(args.temperature),
+        top_k: args.top_k,
+        plan_temperature,
+        best_of: plan_temperature.and(defaults.best_of),
+    };
+    let work = ImageWork {
+        prompt: args.prompt.clone(),
+        params,
         seeds: seeds(args.seed, args.n),
     };
-    let results = generate_images_batch(
-        &bundle.model,
-        &[item],
-        bundle.processor.special.pad,
-        &mut |_| true,
-    )?;
+    let engine = Engine::start(bundle, "cli".into(), EngineConfig::default());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(24 * 3600);
+    let output = runtime.block_on(engine.generate(work, deadline))?;
+    if let Some(plan) = &output.plan {
+        eprintln!("plan: {plan}");
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut paths = Vec::new();
-    for (i, sample) in results.into_iter().flatten().enumerate() {
-        let Some(sample) = sample else { continue };
+    for (i, sample) in output.images.into_iter().enumerate() {
         let path = args.out.join(format!("image-{i}.png"));
         sample
             .image

@@ -56,6 +56,11 @@ pub struct PretrainArgs {
     /// words, as one answer); 0 leaves the turn out (TRAINING.md).
     #[arg(long, default_value_t = 0.5)]
     pub describe_weight: f64,
+    /// Weight of the planning turn's loss (a prompt rewritten as a full
+    /// caption of a scene it is true of, which generation then draws
+    /// from); 0 leaves the turn out (TRAINING.md).
+    #[arg(long, default_value_t = 0.5)]
+    pub plan_weight: f64,
     /// Skip the VQ stage and start the multimodal stage from the VQ
     /// tokenizer of this checkpoint (one of this recipe, same seed and VQ
     /// settings): for tuning the second stage without retraining the first.
@@ -108,6 +113,7 @@ pub fn pretrain(args: &PretrainArgs) -> Result<Summary> {
             lr: args.lm_lr,
             warmup: (args.lm_steps / 20).max(1),
             describe_weight: args.describe_weight,
+            plan_weight: args.plan_weight,
             ..LmTraining::default()
         },
         eval_scenes: args.eval_scenes,
@@ -150,6 +156,18 @@ pub struct EvalArgs {
     /// Sampling temperature of image tokens (default: the model's).
     #[arg(long)]
     pub temperature: Option<f32>,
+    /// Draw each image from a plan of its prompt sampled at this
+    /// temperature (default: the model's `plan_temperature`, if it plans).
+    #[arg(long, conflicts_with = "no_plan")]
+    pub plan_temperature: Option<f32>,
+    /// Draw from the prompts themselves, even for a model that plans.
+    #[arg(long)]
+    pub no_plan: bool,
+    /// Candidates drawn from each plan, of which the one the model's own
+    /// describing turn finds the plan likeliest of is kept (default: the
+    /// model's `best_of` when it plans, else 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub best_of: Option<u32>,
     /// Where to write the report as JSON.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -175,6 +193,13 @@ pub fn eval(args: &EvalArgs) -> Result<EvalReport> {
         first_seed: args.first_seed,
         cfg_weight: bundle.sampling.guidance_or(args.cfg_weight),
         temperature: bundle.sampling.temperature_or(args.temperature),
+        plan_temperature: match args.no_plan {
+            true => None,
+            false => args
+                .plan_temperature
+                .or(bundle.sampling.plan_temperature.map(|t| t as f32)),
+        },
+        best_of: args.best_of.or(bundle.sampling.best_of).unwrap_or(1) as usize,
         ..EvalConfig::default()
     };
     let report = evaluate(&bundle, &cfg)?;
@@ -185,6 +210,8 @@ pub fn eval(args: &EvalArgs) -> Result<EvalReport> {
             args.seeds,
             cfg.cfg_weight,
             cfg.temperature,
+            cfg.plan_temperature,
+            cfg.best_of,
         )?;
         grid.save(path)
             .with_context(|| path.display().to_string())?;

@@ -21,6 +21,11 @@ async fn generate_answer_feedback_and_lookup() {
     assert_eq!(status, 200, "{gen}");
     let images = gen["images"].as_array().unwrap();
     assert_eq!(images.len(), 2);
+    assert_eq!(
+        gen["plan"],
+        json!(null),
+        "the demo model draws from the prompt"
+    );
     assert_eq!(images[0]["seed"], 42);
     assert_eq!(images[1]["seed"], 43);
     let sample_id = images[0]["sample_id"].as_str().unwrap();
@@ -279,6 +284,11 @@ async fn every_bad_input_gets_its_documented_error_and_nothing_breaks() {
         ("generate: cfg out of range", "/v1/generate", br#"{"prompt": "x", "cfg_weight": 100}"#.to_vec(), "application/json", 422, "invalid_parameter"),
         ("generate: negative temperature", "/v1/generate", br#"{"prompt": "x", "temperature": -1}"#.to_vec(), "application/json", 422, "invalid_parameter"),
         ("generate: top_k 0", "/v1/generate", br#"{"prompt": "x", "top_k": 0}"#.to_vec(), "application/json", 422, "invalid_parameter"),
+        ("generate: a plan from a model that does not plan", "/v1/generate", br#"{"prompt": "x", "plan": true}"#.to_vec(), "application/json", 422, "invalid_parameter"),
+        ("generate: plan not a boolean", "/v1/generate", br#"{"prompt": "x", "plan": "yes"}"#.to_vec(), "application/json", 422, "invalid_body"),
+        ("generate: best_of without a plan", "/v1/generate", br#"{"prompt": "x", "best_of": 2}"#.to_vec(), "application/json", 422, "invalid_parameter"),
+        ("generate: best_of 0", "/v1/generate", br#"{"prompt": "x", "best_of": 0}"#.to_vec(), "application/json", 422, "invalid_parameter"),
+        ("generate: best_of too large", "/v1/generate", br#"{"prompt": "x", "best_of": 17}"#.to_vec(), "application/json", 422, "invalid_parameter"),
         ("generate: seed too large", "/v1/generate", br#"{"prompt": "x", "seed": 18446744073709551615}"#.to_vec(), "application/json", 422, "invalid_parameter"),
         ("generate: prompt too long", "/v1/generate", serde_json::to_vec(&json!({"prompt": "a".repeat(5000)})).unwrap(), "application/json", 422, "invalid_parameter"),
         ("generate: body too large", "/v1/generate", serde_json::to_vec(&json!({"prompt": "a".repeat(300_000)})).unwrap(), "application/json", 413, "payload_too_large"),

@@ -32,10 +32,13 @@ async fn generated_client_round_trip() {
             temperature: None,
             top_k: None,
             seed: Some(11),
+            plan: None,
+            best_of: None,
         })
         .await
         .unwrap();
     assert_eq!(generated.images.len(), 2);
+    assert_eq!(generated.plan, None, "the demo model does not plan");
     let image_sample = generated.images[0].sample_id.clone();
 
     let answered = client

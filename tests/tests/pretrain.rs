@@ -67,15 +67,23 @@ fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
         let image = image::open(d.join("run").join(plot)).unwrap();
         assert!(image.width() > 100, "{plot}");
     }
-    // The describing turn is on by default.
+    // The describing and planning turns are on by default, and the
+    // checkpoint draws from plans.
     assert!(lm.iter().all(|s| s["describe"].as_f64().unwrap() > 0.0));
+    assert!(lm.iter().all(|s| s["plan"].as_f64().unwrap() > 0.0));
     let sampling: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(d.join("run/checkpoint/generation_config.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(sampling["guidance_scale"], 1.5);
+    assert!(
+        sampling["plan_temperature"].as_f64().is_some(),
+        "{sampling}"
+    );
+    assert!(sampling["best_of"].as_u64().unwrap() > 1, "{sampling}");
 
-    // Stage two again from the first run's VQ, without the describing turn.
+    // Stage two again from the first run's VQ, without the describing and
+    // planning turns.
     let again = run(
         &[
             "pretrain",
@@ -84,6 +92,8 @@ fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
             "--vq-from",
             "run/checkpoint",
             "--describe-weight",
+            "0",
+            "--plan-weight",
             "0",
             "--lm-steps",
             "2",
@@ -101,7 +111,10 @@ fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
     assert!(!d.join("again/metrics-vq.jsonl").exists());
     assert!(jsonl(&d.join("again/metrics-lm.jsonl"))
         .iter()
-        .all(|s| s["describe"].is_null()));
+        .all(|s| s["describe"].is_null() && s["plan"].is_null()));
+    let sampling =
+        std::fs::read_to_string(d.join("again/checkpoint/generation_config.json")).unwrap();
+    assert!(!sampling.contains("plan"), "{sampling}");
     let vq_tensors = |dir: &str| {
         let bytes = std::fs::read(d.join(dir).join("model.safetensors")).unwrap();
         let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -122,7 +135,7 @@ fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
         "the VQ was not copied as it was"
     );
 
-    run(
+    let drawn = run(
         &[
             "generate",
             "--model",
@@ -136,6 +149,8 @@ fn a_short_recipe_writes_metrics_and_a_checkpoint_that_generates_and_answers() {
         ],
         d,
     );
+    let said = String::from_utf8_lossy(&drawn.stderr);
+    assert!(said.contains("plan: "), "the checkpoint plans: {said}");
     let out = run(
         &[
             "verify",

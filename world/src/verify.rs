@@ -11,7 +11,7 @@ use image::RgbImage;
 use serde::Serialize;
 
 use crate::caption::{Claim, Desc, Group, Relation};
-use crate::scene::{Cell, Colour, Scene, Shape, Size, BACKGROUND, GRID};
+use crate::scene::{Cell, Colour, Object, Scene, Shape, Size, BACKGROUND, GRID};
 
 /// An object as read from pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -203,6 +203,43 @@ pub fn check(claim: &Claim, seen: &[Seen]) -> bool {
                     .any(|(j, y)| i != j && b.matches(y) && relation.holds(x, y))
         }),
     }
+}
+
+/// What a full caption lays out, as the verifier would read its rendering:
+/// each object where the caption puts it. `None` unless the claim names
+/// every attribute of each of its objects, one object per cell (a plan
+/// that a scene could be drawn from).
+pub fn laid_out(claim: &Claim) -> Option<Vec<Seen>> {
+    let Claim::Objects(groups) = claim else {
+        return None;
+    };
+    let mut seen: Vec<Seen> = Vec::with_capacity(groups.len());
+    for group in groups {
+        let desc = group.desc;
+        let (Some(colour), Some(size), Some(cell), 1) =
+            (desc.colour, desc.size, desc.cell, group.count)
+        else {
+            return None;
+        };
+        if seen.iter().any(|s| s.cell == cell) {
+            return None;
+        }
+        let object = Object {
+            shape: desc.shape,
+            colour,
+            size,
+            cell,
+        };
+        seen.push(Seen {
+            shape: desc.shape,
+            colour,
+            size,
+            cell,
+            centre: object.centre(),
+            area: 0,
+        });
+    }
+    Some(seen)
 }
 
 /// Whether what was read is exactly the scene: the same objects with the

@@ -298,3 +298,36 @@ fn partial_credit_is_full_exactly_when_the_claim_holds() {
         }
     }
 }
+
+#[test]
+fn a_full_caption_lays_out_what_its_rendering_reads_as() {
+    for example in some_examples(200) {
+        let full = &example.captions[1];
+        let planned = verify::laid_out(&caption::parse(&full.text).unwrap()).unwrap();
+        let read = verify::read(&example.image(96));
+        let keys = |seen: &[Seen]| {
+            let mut keys: Vec<_> = seen.iter().map(Seen::key).collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(keys(&planned), keys(&read), "{}", full.text);
+        assert!(
+            verify::check(&example.captions[0].claim, &planned),
+            "{}",
+            example.captions[0].text
+        );
+    }
+    let unplannable = [
+        "a red circle above a blue square",
+        "two small red circles at the top left",
+        "a small red circle at the top left and a large blue square at the top left",
+        "a small red circle and a large blue square at the top left",
+    ];
+    for text in unplannable {
+        assert_eq!(
+            verify::laid_out(&caption::parse(text).unwrap()),
+            None,
+            "{text}"
+        );
+    }
+}

@@ -21,20 +21,23 @@ use image::RgbImage;
 use tokio::sync::{mpsc, oneshot};
 use ulm_model::bundle::ModelBundle;
 use ulm_model::image_processor::ImageProcessorConfig;
+use ulm_model::plan::{plan_request, DESCRIBE_QUESTION, MAX_PLAN_TOKENS};
 use ulm_model::processor::{Processor, TextStream};
 /// The sampling ranges and defaults the API validates against: one home,
 /// the model's, so a checkpoint's defaults and a request obey one rule.
 pub use ulm_model::sampling_defaults::{
-    guidance_in_range, temperature_in_range, SamplingDefaults, MAX_GUIDANCE_SCALE, MAX_TEMPERATURE,
-    MIN_TEMPERATURE,
+    guidance_in_range, temperature_in_range, SamplingDefaults, MAX_BEST_OF, MAX_GUIDANCE_SCALE,
+    MAX_TEMPERATURE, MIN_TEMPERATURE,
 };
 use ulm_model::{Janus, ModelError};
+
+use crate::record::AnswerParams;
 
 mod work;
 mod worker;
 
 pub use work::{
-    AnswerOutput, AnswerWork, GenerateOutput, ImageOutput, ImageWork, RequestTimings,
+    AnswerOutput, AnswerWork, GenerateOutput, ImageOutput, ImageWork, ReadWork, RequestTimings,
     StreamedToken, TextOutput,
 };
 use worker::Worker;
@@ -158,6 +161,21 @@ impl<R, O> Pending<R, O> {
     }
 }
 
+/// Of each run of `k` candidates, the one with the highest score.
+fn keep_best(candidates: Vec<ImageOutput>, scores: &[f32], k: usize) -> Vec<ImageOutput> {
+    let mut kept = Vec::with_capacity(candidates.len() / k.max(1));
+    let mut best: Option<(f32, ImageOutput)> = None;
+    for (i, (candidate, &score)) in candidates.into_iter().zip(scores).enumerate() {
+        if best.as_ref().is_none_or(|(top, _)| score > *top) {
+            best = Some((score, candidate));
+        }
+        if (i + 1) % k == 0 {
+            kept.extend(best.take().map(|(_, c)| c));
+        }
+    }
+    kept
+}
+
 /// Fails every request of a failed batch or prefill.
 pub(crate) fn fail_all<R, O>(jobs: Vec<Pending<R, O>>, task: &str, error: &ModelError) {
     tracing::error!(%error, task, "batch failed");
@@ -170,6 +188,8 @@ pub(crate) fn fail_all<R, O>(jobs: Vec<Pending<R, O>>, task: &str, error: &Model
 pub(crate) enum Queued {
     Answer(Pending<AnswerWork, AnswerOutput>),
     Generate(Pending<ImageWork, GenerateOutput>),
+    /// One forward pass, run as it is admitted: it joins no lane.
+    Read(Pending<ReadWork, Vec<f32>>),
 }
 
 impl Queued {
@@ -177,6 +197,7 @@ impl Queued {
         match self {
             Queued::Answer(p) => p.request.seeds.len(),
             Queued::Generate(p) => p.request.seeds.len(),
+            Queued::Read(_) => 0,
         }
     }
 }
@@ -379,12 +400,96 @@ impl Engine {
         self.submit(request, deadline, stream, Queued::Answer).await
     }
 
+    /// Draws the request's images. With `params.plan_temperature` the
+    /// model first writes a plan of the prompt (a text-only turn, one
+    /// sample from the first seed, decoded in the answer lane with the
+    /// others) and every image is drawn from it; the plan's time counts in
+    /// the timings. With `params.best_of` k above 1 (a planned request
+    /// only), each image is the one of k candidates (seeds `seed * k + c`)
+    /// that the model's describing turn finds the plan likeliest of.
     pub async fn generate(
         &self,
-        request: ImageWork,
+        mut request: ImageWork,
         deadline: Instant,
     ) -> Result<GenerateOutput, EngineError> {
-        self.submit(request, deadline, None, Queued::Generate).await
+        let plan = match request.params.plan_temperature {
+            Some(temperature) => {
+                let plan = self.plan(&request, temperature, deadline).await?;
+                request.prompt = plan.samples[0].text.trim().to_string();
+                Some(plan)
+            }
+            None => None,
+        };
+        let best_of = match (&plan, request.params.best_of) {
+            (Some(_), Some(k)) if k > 1 => k as u64,
+            (None, Some(k)) if k > 1 => {
+                return Err(EngineError::InvalidInput(
+                    "best_of needs a plan to read the candidates against".into(),
+                ))
+            }
+            _ => 1,
+        };
+        if best_of > 1 {
+            request.seeds = request
+                .seeds
+                .iter()
+                .flat_map(|seed| {
+                    (0..best_of).map(move |c| seed.wrapping_mul(best_of).wrapping_add(c))
+                })
+                .collect();
+        }
+        let mut output = self
+            .submit(request.clone(), deadline, None, Queued::Generate)
+            .await?;
+        if best_of > 1 {
+            let read = ReadWork {
+                images: output.images.iter().map(|i| i.image.clone()).collect(),
+                question: DESCRIBE_QUESTION.to_string(),
+                answer: request.prompt.clone(),
+            };
+            let started = Instant::now();
+            let scores = self.read(read, deadline).await?;
+            output.timings.compute_ms += started.elapsed().as_millis() as u64;
+            output.images = keep_best(output.images, &scores, best_of as usize);
+        }
+        if let Some(plan) = plan {
+            output.plan = Some(request.prompt);
+            output.timings.queue_ms += plan.timings.queue_ms;
+            output.timings.compute_ms += plan.timings.compute_ms;
+        }
+        Ok(output)
+    }
+
+    /// The log-likelihood of the work's answer about each of its images.
+    pub async fn read(&self, work: ReadWork, deadline: Instant) -> Result<Vec<f32>, EngineError> {
+        self.submit(work, deadline, None, Queued::Read).await
+    }
+
+    /// The plan of `request`'s prompt: the planning turn answered once,
+    /// from the request's first seed.
+    async fn plan(
+        &self,
+        request: &ImageWork,
+        temperature: f32,
+        deadline: Instant,
+    ) -> Result<AnswerOutput, EngineError> {
+        let seed = *request
+            .seeds
+            .first()
+            .ok_or_else(|| EngineError::InvalidInput("no image to draw".into()))?;
+        let work = AnswerWork {
+            image: None,
+            question: plan_request(&request.prompt),
+            params: AnswerParams {
+                n: 1,
+                max_new_tokens: MAX_PLAN_TOKENS as u32,
+                temperature,
+                top_p: None,
+                top_k: None,
+            },
+            seeds: vec![seed],
+        };
+        self.submit(work, deadline, None, Queued::Answer).await
     }
 
     /// Queues `request` as `queued` makes it and waits for its output.

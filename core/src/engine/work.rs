@@ -6,10 +6,11 @@ use ulm_model::sampling::SamplingParams;
 
 use crate::record::{AnswerParams, FinishReason, GenerateParams, RequestParams};
 
-/// A question about one image, `seeds.len()` answers.
+/// A question about one image, or a text-only turn without one,
+/// `seeds.len()` answers.
 #[derive(Debug, Clone)]
 pub struct AnswerWork {
-    pub image: RgbImage,
+    pub image: Option<RgbImage>,
     pub question: String,
     pub params: AnswerParams,
     /// One per answer.
@@ -23,6 +24,15 @@ pub struct ImageWork {
     pub params: GenerateParams,
     /// One per image.
     pub seeds: Vec<u64>,
+}
+
+/// Teacher-forced: the log-likelihood of `answer` to `question` about each
+/// of `images`, in the model's own reading.
+#[derive(Debug, Clone)]
+pub struct ReadWork {
+    pub images: Vec<RgbImage>,
+    pub question: String,
+    pub answer: String,
 }
 
 impl AnswerWork {
@@ -66,6 +76,8 @@ pub struct ImageOutput {
 #[derive(Debug, Clone)]
 pub struct GenerateOutput {
     pub images: Vec<ImageOutput>,
+    /// What the images were drawn from when the request planned them.
+    pub plan: Option<String>,
     pub timings: RequestTimings,
     pub model_version: String,
 }

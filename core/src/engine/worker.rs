@@ -23,11 +23,14 @@ use ulm_model::generate::{
     AnswerBatch, AnswerItem, DecodeEnd, ImageBatch, ImageItem, ImageSample, TextSample,
 };
 use ulm_model::image_processor::ImageProcessorConfig;
+use ulm_model::ops::Pass;
 use ulm_model::processor::Processor;
 use ulm_model::{Janus, ModelError};
+use ulm_rl::reading::answer_logps;
 
 use super::work::{
-    AnswerOutput, AnswerWork, GenerateOutput, ImageOutput, ImageWork, StreamedToken, TextOutput,
+    AnswerOutput, AnswerWork, GenerateOutput, ImageOutput, ImageWork, ReadWork, StreamedToken,
+    TextOutput,
 };
 use super::{
     fail_all, Batching, EngineConfig, EngineError, Pending, Queued, Running, ServingModel,
@@ -215,19 +218,35 @@ impl Worker {
         let mut left = VecDeque::with_capacity(waiting.len());
         let mut taken = 0;
         for job in waiting.drain(..) {
+            // A reading is one forward pass: it runs now and joins no lane.
+            let job = match job {
+                Queued::Read(p) => {
+                    taken += 1;
+                    let result = match p.wanted() {
+                        true => self.read(&current.model, &p.request),
+                        false => Err(EngineError::DeadlineExceeded),
+                    };
+                    p.finish(result);
+                    continue;
+                }
+                job => job,
+            };
             let open = match &job {
                 Queued::Answer(_) => &mut answer_open,
                 Queued::Generate(_) => &mut image_open,
+                Queued::Read(_) => unreachable!("read above"),
             };
             let wanted = match &job {
                 Queued::Answer(p) => p.wanted(),
                 Queued::Generate(p) => p.wanted(),
+                Queued::Read(_) => unreachable!("read above"),
             };
             if !wanted {
                 taken += 1;
                 match job {
                     Queued::Answer(p) => p.finish(Err(EngineError::DeadlineExceeded)),
                     Queued::Generate(p) => p.finish(Err(EngineError::DeadlineExceeded)),
+                    Queued::Read(_) => unreachable!("read above"),
                 }
                 continue;
             }
@@ -244,6 +263,7 @@ impl Worker {
             match job {
                 Queued::Answer(p) => new_answers.push(p),
                 Queued::Generate(p) => new_images.push(p),
+                Queued::Read(_) => unreachable!("read above"),
             }
         }
         *waiting = left;
@@ -424,15 +444,38 @@ impl Worker {
         }
     }
 
-    fn answer_item(&self, model: &Janus, r: &AnswerWork) -> Result<AnswerItem, EngineError> {
-        let prompt = TextPrompt::question(
+    /// The answer's log-likelihood about each image: one forward pass.
+    fn read(&self, model: &Janus, r: &ReadWork) -> Result<Vec<f32>, EngineError> {
+        let turns = vec![vec![(r.question.clone(), r.answer.clone())]; r.images.len()];
+        let read = answer_logps(
             model,
             &self.processor,
             &self.image_processor,
-            &r.image,
-            &r.question,
-            r.seeds.len(),
-        )?;
+            Some(&r.images),
+            &turns,
+            Pass::Inference,
+        )
+        .and_then(|read| read.totals())
+        .map_err(|e| EngineError::Model(e.to_string()))?;
+        Ok(read)
+    }
+
+    fn answer_item(&self, model: &Janus, r: &AnswerWork) -> Result<AnswerItem, EngineError> {
+        let prompt = match &r.image {
+            Some(image) => TextPrompt::question(
+                model,
+                &self.processor,
+                &self.image_processor,
+                image,
+                &r.question,
+                r.seeds.len(),
+            )?,
+            None => TextPrompt {
+                prompt: self.processor.text_prompt(&r.question)?,
+                pixels: None,
+                samples: r.seeds.len(),
+            },
+        };
         let context = model.cfg.language.max_position_embeddings;
         let max_new_tokens = r.params.max_new_tokens as usize;
         let prompt_tokens = prompt.prompt.ids.len();
@@ -490,6 +533,7 @@ fn finish_images(
     metrics::counter!("ulm_images_generated_total").increment(images.len() as u64);
     admitted.finish(|timings| GenerateOutput {
         images,
+        plan: None,
         timings,
         model_version: version.to_string(),
     });

@@ -258,7 +258,7 @@ pub async fn gather(
             },
             (Task::Generate, _) => TrainItem {
                 qa: None,
-                caption: Some(first.prompt.clone()),
+                caption: Some(first.drawn_from().to_string()),
             },
             (Task::Answer, None) => {
                 data.counts.skipped_unreadable += 1;

@@ -143,7 +143,7 @@ impl AnswerJob {
         .map_err(|e| ApiError::Internal(e.to_string()))??;
         Ok(Self {
             work: AnswerWork {
-                image,
+                image: Some(image),
                 question: q.question.clone(),
                 params,
                 seeds: seeds.clone(),

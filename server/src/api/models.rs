@@ -55,6 +55,8 @@ fn view(state: &AppState, v: VersionRecord, active: &str) -> ModelView {
         sampling: SamplingDefaultsView {
             cfg_weight: info.sampling.guidance_scale,
             temperature: info.sampling.temperature,
+            plan_temperature: info.sampling.plan_temperature,
+            best_of: info.sampling.best_of,
         },
     }
 }

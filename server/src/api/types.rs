@@ -36,7 +36,7 @@ pub struct GenerateRequest {
     pub n: u32,
     /// Classifier-free guidance weight: `uncond + w * (cond - uncond)`.
     /// Default: the model's (`sampling` in `GET /v1/models`; 5 for
-    /// Janus-Pro, 2 for the built-in world model).
+    /// Janus-Pro, 1.5 for the built-in world model).
     #[schema(minimum = 0.0, maximum = 20.0)]
     pub cfg_weight: Option<f64>,
     /// Sampling temperature: 0 picks the most likely token; otherwise at
@@ -50,6 +50,21 @@ pub struct GenerateRequest {
     /// Seed of the first image; image i uses seed + i. Random when absent.
     #[schema(minimum = 0, maximum = 9007199254740991_u64)]
     pub seed: Option<u64>,
+    /// Let the model plan the image in words before it draws: it rewrites
+    /// the prompt as a full caption (every object's size, colour, shape and
+    /// place, sampled from the first seed) and draws every image from that
+    /// (`plan` in the response). Only for a model trained to
+    /// (`sampling.plan_temperature` in `GET /v1/models`, as the built-in
+    /// world model); default: whenever the model can. `true` for a model
+    /// that cannot is a 422.
+    pub plan: Option<bool>,
+    /// With a plan: draw this many candidates per image and keep the one
+    /// the model's own describing turn finds the plan likeliest of (the
+    /// image's seed reproduces it with the same `best_of`). Default: the
+    /// model's (`sampling.best_of`) but at most 64 / `n`, and 1 without a
+    /// plan; above 1 without a plan, or `n * best_of` above 64, is a 422.
+    #[schema(minimum = 1, maximum = 16)]
+    pub best_of: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -86,6 +101,9 @@ pub struct GenerateResponse {
     /// Model version that produced the images.
     pub model_version: String,
     pub images: Vec<GeneratedImage>,
+    /// What the images were drawn from when the model planned them; the
+    /// plan's time is part of `timings`.
+    pub plan: Option<String>,
     pub timings: Timings,
 }
 
@@ -326,6 +344,13 @@ pub struct SamplingDefaultsView {
     pub cfg_weight: f64,
     /// `temperature` of image tokens and answers.
     pub temperature: f64,
+    /// Temperature of the plan a generation request writes before it
+    /// draws; absent for a model that does not plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_temperature: Option<f64>,
+    /// Candidates a planned image is the best of, when above 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_of: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

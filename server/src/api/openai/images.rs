@@ -50,6 +50,8 @@ pub async fn generations(
             temperature: body.temperature,
             top_k: body.top_k,
             seed: body.seed,
+            plan: body.plan,
+            best_of: body.best_of,
         },
     )
     .await?;
@@ -67,6 +69,7 @@ pub async fn generations(
                 url,
                 sample_id: image.sample_id,
                 seed: image.seed,
+                revised_prompt: drawn.plan.clone(),
             }
         })
         .collect();

@@ -213,8 +213,9 @@ pub enum ImageResponseFormat {
     Url,
 }
 
-/// `POST /v1/images/generations`. `cfg_weight`, `temperature`, `top_k`
-/// and `seed` are our additions (pass them with the SDK's `extra_body`).
+/// `POST /v1/images/generations`. `cfg_weight`, `temperature`, `top_k`,
+/// `seed` and `plan` are our additions (pass them with the SDK's
+/// `extra_body`).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageGenerationRequest {
@@ -244,6 +245,12 @@ pub struct ImageGenerationRequest {
     pub top_k: Option<u32>,
     #[schema(minimum = 0, maximum = 9007199254740991_u64)]
     pub seed: Option<u64>,
+    /// Plan the image in words first (as `plan` of `POST /v1/generate`);
+    /// the plan comes back as each image's `revised_prompt`.
+    pub plan: Option<bool>,
+    /// As `best_of` of `POST /v1/generate`.
+    #[schema(minimum = 1, maximum = 16)]
+    pub best_of: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -264,4 +271,8 @@ pub struct ImageData {
     /// The stored sample: `POST /v1/feedback` refers to it.
     pub sample_id: String,
     pub seed: u64,
+    /// The plan the image was drawn from, when the model planned it (as
+    /// OpenAI's images carry the prompt they were drawn from).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revised_prompt: Option<String>,
 }
