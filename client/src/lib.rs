@@ -13,6 +13,8 @@
 //!     temperature: None,
 //!     top_k: None,
 //!     seed: Some(7),
+//!     plan: None,
+//!     best_of: None,
 //! };
 //! let response = client.generate(&body).await?;
 //! println!("{}", response.images[0].sample_id);

@@ -87,7 +87,9 @@ pub(super) async fn draw(
             .max(1),
         (None, None) => 1,
     };
-    limits.count("n * best_of", body.n * best_of, MAX_CANDIDATES)?;
+    if best_of > 1 {
+        limits.count("n * best_of", body.n * best_of, MAX_CANDIDATES)?;
+    }
     let params = GenerateParams {
         n: body.n,
         cfg_weight: cfg_weight as f32,
